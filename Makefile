@@ -1,0 +1,29 @@
+# The two quick-start commands: `make run` and `make test`. Each builds .venv on
+# first use. torch is installed first, pinned, so pip takes the local CPU wheel
+# instead of resolving a multi-GB CUDA build.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_MODEL := models/small
+
+.PHONY: run test install clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	test -f $(DEMO_MODEL)/config.json || $(VENV)/bin/colocate tiny-model $(DEMO_MODEL) --preset small
+	$(VENV)/bin/colocate demo --model $(DEMO_MODEL)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) models

@@ -1,0 +1,158 @@
+"""LLMEngine: step() = schedule -> execute -> sample -> update; add and abort.
+
+The engine is single-threaded and synchronous; the serving layer drives it from
+one loop thread. It knows nothing of gRPC or Ray. The model runner it drives is
+anything with `execute(SchedulerOutput) -> {request_id: StepResult}` and
+`release(request_id)`.
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+from colocate.engine.kv_cache_manager import KVCacheManager
+from colocate.engine.output_processor import OutputProcessor
+from colocate.engine.outputs import RequestOutput
+from colocate.engine.request import FinishReason, Request
+from colocate.engine.scheduler import Scheduler, SchedulerOutput
+from colocate.sampling_params import SamplingParams
+
+
+@dataclass(frozen=True)
+class EngineLimits:
+    vocab_size: int
+    max_model_len: int
+    block_size: int
+    num_blocks: int               # including the null block
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    enable_prefix_caching: bool = True
+
+
+class LLMEngine:
+    def __init__(self, runner, limits: EngineLimits, tokenizer=None,
+                 eos_token_ids: tuple[int, ...] = ()) -> None:
+        self.runner = runner
+        self.limits = limits
+        self.tokenizer = tokenizer
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.kv = KVCacheManager(limits.num_blocks, limits.block_size,
+                                 limits.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, limits.max_num_seqs, limits.max_num_batched_tokens)
+        self.output_processor = OutputProcessor(tokenizer, limits.max_model_len)
+        self._ids = itertools.count()
+        self.num_steps = 0
+
+    # ---- requests ----------------------------------------------------------
+    def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt is text but the model has no tokenizer.json; "
+                                 "pass token ids")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise ValueError naming the field and the limit; changes nothing."""
+        lim = self.limits
+        if not prompt_ids:
+            raise ValueError("prompt must not be empty")
+        for t in prompt_ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < lim.vocab_size:
+                raise ValueError(
+                    f"prompt token id {t!r} is outside the vocabulary [0, {lim.vocab_size})")
+        total = len(prompt_ids) + params.max_tokens
+        if total > lim.max_model_len:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = "
+                f"{total} exceeds max_model_len ({lim.max_model_len})")
+        capacity = (lim.num_blocks - 1) * lim.block_size
+        if total > capacity:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = "
+                f"{total} exceeds the whole KV cache (kv_cache_tokens={capacity})")
+
+    def add_request(self, prompt: str | Sequence[int], params: SamplingParams,
+                    request_id: str | None = None) -> str:
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
+        prompt_ids = self.tokenize(prompt)
+        self.validate(prompt_ids, params)
+        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if rid in self.scheduler.requests:
+            raise ValueError(f"request_id {rid!r} is already in use")
+        request = Request(rid, prompt_ids, params, self.eos_token_ids)
+        self.output_processor.add(request)
+        self.scheduler.add_request(request)
+        return rid
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """Stop a request now; its blocks go back to the pool before this returns."""
+        request = self.scheduler.requests.get(request_id)
+        if request is None:
+            return None
+        request.finish(FinishReason.ABORT)
+        output = self.output_processor.make_output(request)
+        self._retire(request)
+        return output
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def _retire(self, request: Request) -> None:
+        self.scheduler.finish_request(request)
+        self.output_processor.remove(request.request_id)
+        self.runner.release(request.request_id)
+
+    # ---- the step ----------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Advance every scheduled request by one step; return an output for each
+        request that produced tokens or finished."""
+        sched = self.scheduler.schedule()
+        if sched.empty:
+            return []
+        results = self.runner.execute(sched)
+        self.num_steps += 1
+        return self._update(sched, results)
+
+    def _update(self, sched: SchedulerOutput, results) -> list[RequestOutput]:
+        outputs = []
+        for s in sched.scheduled:
+            request = s.request
+            result = results[request.request_id]
+            if result.prompt_logprobs is not None:
+                # After a preemption the prompt is recomputed: keep the first values.
+                have = len(request.prompt_logprobs)
+                first = request.num_computed_tokens + 1
+                fresh = result.prompt_logprobs[max(0, have - first):]
+                request.prompt_logprobs.extend(fresh)
+            request.num_computed_tokens += s.num_new_tokens
+            self.kv.cache_blocks(request)
+            if result.sample is None:
+                continue
+            sample = result.sample
+            request.append_output_token(sample.token_id)
+            if request.sampling_params.logprobs is not None:
+                request.logprobs.append(sample.top_logprobs or {sample.token_id: sample.logprob})
+            self.output_processor.on_token(request, sample.token_id)
+            outputs.append(self.output_processor.make_output(request))
+            if request.is_finished:
+                self._retire(request)
+        return outputs
+
+    # ---- conveniences --------------------------------------------------------
+    def stream(self, prompt: str | Sequence[int], params: SamplingParams) -> Iterator[RequestOutput]:
+        """Drive the engine until this request finishes, yielding its outputs.
+        Closing the iterator early aborts the request and frees its blocks."""
+        rid = self.add_request(prompt, params)
+        done = False
+        try:
+            while not done:
+                for out in self.step():
+                    if out.request_id == rid:
+                        done = out.finished
+                        yield out
+        finally:
+            if not done:
+                self.abort_request(rid)

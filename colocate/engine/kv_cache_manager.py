@@ -1,0 +1,131 @@
+"""KVCacheManager: which blocks each request holds; the scheduler sees only this.
+
+It hides the block pool from the scheduler: the scheduler asks in tokens
+("can this request grow by n tokens?") and gets blocks or a refusal.
+"""
+from __future__ import annotations
+
+from colocate.engine.block_pool import BlockPool, KVCacheBlock, hash_block
+from colocate.engine.request import Request
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int,
+                 enable_prefix_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks, enable_caching=enable_prefix_caching)
+        self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
+        # How many leading blocks of each request are registered in the prefix cache.
+        self.num_cached_blocks: dict[str, int] = {}
+        # Prefix-cache statistics, in tokens.
+        self.prefix_queries = 0
+        self.prefix_hits = 0
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def num_usable_blocks(self) -> int:
+        return self.pool.num_usable_blocks
+
+    @property
+    def capacity_tokens(self) -> int:
+        return self.pool.num_usable_blocks * self.block_size
+
+    def blocks_for_tokens(self, num_tokens: int) -> int:
+        return cdiv(num_tokens, self.block_size)
+
+    def get_block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self.req_to_blocks.get(request_id, ())]
+
+    # ---- prefix cache --------------------------------------------------------
+    def _update_block_hashes(self, request: Request) -> None:
+        tokens = request.all_token_ids
+        bs = self.block_size
+        hashes = request.block_hashes
+        for i in range(len(hashes), len(tokens) // bs):
+            parent = hashes[i - 1] if i else None
+            hashes.append(hash_block(parent, tokens[i * bs:(i + 1) * bs]))
+
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
+        """The longest run of this request's leading full blocks already in the
+        cache, and the tokens it covers. At least one token is always left to
+        compute, since the step that computes it produces the next token's logits."""
+        if not self.enable_prefix_caching or request.sampling_params.wants_prompt_logprobs:
+            # Prompt log-probabilities need logits at every prompt position.
+            return [], 0
+        self._update_block_hashes(request)
+        max_blocks = (request.num_tokens - 1) // self.block_size
+        hits: list[KVCacheBlock] = []
+        for block_hash in request.block_hashes[:max_blocks]:
+            block = self.pool.get_cached_block(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        num_hit_tokens = len(hits) * self.block_size
+        self.prefix_queries += request.num_tokens
+        self.prefix_hits += num_hit_tokens
+        return hits, num_hit_tokens
+
+    # ---- allocation ------------------------------------------------------------
+    def can_allocate(self, request: Request, num_new_tokens: int,
+                     new_computed_blocks: list[KVCacheBlock] = ()) -> bool:
+        return self._blocks_needed(request, num_new_tokens, new_computed_blocks) is not None
+
+    def _blocks_needed(self, request: Request, num_new_tokens: int,
+                       new_computed_blocks) -> int | None:
+        held = len(self.req_to_blocks.get(request.request_id, ()))
+        total_tokens = (request.num_computed_tokens
+                        + len(new_computed_blocks) * self.block_size + num_new_tokens)
+        need = max(0, cdiv(total_tokens, self.block_size) - held - len(new_computed_blocks))
+        # A hit on a block that sits in the free queue takes it out of the queue,
+        # so it no longer counts as free for the new blocks.
+        revived = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
+        if need > self.pool.num_free_blocks - revived:
+            return None
+        return need
+
+    def allocate_slots(self, request: Request, num_new_tokens: int,
+                       new_computed_blocks: list[KVCacheBlock] = ()) -> list[KVCacheBlock] | None:
+        """Give the request room for num_new_tokens more tokens (after any
+        prefix-hit blocks). Returns the newly taken blocks, or None, changing
+        nothing, when the pool cannot supply them."""
+        need = self._blocks_needed(request, num_new_tokens, new_computed_blocks)
+        if need is None:
+            return None
+        blocks = self.req_to_blocks.setdefault(request.request_id, [])
+        if new_computed_blocks:
+            self.pool.touch(new_computed_blocks)
+            blocks.extend(new_computed_blocks)
+            self.num_cached_blocks[request.request_id] = len(blocks)
+        new_blocks = self.pool.get_new_blocks(need)
+        blocks.extend(new_blocks)
+        return new_blocks
+
+    def cache_blocks(self, request: Request) -> None:
+        """Register the request's blocks that its computed tokens have filled."""
+        if not self.enable_prefix_caching:
+            return
+        rid = request.request_id
+        num_full = request.num_computed_tokens // self.block_size
+        start = self.num_cached_blocks.get(rid, 0)
+        if num_full <= start:
+            return
+        self._update_block_hashes(request)
+        blocks = self.req_to_blocks[rid]
+        for i in range(start, num_full):
+            self.pool.cache_block(blocks[i], request.block_hashes[i])
+        self.num_cached_blocks[rid] = num_full
+
+    def free(self, request: Request) -> None:
+        """Give back all the request's blocks. Tail blocks go first into the free
+        queue so they are evicted before the shared prefix they extend."""
+        blocks = self.req_to_blocks.pop(request.request_id, [])
+        self.num_cached_blocks.pop(request.request_id, None)
+        self.pool.free_blocks(reversed(blocks))

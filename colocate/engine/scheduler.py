@@ -1,0 +1,139 @@
+"""Scheduler: continuous batching over a token budget.
+
+Each step it picks, within `max_num_batched_tokens`, how many new tokens every
+request computes. It reasons in tokens, not phases: a decode is a request one
+token behind, a prefill chunk is a request many tokens behind, and both share a
+step. Running requests go first; when blocks run out the newest running request
+is preempted (its blocks freed, to be recomputed later); waiting requests are
+admitted only with what budget and blocks are left.
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from colocate.engine.kv_cache_manager import KVCacheManager
+from colocate.engine.request import Request, RequestStatus
+
+
+@dataclass
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int          # tokens computed this step, from request.num_computed_tokens
+    block_ids: list[int]         # every block the request holds, in order
+
+    @property
+    def samples(self) -> bool:
+        """True when this step reaches the request's last token, so its logits
+        give the next token."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted: list[Request] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int,
+                 max_num_batched_tokens: int) -> None:
+        self.kv = kv_cache_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self.num_preemptions = 0
+
+    # ---- bookkeeping -------------------------------------------------------
+    def add_request(self, request: Request) -> None:
+        self.waiting.append(request)
+        self.requests[request.request_id] = request
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def finish_request(self, request: Request) -> None:
+        """Drop a finished (or aborted) request and give its blocks back at once."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv.free(request)
+        self.requests.pop(request.request_id, None)
+
+    # ---- the step ----------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_batched_tokens
+
+        # 1. Running requests keep their place; each asks for what it is behind.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            scheduled = self._grow_or_preempt(request, num_new, out)
+            if not scheduled:
+                break               # the request itself was preempted: it was the newest
+            out.scheduled.append(ScheduledRequest(
+                request, num_new, self.kv.get_block_ids(request.request_id)))
+            budget -= num_new
+            i += 1
+
+        # 2. Admit waiting requests, oldest (or most recently preempted) first.
+        # Not in a step that had to preempt: the blocks are not there.
+        while (self.waiting and budget > 0 and not out.preempted
+               and len(self.running) < self.max_num_seqs):
+            request = self.waiting[0]
+            hit_blocks, num_hit = self.kv.get_computed_blocks(request)
+            num_new = min(request.num_tokens - num_hit, budget)
+            if self.kv.allocate_slots(request, num_new, hit_blocks) is None:
+                break
+            self.waiting.popleft()
+            request.num_computed_tokens = num_hit
+            if request.status is RequestStatus.WAITING:
+                request.num_cached_tokens = num_hit
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.scheduled.append(ScheduledRequest(
+                request, num_new, self.kv.get_block_ids(request.request_id)))
+            budget -= num_new
+        return out
+
+    def _grow_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:
+        """Find blocks for num_new more tokens of a running request, preempting
+        the newest running requests until they fit. False if the request had to
+        preempt itself."""
+        while self.kv.allocate_slots(request, num_new) is None:
+            victim = self.running.pop()
+            self._preempt(victim)
+            out.preempted.append(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        # Recompute rather than swap: free the blocks, go back to the queue's front.
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)

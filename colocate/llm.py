@@ -1,0 +1,108 @@
+"""LLM: the offline API. Load a checkpoint, generate for a batch of prompts."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from colocate.engine.engine import EngineLimits, LLMEngine
+from colocate.engine.kv_cache_manager import cdiv
+from colocate.engine.outputs import RequestOutput
+from colocate.model.loader import load_model
+from colocate.model.model_config import LlamaConfig
+from colocate.model.tokenizer import Tokenizer
+from colocate.sampling_params import SamplingParams
+from colocate.worker.model_runner import ModelRunner
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_KV_CACHE_TOKENS = 8192
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def resolve_device(name: str) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={name!r} asked for, but no CUDA device is available")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda:N', got {name!r}")
+    return device
+
+
+class LLM:
+    def __init__(self, model: str, dtype: str = "float32", quantization: str | None = None,
+                 kv_cache_dtype: str = "auto", device: str = "cpu", block_size: int = 16,
+                 kv_cache_tokens: int | None = None, max_model_len: int | None = None,
+                 max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
+                 enable_prefix_caching: bool = True) -> None:
+        if quantization is not None:
+            raise ValueError(f"quantization={quantization!r} is not available yet; use None")
+        if kv_cache_dtype != "auto":
+            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not available yet; use 'auto'")
+        for name, value, low in (("block_size", block_size, 1), ("max_num_seqs", max_num_seqs, 1),
+                                 ("max_num_batched_tokens", max_num_batched_tokens, 1)):
+            if not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        torch_dtype = resolve_dtype(dtype)
+        torch_device = resolve_device(device)
+        path = Path(model)
+        self.config = LlamaConfig.from_pretrained(path)
+        if max_model_len is None:
+            max_model_len = self.config.max_position_embeddings
+        if max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
+        kv_tokens = kv_cache_tokens if kv_cache_tokens is not None else DEFAULT_KV_CACHE_TOKENS
+        if kv_tokens < block_size:
+            raise ValueError(f"kv_cache_tokens must be >= block_size ({block_size}), got {kv_tokens}")
+        num_blocks = cdiv(kv_tokens, block_size) + 1      # + the null block
+
+        self.model = load_model(path, dtype=dtype, device=str(torch_device))
+        self.tokenizer = Tokenizer.from_pretrained(path) if (path / "tokenizer.json").exists() else None
+        eos = self.tokenizer.eos_token_ids if self.tokenizer else self.config.eos_token_ids
+        runner = ModelRunner(self.model, self.config, num_blocks, block_size,
+                             torch_dtype, torch_device)
+        limits = EngineLimits(
+            vocab_size=self.config.vocab_size, max_model_len=max_model_len,
+            block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
+            max_num_batched_tokens=max_num_batched_tokens,
+            enable_prefix_caching=enable_prefix_caching)
+        self.engine = LLMEngine(runner, limits, self.tokenizer, tuple(eos))
+
+    def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+                 sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids) together; outputs come
+        back in the order of the prompts."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        if not prompts:
+            raise ValueError("prompts must not be empty")
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        params = (list(sampling_params) if isinstance(sampling_params, (list, tuple))
+                  else [sampling_params] * len(prompts))
+        if len(params) != len(prompts):
+            raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
+        # Validate all before adding any, so a bad prompt leaves the engine as it was.
+        tokenized = [self.engine.tokenize(p) for p in prompts]
+        for ids, p in zip(tokenized, params):
+            if not isinstance(p, SamplingParams):
+                raise ValueError(f"sampling_params must be SamplingParams, got {type(p).__name__}")
+            self.engine.validate(ids, p)
+        ids = [self.engine.add_request(t, p) for t, p in zip(tokenized, params)]
+        final: dict[str, RequestOutput] = {}
+        try:
+            while len(final) < len(ids):
+                for out in self.engine.step():
+                    if out.finished:
+                        final[out.request_id] = out
+        finally:
+            for rid in ids:
+                if rid not in final:
+                    self.engine.abort_request(rid)
+        return [final[rid] for rid in ids]

@@ -1,0 +1,117 @@
+"""ModelRunner: turns a scheduler output into tensors, runs the model, samples.
+
+It owns the KV cache tensors and each request's random generator. It reads the
+requests the scheduler chose but changes none of them; the engine applies the
+results.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from colocate.engine.scheduler import SchedulerOutput
+from colocate.model.attention_metadata import AttentionMetadata
+from colocate.model.llama import allocate_kv_caches
+from colocate.model.model_config import LlamaConfig
+from colocate.worker.sampler import (SampleResult, Sampler, SamplingRow, make_generator,
+                                     prompt_logprobs)
+
+
+@dataclass
+class StepResult:
+    sample: SampleResult | None = None           # the next token, when the step reached the end
+    prompt_logprobs: list[float] | None = None   # for this chunk's prompt tokens, in order
+
+
+class ModelRunner:
+    def __init__(self, model: torch.nn.Module, config: LlamaConfig, num_blocks: int,
+                 block_size: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.model = model
+        self.config = config
+        self.block_size = block_size
+        self.device = device
+        self.kv_caches = allocate_kv_caches(config, num_blocks, block_size, dtype, device)
+        self.sampler = Sampler()
+        self.generators: dict[str, torch.Generator | None] = {}
+
+    def release(self, request_id: str) -> None:
+        self.generators.pop(request_id, None)
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> dict[str, StepResult]:
+        input_ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start_loc = [0]
+        seq_lens: list[int] = []
+        sample_rows: list[int] = []          # flat index of the token whose logits sample
+        prompt_rows: list[tuple[int, int, int]] = []   # (request index, first row, count)
+        bs = self.block_size
+        for idx, s in enumerate(sched.scheduled):
+            req = s.request
+            start, n = req.num_computed_tokens, s.num_new_tokens
+            base = len(input_ids)
+            input_ids.extend(req.all_token_ids[start:start + n])
+            pos = range(start, start + n)
+            positions.extend(pos)
+            blocks = s.block_ids
+            slots.extend(blocks[p // bs] * bs + p % bs for p in pos)
+            query_start_loc.append(base + n)
+            seq_lens.append(start + n)
+            if s.samples:
+                sample_rows.append(base + n - 1)
+            if req.sampling_params.wants_prompt_logprobs:
+                # Row p predicts token p + 1; keep the rows that predict prompt tokens.
+                last = min(start + n, req.num_prompt_tokens - 1)
+                if last > start:
+                    prompt_rows.append((idx, base, last - start))
+
+        max_blocks = max(len(s.block_ids) for s in sched.scheduled)
+        block_tables = torch.zeros(len(sched.scheduled), max_blocks, dtype=torch.long)
+        for i, s in enumerate(sched.scheduled):
+            block_tables[i, :len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.long)
+        meta = AttentionMetadata(
+            slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
+            query_start_loc=query_start_loc,
+            seq_lens=seq_lens,
+            block_tables=block_tables.to(self.device),
+            block_size=bs,
+            all_decode=len(input_ids) == len(seq_lens),
+        )
+        ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)     # (T,)
+        pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)   # (T,)
+        hidden = self.model(ids, pos_t, self.kv_caches, meta)                    # (T, H)
+
+        results: dict[str, StepResult] = {
+            s.request.request_id: StepResult() for s in sched.scheduled}
+        self._prompt_logprobs(sched, hidden, prompt_rows, results)
+        if sample_rows:
+            self._sample(sched, hidden, sample_rows, results)
+        return results
+
+    def _sample(self, sched, hidden, sample_rows, results) -> None:
+        sampling = [s for s in sched.scheduled if s.samples]
+        logits = self.model.compute_logits(hidden[sample_rows])                 # (N, V)
+        rows = []
+        for s in sampling:
+            req = s.request
+            rid = req.request_id
+            if rid not in self.generators:
+                self.generators[rid] = make_generator(req.sampling_params.seed, self.device)
+            rows.append(SamplingRow(
+                params=req.sampling_params, generator=self.generators[rid],
+                prompt_token_ids=req.prompt_token_ids,
+                output_token_ids=req.output_token_ids,
+                stop_token_ids=req.stop_token_ids))
+        for s, sample in zip(sampling, self.sampler.sample(logits, rows)):
+            results[s.request.request_id].sample = sample
+
+    def _prompt_logprobs(self, sched, hidden, prompt_rows, results) -> None:
+        for idx, first, count in prompt_rows:
+            req = sched.scheduled[idx].request
+            start = req.num_computed_tokens
+            logits = self.model.compute_logits(hidden[first:first + count])     # (count, V)
+            targets = torch.tensor(req.prompt_token_ids[start + 1:start + 1 + count],
+                                   dtype=torch.long, device=logits.device)
+            results[req.request_id].prompt_logprobs = prompt_logprobs(logits, targets)

@@ -1,0 +1,33 @@
+"""Shared fixtures: tiny checkpoints written once per session, and a check after
+every test that every KV block pool got all its blocks back."""
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+from colocate.engine.block_pool import LIVE_POOLS
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    from colocate.model.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_gqa_model_dir(tmp_path_factory):
+    from colocate.model.tiny import write_tiny_checkpoint
+
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-gqa"), preset="tiny-gqa", seed=0)
+
+
+@pytest.fixture(autouse=True)
+def block_pools_whole():
+    """After each test: free blocks equal total and every ref count is 0, in every
+    pool still alive (tests that leave a request running must abort it)."""
+    yield
+    gc.collect()
+    for pool in list(LIVE_POOLS):
+        pool.check_whole()

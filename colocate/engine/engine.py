@@ -47,6 +47,8 @@ class LLMEngine:
     # ---- requests ----------------------------------------------------------
     def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt must not be empty")
             if self.tokenizer is None:
                 raise ValueError("prompt is text but the model has no tokenizer.json; "
                                  "pass token ids")

@@ -1,0 +1,142 @@
+"""LLaMA-2/3 and Mistral decoder over a flat, unpadded batch with a paged KV cache.
+
+Layout differs from HF in one way: q/k/v are one `qkv_proj` and gate/up one
+`gate_up_proj`, so a layer runs 4 matmuls instead of 7 (fewer Python and kernel
+launches at batch-1 decode). The loader fuses HF's separate weights into them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from colocate.model.attention import AttentionPlan, paged_attention, write_kv
+from colocate.model.attention_metadata import AttentionMetadata
+from colocate.model.model_config import LlamaConfig
+from colocate.model.rope import RotaryEmbedding
+
+KVCache = tuple[torch.Tensor, torch.Tensor]
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.scale = self.head_dim ** -0.5
+        self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
+                                  bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
+
+    def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, kv_cache: KVCache,
+                plan: AttentionPlan, slot_mapping: torch.Tensor) -> torch.Tensor:
+        T = x.shape[0]
+        qkv = self.qkv_proj(x)                                             # (T, (nh + 2 nkv) hd)
+        # q and k heads sit side by side in qkv, so one RoPE call rotates both.
+        qk = qkv[:, : self.q_size + self.kv_size].view(T, -1, self.head_dim)
+        qk = RotaryEmbedding.rotate(qk, cos_sin)                            # (T, nh + nkv, hd)
+        q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
+        key_cache, value_cache = kv_cache
+        write_kv(k, v, key_cache, value_cache, slot_mapping)
+        o = paged_attention(q, k, v, key_cache, value_cache, plan, self.scale)  # (T, nh * hd)
+        return self.o_proj(o)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.intermediate_size = config.intermediate_size
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size,
+                                      bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size,
+                                   bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)  # (T, I) each
+        return self.down_proj(F.silu(gate).mul_(up))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = LlamaMLP(config)
+
+    def forward(self, h: torch.Tensor, cos_sin: torch.Tensor, kv_cache: KVCache,
+                plan: AttentionPlan, slot_mapping: torch.Tensor) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), cos_sin, kv_cache, plan, slot_mapping)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(config)
+                                    for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LlamaForCausalLM(nn.Module):
+    """Parameter names follow HF (model.layers.N....) except the two fused projections."""
+
+    def __init__(self, config: LlamaConfig):
+        super().__init__()
+        self.config = config
+        self.model = LlamaModel(config)
+        self.rotary = RotaryEmbedding(config)
+        # Tied checkpoints have no lm_head tensor: logits reuse the embedding matrix.
+        self.lm_head = (None if config.tie_word_embeddings
+                        else nn.Linear(config.hidden_size, config.vocab_size, bias=False))
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[KVCache], attn_metadata: AttentionMetadata) -> torch.Tensor:
+        """Flat batch (T,) of token ids at `positions` -> final hidden states (T, hidden)."""
+        plan = AttentionPlan.build(attn_metadata)
+        cos_sin = self.rotary.lookup(positions)                            # (T, 2, 1, hd)
+        slots = attn_metadata.slot_mapping
+        h = self.model.embed_tokens(input_ids)                             # (T, H)
+        for layer, kv_cache in zip(self.model.layers, kv_caches):
+            h = layer(h, cos_sin, kv_cache, plan, slots)
+        return self.model.norm(h)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(N, hidden) -> (N, vocab) float32."""
+        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+    def weight_bytes(self) -> int:
+        """Bytes of parameters (the rope table is a buffer and not counted)."""
+        return sum(p.numel() * p.element_size() for p in self.parameters())
+
+
+def allocate_kv_caches(config: LlamaConfig, num_blocks: int, block_size: int,
+                       dtype: torch.dtype = torch.float32,
+                       device: torch.device | str = "cpu") -> list[KVCache]:
+    """Zeroed (key, value) caches per layer, each (num_blocks, block_size, nkv, hd).
+
+    Zeroed rather than empty: padded positions are masked out of attention, but
+    masked weights are exact zeros only if the values they multiply are finite.
+    """
+    shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
+    return [(torch.zeros(shape, dtype=dtype, device=device),
+             torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(config.num_hidden_layers)]

@@ -8,6 +8,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+# Temperatures below this sample greedily, as in vLLM (its _SAMPLING_EPS).
+_GREEDY_TEMPERATURE = 1e-5
+
 
 @dataclass
 class SamplingParams:
@@ -47,11 +50,14 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below _GREEDY_TEMPERATURE, logits / temperature can overflow float32 to inf
+        # (and softmax to NaN); the distribution is an argmax by then anyway.
+        return self.temperature < _GREEDY_TEMPERATURE
 
     @property
     def wants_prompt_logprobs(self) -> bool:
-        return bool(self.prompt_logprobs)
+        # 0 is a request too (as in vLLM): the prompt token's own logprob, no top-k.
+        return self.prompt_logprobs is not None and self.prompt_logprobs is not False
 
     def _validate(self) -> None:
         _check_int("max_tokens", self.max_tokens, low=1)
@@ -72,12 +78,17 @@ class SamplingParams:
             _check_int("logprobs", self.logprobs, low=0, high=20)
         if self.prompt_logprobs is not None and not isinstance(self.prompt_logprobs, bool):
             _check_int("prompt_logprobs", self.prompt_logprobs, low=0, high=20)
+        if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
+            raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         for s in stops:
             if not isinstance(s, str):
                 raise ValueError(f"stop must hold strings, got {type(s).__name__}")
             if s == "":
                 raise ValueError("stop must not contain an empty string")
+        if self.stop_token_ids is not None and not isinstance(self.stop_token_ids, (list, tuple)):
+            raise ValueError(
+                f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}")
         for t in self.stop_token_ids or []:
             _check_int("stop_token_ids", t, low=0)
 

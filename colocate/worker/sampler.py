@@ -7,9 +7,10 @@ Order of operations for a row, as vLLM users expect:
              -> greedy rows: argmax, done
              -> temperature -> top-k -> top-p -> min-p -> draw
 
-Seeded requests draw from their own torch.Generator, one row at a time, so the
-token a seeded request gets never depends on which other requests share its batch.
-Everything else (penalties, softmax, the filters) runs batched across rows.
+The draw is an inverse-CDF lookup with one uniform per row. A seeded request
+takes its uniform from its own torch.Generator, and every filter is a row-wise
+function of that row alone, so its tokens never depend on which other requests
+share its batch. Everything else (penalties, filters, cumsums) runs batched.
 """
 from __future__ import annotations
 

@@ -22,6 +22,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args.model, num_prompts=args.num_prompts, max_tokens=args.max_tokens)
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from colocate.memory.plan_report import run_plan
+
+    return run_plan(args.config, out=sys.stdout, err=sys.stderr)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="colocate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -37,6 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=64)
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("plan", help="the memory plan per device; exit 1 if it does not fit")
+    p.add_argument("config", help="deployment YAML")
+    p.set_defaults(func=_cmd_plan)
     return parser
 
 

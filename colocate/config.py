@@ -1,0 +1,374 @@
+"""The deployment YAML (see DESIGN.md) read into frozen, validated dataclasses.
+
+Validation happens here, once, so everything downstream can trust a DeploymentConfig:
+every error is a ConfigError naming the file, the key path
+(`gpus[0].services[1].kv_cache.budget`) and what is wrong, because the person reading
+it is editing a YAML file, not reading a traceback.
+"""
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Iterator, Mapping
+
+import yaml
+
+from colocate.model.model_config import LlamaConfig
+from colocate.sizes import parse_size
+
+PRESET_PREFIX = "preset:"
+MODEL_DTYPES = ("auto", "float16", "bfloat16", "float32")
+QUANTIZATIONS = (None, "int8", "int4")
+KV_DTYPES = ("auto", "int8")
+DEFAULT_QUANT_GROUP_SIZE = 128
+_DEVICE_RE = re.compile(r"^(cpu|cuda:[0-9]+)$")
+
+
+class ConfigError(ValueError):
+    """A deployment file that cannot be used; the message says where and why."""
+
+
+# ---- the dataclasses -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    path: str                        # absolute directory, or "preset:<name>"
+    dtype: str = "auto"              # "auto": the checkpoint's torch_dtype
+    quantization: str | None = None  # None | "int8" (per channel) | "int4" (grouped)
+    quant_group_size: int = DEFAULT_QUANT_GROUP_SIZE
+
+    @property
+    def preset(self) -> str | None:
+        """The built-in tiny checkpoint's name when the path is `preset:<name>`."""
+        return self.path[len(PRESET_PREFIX):] if self.path.startswith(PRESET_PREFIX) else None
+
+    def llama_config(self) -> LlamaConfig:
+        """The model's shape, from config.json alone (no weights are read)."""
+        if self.preset is not None:
+            return preset_config(self.preset)
+        return LlamaConfig.from_pretrained(self.path)
+
+
+@dataclass(frozen=True)
+class TenantSpec:
+    name: str
+    token_env: str
+    # Resolved from the environment at load time; None when env checking was skipped.
+    # Kept out of repr so a logged config never leaks a bearer token.
+    token: str | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    dtype: str = "auto"               # "auto" (the model's dtype) | "int8"
+    budget_bytes: int | None = None   # exactly one of budget_bytes and tokens is set
+    tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    model: str
+    port: int
+    max_model_len: int
+    kv_cache: KVCacheSpec
+    tenants: tuple[TenantSpec, ...]
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_queued_requests: int = 256
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    device: str                      # "cpu" | "cuda:N"
+    services: tuple[ServiceSpec, ...]
+    memory: int | None = None        # bytes; None: what the device reports
+    headroom: int | None = None      # bytes; None: the arbiter's per-device default
+    share_weights: bool = True
+    metrics_port: int | None = None
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+@dataclass(frozen=True)
+class DeploymentConfig:
+    source: str                      # the YAML file, for messages
+    models: Mapping[str, ModelSpec]  # read-only view
+    gpus: tuple[DeviceSpec, ...]
+
+    def services(self) -> Iterator[tuple[DeviceSpec, ServiceSpec]]:
+        for gpu in self.gpus:
+            for service in gpu.services:
+                yield gpu, service
+
+
+# ---- presets ---------------------------------------------------------------------
+
+def _tiny_presets() -> dict[str, dict] | None:
+    """colocate.model.tiny.PRESETS (HF config.json dicts), or None if not installed."""
+    try:
+        from colocate.model.tiny import PRESETS
+    except ImportError:
+        return None
+    return PRESETS
+
+
+def preset_config(name: str) -> LlamaConfig:
+    """The shape of built-in tiny checkpoint `name`: the one place that knows presets."""
+    presets = _tiny_presets()
+    if presets is None:
+        raise ValueError(f"preset {name!r}: colocate.model.tiny is not available")
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}; choose from {sorted(presets)}")
+    return LlamaConfig.from_dict(dict(presets[name]), source=f"{PRESET_PREFIX}{name}")
+
+
+# ---- loading ---------------------------------------------------------------------
+
+def load_config(path: str | os.PathLike, env: Mapping[str, str] | None = None,
+                check_paths: bool = True, check_env: bool = True) -> DeploymentConfig:
+    """Read and validate a deployment file.
+
+    check_paths: model directories must exist and hold a config.json.
+    check_env: every tenant's token_env must be set (non-empty) in `env`
+    (os.environ by default); `colocate plan` turns this off, it needs no secrets.
+    """
+    file = Path(path)
+    try:
+        text = file.read_text()
+    except OSError as e:
+        raise ConfigError(f"{file}: cannot read: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{file}: not valid YAML: {e}") from None
+    reader = _Reader(file, os.environ if env is None else env, check_paths, check_env)
+    return reader.deployment(data)
+
+
+class _Reader:
+    """Walks the parsed YAML, keeping the key path for messages and the ports seen."""
+
+    def __init__(self, file: Path, env: Mapping[str, str], check_paths: bool,
+                 check_env: bool):
+        self.file = file
+        self.env = env
+        self.check_paths = check_paths
+        self.check_env = check_env
+        self.ports: dict[int, str] = {}          # port -> key path that took it
+        self.service_names: dict[str, str] = {}  # name -> key path that took it
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(f"{self.file}: {key or '(top level)'}: {problem}")
+
+    # -- generic checks --
+    def mapping(self, value: Any, key: str, required: tuple[str, ...],
+                optional: tuple[str, ...] = ()) -> dict:
+        if not isinstance(value, dict):
+            raise self.error(key, f"expected a mapping, got {_kind(value)}")
+        allowed = required + optional
+        for k in value:
+            if k not in allowed:
+                hint = difflib.get_close_matches(str(k), allowed, n=1)
+                extra = f"; did you mean {hint[0]!r}?" if hint else f"; expected one of {', '.join(allowed)}"
+                raise self.error(_join(key, k), f"unknown key{extra}")
+        for k in required:
+            if k not in value:
+                raise self.error(_join(key, k), "missing required key")
+        return value
+
+    def string(self, value: Any, key: str) -> str:
+        if not isinstance(value, str) or not value:
+            raise self.error(key, f"expected a non-empty string, got {_kind(value)}")
+        return value
+
+    def choice(self, value: Any, key: str, choices: tuple) -> Any:
+        if value not in choices:
+            shown = ", ".join("null" if c is None else str(c) for c in choices)
+            raise self.error(key, f"{value!r} is not one of {shown}")
+        return value
+
+    def integer(self, value: Any, key: str, minimum: int = 1, maximum: int | None = None) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, f"expected an integer, got {_kind(value)}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
+            raise self.error(key, f"{value} is out of range; must be {bound}")
+        return value
+
+    def boolean(self, value: Any, key: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.error(key, f"expected true or false, got {_kind(value)}")
+        return value
+
+    def size(self, value: Any, key: str, allow_zero: bool = False) -> int:
+        try:
+            n = parse_size(value)
+        except ValueError as e:
+            raise self.error(key, f"bad size: {e}") from None
+        if n == 0 and not allow_zero:
+            raise self.error(key, "size must be greater than zero")
+        return n
+
+    def port(self, value: Any, key: str) -> int:
+        port = self.integer(value, key, minimum=1, maximum=65535)
+        if port in self.ports:
+            raise self.error(key, f"duplicate port {port}, already used by {self.ports[port]}")
+        self.ports[port] = key
+        return port
+
+    # -- the schema --
+    def deployment(self, data: Any) -> DeploymentConfig:
+        top = self.mapping(data, "", required=("models", "gpus"))
+        models = self.models(top["models"])
+        gpus_raw = top["gpus"]
+        if not isinstance(gpus_raw, list) or not gpus_raw:
+            raise self.error("gpus", f"expected a non-empty list, got {_kind(gpus_raw)}")
+        gpus, devices = [], {}
+        for i, raw in enumerate(gpus_raw):
+            gpu = self.device(raw, f"gpus[{i}]", models)
+            if gpu.device in devices:
+                raise self.error(f"gpus[{i}].device",
+                                 f"{gpu.device} is already listed at {devices[gpu.device]}")
+            devices[gpu.device] = f"gpus[{i}]"
+            gpus.append(gpu)
+        return DeploymentConfig(source=str(self.file), models=MappingProxyType(models),
+                                gpus=tuple(gpus))
+
+    def models(self, raw: Any) -> dict[str, ModelSpec]:
+        if not isinstance(raw, dict) or not raw:
+            raise self.error("models", f"expected a non-empty mapping, got {_kind(raw)}")
+        return {self.string(name, "models"): self.model(name, spec, f"models.{name}")
+                for name, spec in raw.items()}
+
+    def model(self, name: str, raw: Any, key: str) -> ModelSpec:
+        m = self.mapping(raw, key, required=("path",),
+                         optional=("dtype", "quantization", "quant_group_size"))
+        dtype = self.choice(m.get("dtype", "auto"), f"{key}.dtype", MODEL_DTYPES)
+        quant = self.choice(m.get("quantization"), f"{key}.quantization", QUANTIZATIONS)
+        group = DEFAULT_QUANT_GROUP_SIZE
+        if "quant_group_size" in m:
+            if quant != "int4":
+                raise self.error(f"{key}.quant_group_size",
+                                 "only applies to quantization: int4 (int8 is per channel)")
+            group = self.integer(m["quant_group_size"], f"{key}.quant_group_size")
+        path = self.model_path(self.string(m["path"], f"{key}.path"), f"{key}.path")
+        return ModelSpec(name=name, path=path, dtype=dtype, quantization=quant,
+                         quant_group_size=group)
+
+    def model_path(self, raw: str, key: str) -> str:
+        if raw.startswith(PRESET_PREFIX):
+            presets = _tiny_presets()
+            name = raw[len(PRESET_PREFIX):]
+            # Without the tiny module we cannot know the names; the plan will say so.
+            if self.check_paths and presets is not None and name not in presets:
+                raise self.error(key, f"unknown preset {name!r}; choose from {sorted(presets)}")
+            return raw
+        path = Path(raw).expanduser()
+        if not path.is_absolute():  # relative to the YAML file, not to the working dir
+            path = self.file.resolve().parent / path
+        if self.check_paths:
+            if not path.is_dir():
+                raise self.error(key, f"model directory {path} does not exist")
+            if not (path / "config.json").is_file():
+                raise self.error(key, f"model directory {path} has no config.json")
+        return str(path)
+
+    def device(self, raw: Any, key: str, models: Mapping[str, ModelSpec]) -> DeviceSpec:
+        d = self.mapping(raw, key, required=("device", "services"),
+                         optional=("memory", "headroom", "share_weights", "metrics_port"))
+        device = self.string(d["device"], f"{key}.device")
+        if not _DEVICE_RE.match(device):
+            raise self.error(f"{key}.device", f"{device!r} is not 'cpu' or 'cuda:N'")
+        memory = self.size(d["memory"], f"{key}.memory") if "memory" in d else None
+        headroom = (self.size(d["headroom"], f"{key}.headroom", allow_zero=True)
+                    if "headroom" in d else None)
+        share = self.boolean(d.get("share_weights", True), f"{key}.share_weights")
+        metrics_port = (self.port(d["metrics_port"], f"{key}.metrics_port")
+                        if "metrics_port" in d else None)
+        raw_services = d["services"]
+        if not isinstance(raw_services, list) or not raw_services:
+            raise self.error(f"{key}.services",
+                             f"expected a non-empty list, got {_kind(raw_services)}")
+        services = tuple(self.service(s, f"{key}.services[{i}]", models)
+                         for i, s in enumerate(raw_services))
+        return DeviceSpec(device=device, services=services, memory=memory, headroom=headroom,
+                          share_weights=share, metrics_port=metrics_port)
+
+    def service(self, raw: Any, key: str, models: Mapping[str, ModelSpec]) -> ServiceSpec:
+        s = self.mapping(raw, key,
+                         required=("name", "model", "port", "max_model_len", "kv_cache",
+                                   "tenants"),
+                         optional=("max_num_seqs", "max_num_batched_tokens",
+                                   "max_queued_requests"))
+        name = self.string(s["name"], f"{key}.name")
+        if name in self.service_names:
+            raise self.error(f"{key}.name", f"duplicate service name {name!r}, "
+                                            f"already used by {self.service_names[name]}")
+        self.service_names[name] = key
+        model = self.string(s["model"], f"{key}.model")
+        if model not in models:
+            raise self.error(f"{key}.model", f"model {model!r} is not defined under models "
+                                             f"(defined: {', '.join(models)})")
+        port = self.port(s["port"], f"{key}.port")
+        max_seqs = self.integer(s.get("max_num_seqs", 64), f"{key}.max_num_seqs")
+        max_tokens = self.integer(s.get("max_num_batched_tokens", 2048),
+                                  f"{key}.max_num_batched_tokens")
+        if max_tokens < max_seqs:  # every running sequence needs a token slot per step
+            raise self.error(f"{key}.max_num_batched_tokens",
+                             f"{max_tokens} is less than max_num_seqs ({max_seqs})")
+        return ServiceSpec(
+            name=name, model=model, port=port,
+            max_model_len=self.integer(s["max_model_len"], f"{key}.max_model_len"),
+            kv_cache=self.kv_cache(s["kv_cache"], f"{key}.kv_cache"),
+            tenants=self.tenants(s["tenants"], f"{key}.tenants"),
+            max_num_seqs=max_seqs, max_num_batched_tokens=max_tokens,
+            max_queued_requests=self.integer(s.get("max_queued_requests", 256),
+                                             f"{key}.max_queued_requests", minimum=0),
+        )
+
+    def kv_cache(self, raw: Any, key: str) -> KVCacheSpec:
+        kv = self.mapping(raw, key, required=(), optional=("dtype", "budget", "tokens"))
+        dtype = self.choice(kv.get("dtype", "auto"), f"{key}.dtype", KV_DTYPES)
+        if ("budget" in kv) == ("tokens" in kv):
+            raise self.error(key, "give exactly one of budget (a size like 20GiB) or tokens")
+        if "budget" in kv:
+            return KVCacheSpec(dtype=dtype, budget_bytes=self.size(kv["budget"], f"{key}.budget"))
+        return KVCacheSpec(dtype=dtype, tokens=self.integer(kv["tokens"], f"{key}.tokens"))
+
+    def tenants(self, raw: Any, key: str) -> tuple[TenantSpec, ...]:
+        if not isinstance(raw, list) or not raw:
+            raise self.error(key, f"expected a non-empty list of tenants, got {_kind(raw)}")
+        tenants, names = [], set()
+        for i, item in enumerate(raw):
+            tkey = f"{key}[{i}]"
+            t = self.mapping(item, tkey, required=("name", "token_env"))
+            name = self.string(t["name"], f"{tkey}.name")
+            if name in names:
+                raise self.error(f"{tkey}.name", f"duplicate tenant name {name!r}")
+            names.add(name)
+            var = self.string(t["token_env"], f"{tkey}.token_env")
+            token = self.env.get(var) or None
+            if self.check_env and token is None:
+                raise self.error(f"{tkey}.token_env",
+                                 f"environment variable {var} is not set (or is empty)")
+            tenants.append(TenantSpec(name=name, token_env=var, token=token))
+        return tuple(tenants)
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _kind(value: Any) -> str:
+    """How a wrong value reads in a message: its YAML-ish type and the value itself."""
+    names = {dict: "mapping", list: "list", str: "string", bool: "boolean",
+             int: "integer", float: "number", type(None): "null"}
+    return f"{names.get(type(value), type(value).__name__)} {value!r}"

@@ -27,3 +27,8 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) models
+
+# Regenerate the gRPC Python code in colocate/serving/proto_gen/ from proto/.
+.PHONY: proto
+proto: $(STAMP)
+	$(PY) -m colocate.serving.proto_gen.build

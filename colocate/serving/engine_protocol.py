@@ -1,0 +1,67 @@
+"""The contract between the serving layer and an engine.
+
+The gRPC servicer (and later the Ray actor) depends on this protocol, not on
+AsyncEngine, as Ray Serve LLM's server depends on its engine protocol: a test
+double, or an engine in another process, can stand in without serving knowing.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from colocate.engine.outputs import RequestOutput
+from colocate.sampling_params import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    """The engine is not running (not started, shut down, or its loop failed);
+    no request can be served until it is restarted."""
+
+
+class QueueFullError(RuntimeError):
+    """More requests are waiting than the engine agreed to queue; retry later."""
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine's load, safe to read from any thread."""
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+
+
+class RequestStream(Protocol):
+    """The outputs of one request, as they are produced: each item carries the
+    step's new tokens and text; the last has `finished` set. Closing the stream
+    before the last item aborts the request."""
+    request_id: str
+
+    def __iter__(self) -> Iterator[RequestOutput]: ...
+
+    def __next__(self) -> RequestOutput: ...
+
+    def close(self) -> None: ...
+
+
+class EngineProtocol(Protocol):
+    def start(self) -> None:
+        """Begin serving; idempotent."""
+
+    def generate(self, prompt: str | Sequence[int], params: SamplingParams,
+                 request_id: str | None = None) -> RequestStream:
+        """Queue a request. Raises ValueError (naming the field) on bad input,
+        QueueFullError when the queue is full, EngineDeadError when not running."""
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its KV blocks; unknown ids are ignored."""
+
+    def check_health(self) -> None:
+        """Return if the engine can serve; raise EngineDeadError saying why if not."""
+
+    def stats(self) -> EngineStats:
+        """The engine's current load."""
+
+    def shutdown(self) -> None:
+        """Stop serving: abort every request, free every block, stop threads."""

@@ -28,6 +28,6 @@ def block_pools_whole():
     """After each test: free blocks equal total and every ref count is 0, in every
     pool still alive (tests that leave a request running must abort it)."""
     yield
-    gc.collect()
+    gc.collect(0)
     for pool in list(LIVE_POOLS):
         pool.check_whole()

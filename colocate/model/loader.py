@@ -25,13 +25,14 @@ _FUSED = {
 }
 
 
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def parse_dtype(dtype: str | torch.dtype, config: LlamaConfig | None = None) -> torch.dtype:
+    """A torch dtype from "float32" / "bfloat16" / "float16", or "auto": config.json's torch_dtype."""
     if isinstance(dtype, torch.dtype):
         if dtype not in DTYPES.values():
             raise ValueError(f"dtype {dtype} is not supported; expected one of {sorted(DTYPES)}")
         return dtype
-    if dtype == "auto":
-        raise ValueError("dtype 'auto' must be resolved from config.json's torch_dtype first")
+    if dtype == "auto" and config is not None:
+        dtype = config.torch_dtype
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; expected one of {sorted(DTYPES)}")
     return DTYPES[dtype]
@@ -119,9 +120,17 @@ def to_model_state_dict(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "float32",
                device: str | torch.device = "cpu") -> LlamaForCausalLM:
+    """Read config.json and the safetensors weights under `path` into an eval-mode model.
+
+    Raises FileNotFoundError for a missing config / weights file / shard and ValueError,
+    naming the tensor or field, for a missing tensor, a shape mismatch, an unsupported
+    architecture or rope type, or a dtype other than float32 / bfloat16 / float16 / auto.
+    """
     path = Path(path)
-    torch_dtype = parse_dtype(dtype)
+    if dtype != "auto":
+        parse_dtype(dtype)          # a bad dtype string fails before any file is read
     config = LlamaConfig.from_pretrained(path)
+    torch_dtype = parse_dtype(dtype, config)
     with torch.device("meta"):
         model = LlamaForCausalLM(config)
     state = to_model_state_dict(read_hf_tensors(path, config, torch_dtype, device))

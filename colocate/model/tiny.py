@@ -38,7 +38,7 @@ _COMMON: dict[str, Any] = {
     "initializer_range": 0.02,
 }
 
-PRESETS: dict[str, dict[str, Any]] = {
+_SHAPES: dict[str, dict[str, Any]] = {
     # About 1.6M parameters, multi-head attention: the fast default for tests.
     "tiny": {
         "vocab_size": 2048, "hidden_size": 128, "intermediate_size": 512,
@@ -64,10 +64,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+# preset name -> the complete config.json it writes (LlamaConfig.from_dict reads it as is)
+PRESETS: dict[str, dict[str, Any]] = {name: {**_COMMON, **shape} for name, shape in _SHAPES.items()}
+
+
 def preset_config(preset: str) -> dict[str, Any]:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
-    return {**_COMMON, **PRESETS[preset]}
+    return json.loads(json.dumps(PRESETS[preset]))     # a deep copy: callers may edit it
 
 
 def write_tiny_checkpoint(dir: str | Path, preset: str = "tiny", seed: int = 0) -> Path:

@@ -37,6 +37,27 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def load_tokenizer(path: Path) -> Tokenizer | None:
+    """The checkpoint's tokenizer, or None when it ships none (token-id prompts only)."""
+    return Tokenizer.from_pretrained(path) if (path / "tokenizer.json").exists() else None
+
+
+def build_engine(model: torch.nn.Module, config: LlamaConfig, tokenizer: Tokenizer | None, *,
+                 dtype: torch.dtype, device: torch.device, num_blocks: int, block_size: int,
+                 max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int,
+                 enable_prefix_caching: bool = True) -> LLMEngine:
+    """An engine over an already-built model: LLM uses it with a model it loaded,
+    a service with a model whose weights it maps from the shared store."""
+    eos = tokenizer.eos_token_ids if tokenizer else config.eos_token_ids
+    runner = ModelRunner(model, config, num_blocks, block_size, dtype, device)
+    limits = EngineLimits(
+        vocab_size=config.vocab_size, max_model_len=max_model_len,
+        block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
+        max_num_batched_tokens=max_num_batched_tokens,
+        enable_prefix_caching=enable_prefix_caching)
+    return LLMEngine(runner, limits, tokenizer, tuple(eos))
+
+
 class LLM:
     def __init__(self, model: str, dtype: str = "float32", quantization: str | None = None,
                  kv_cache_dtype: str = "auto", device: str = "cpu", block_size: int = 16,
@@ -65,16 +86,12 @@ class LLM:
         num_blocks = cdiv(kv_tokens, block_size) + 1      # + the null block
 
         self.model = load_model(path, dtype=dtype, device=str(torch_device))
-        self.tokenizer = Tokenizer.from_pretrained(path) if (path / "tokenizer.json").exists() else None
-        eos = self.tokenizer.eos_token_ids if self.tokenizer else self.config.eos_token_ids
-        runner = ModelRunner(self.model, self.config, num_blocks, block_size,
-                             torch_dtype, torch_device)
-        limits = EngineLimits(
-            vocab_size=self.config.vocab_size, max_model_len=max_model_len,
-            block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
-            max_num_batched_tokens=max_num_batched_tokens,
+        self.tokenizer = load_tokenizer(path)
+        self.engine = build_engine(
+            self.model, self.config, self.tokenizer, dtype=torch_dtype, device=torch_device,
+            num_blocks=num_blocks, block_size=block_size, max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             enable_prefix_caching=enable_prefix_caching)
-        self.engine = LLMEngine(runner, limits, self.tokenizer, tuple(eos))
 
     def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None

@@ -109,13 +109,24 @@ def _gather(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.
     return blocks.flatten(0, 1)[:length]
 
 
+def _gather_batch(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
+    """The first `length` cached tokens of every sequence, (S, length, nkv, hd).
+
+    index_select over the flattened table, not cache[block_tables]: advanced indexing
+    is about 3x slower here, and this runs twice per layer per decode step.
+    """
+    S = block_tables.shape[0]
+    blocks = cache.index_select(0, block_tables.flatten())                # (S * nb, bs, nkv, hd)
+    return blocks.view(S, -1, cache.shape[2], cache.shape[3])[:, :length]
+
+
 def _decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                       plan: AttentionPlan, scale: float) -> torch.Tensor:
     """One query per sequence: gather every sequence's blocks at once, pad, mask, one SDPA."""
     S, nh, hd = q.shape
     L = plan.decode_len
-    ks = key_cache[plan.decode_blocks].flatten(1, 2)[:, :L]               # (S, L, nkv, hd)
-    vs = value_cache[plan.decode_blocks].flatten(1, 2)[:, :L]
+    ks = _gather_batch(key_cache, plan.decode_blocks, L)                  # (S, L, nkv, hd)
+    vs = _gather_batch(value_cache, plan.decode_blocks, L)
     o = F.scaled_dot_product_attention(
         q.unsqueeze(2), ks.transpose(1, 2), vs.transpose(1, 2),          # (S, nh, 1, hd), (S, nkv, L, hd)
         attn_mask=plan.decode_mask, scale=scale, enable_gqa=True,

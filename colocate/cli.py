@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -28,6 +29,41 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return run_plan(args.config, out=sys.stdout, err=sys.stderr)
 
 
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from colocate.client import Client
+
+    token = args.token or os.environ.get("COLOCATE_TOKEN")
+    if not token:
+        print("error: no token: pass --token or set COLOCATE_TOKEN", file=sys.stderr)
+        return 2
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature,
+                    top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
+    wrote = False
+    try:
+        with Client(args.target, token, timeout=args.timeout) as client:
+            for delta in client.generate(prompt, **sampling):
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()          # show each piece as it arrives
+                wrote = wrote or bool(delta.text)
+    except grpc.RpcError as err:
+        if wrote:
+            sys.stdout.write("\n")
+        print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
+        return 1
+    sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from colocate.serving.deploy import run_serve
+
+    return run_serve(args.config, args.address, host=args.host,
+                     torch_threads=args.torch_threads, demo=args.demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="colocate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,6 +83,37 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="the memory plan per device; exit 1 if it does not fit")
     p.add_argument("config", help="deployment YAML")
     p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser(
+        "generate", help="stream a completion from a running service",
+        description="Stream a completion from a running service to stdout. On failure, "
+                    "print the gRPC status code and message to stderr and exit 1.",
+        epilog="The token may be given in the environment variable COLOCATE_TOKEN instead "
+               "of --token, which keeps it out of shell history and process listings.")
+    p.add_argument("prompt", help='the prompt text; "-" reads it from stdin')
+    p.add_argument("--target", required=True, help="the service's HOST:PORT")
+    p.add_argument("--token", help="a tenant's bearer token (default: $COLOCATE_TOKEN)")
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--temperature", type=float, help="0 is greedy")
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--seed", type=int, help="for reproducible sampling")
+    p.add_argument("--stop", action="append", help="a stop string; repeat for more")
+    p.add_argument("--timeout", type=float, help="deadline in seconds for the whole call")
+    p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("serve", help="start a deployment and serve it until Ctrl-C")
+    p.add_argument("config", nargs="?", default=None,
+                   help="deployment YAML (default: the built-in 3-service CPU demo)")
+    p.add_argument("--address", default=None, help="join this Ray cluster instead of "
+                   "starting a local one (e.g. auto, or HOST:6379)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="interface the services bind (0.0.0.0 on a cluster)")
+    p.add_argument("--torch-threads", type=int, default=None,
+                   help="torch threads per service (default: cores // services)")
+    p.add_argument("--demo", action="store_true",
+                   help="after startup, send one request to every service and print it")
+    p.set_defaults(func=_cmd_serve)
     return parser
 
 

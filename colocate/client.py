@@ -1,11 +1,14 @@
-"""ColocateClient: the Python client a tenant uses to call one colocate service.
+"""Client: the Python client a tenant uses to call one colocate service.
 
-    with ColocateClient("127.0.0.1:50051", token) as client:
+    with Client("127.0.0.1:50051", token) as client:
         for delta in client.generate("Hello", max_tokens=32, temperature=0):
             print(delta.text, end="", flush=True)
+        result = client.complete("Hello", max_tokens=32)    # all at once
+        client.tokenize("Hello"), client.model_info(), client.health()
 
 Sampling options are SamplingParams' keyword names; the service validates them
-and answers a bad one with INVALID_ARGUMENT naming it (raised as grpc.RpcError).
+and answers a bad one with INVALID_ARGUMENT naming it. Every failed call raises
+grpc.RpcError, whose .code() and .details() say why.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import grpc
 
 from colocate.serving.proto_gen import colocate_pb2 as pb
 from colocate.serving.proto_gen import colocate_pb2_grpc as pb_grpc
+from colocate.serving.proto_gen import health_pb2, health_pb2_grpc
 
 _FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
                    pb.FINISH_REASON_ABORT: "abort"}
@@ -31,7 +35,8 @@ class Usage:
 
 @dataclass(frozen=True)
 class GenerateDelta:
-    """One streamed message: the tokens and text new since the previous one."""
+    """One streamed message: the tokens and text new since the previous one.
+    From complete(), the one message, holding every token and the whole text."""
     request_id: str
     token_ids: list[int]
     text: str
@@ -86,29 +91,40 @@ def sampling_to_proto(**sampling) -> pb.SamplingParams:
     return msg
 
 
-class ColocateClient:
-    def __init__(self, target: str, token: str, *, timeout: float | None = None) -> None:
-        """target: "host:port". timeout: default deadline in seconds for each call."""
+def _generate_request(prompt: str | Sequence[int], request_id: str | None,
+                      sampling: dict) -> pb.GenerateRequest:
+    request = pb.GenerateRequest(sampling=sampling_to_proto(**sampling),
+                                 request_id=request_id or "")
+    if isinstance(prompt, str):
+        request.prompt = prompt
+    else:
+        # Selected even when empty, so the service says "prompt must not be empty".
+        request.prompt_token_ids.SetInParent()
+        request.prompt_token_ids.ids.extend(prompt)
+    return request
+
+
+class Client:
+    def __init__(self, target: str, token: str | None, *, timeout: float | None = None) -> None:
+        """target: "host:port". token: a tenant's bearer token (None: health only).
+        timeout: the default deadline in seconds for each call; when it passes
+        the service stops the request and frees its cache."""
         self.target = target
         self.timeout = timeout
-        self._metadata = (("authorization", f"Bearer {token}"),)
+        self._metadata = (("authorization", f"Bearer {token}"),) if token is not None else ()
         self._channel = grpc.insecure_channel(target)
-        self._stub = pb_grpc.ColocateStub(self._channel)
+        self._stub = pb_grpc.GenerationStub(self._channel)
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+
+    def _deadline(self, timeout: float | None) -> float | None:
+        return timeout if timeout is not None else self.timeout
 
     def generate(self, prompt: str | Sequence[int], *, request_id: str | None = None,
                  timeout: float | None = None, **sampling) -> Iterator[GenerateDelta]:
         """Stream a completion. Stopping the iteration early (break, close) cancels
         the call, and the service frees the request's cache at once."""
-        request = pb.GenerateRequest(sampling=sampling_to_proto(**sampling),
-                                     request_id=request_id or "")
-        if isinstance(prompt, str):
-            request.prompt = prompt
-        else:
-            # Selected even when empty, so the service says "prompt must not be empty".
-            request.prompt_token_ids.SetInParent()
-            request.prompt_token_ids.ids.extend(prompt)
-        call = self._stub.Generate(request, metadata=self._metadata,
-                                   timeout=timeout if timeout is not None else self.timeout)
+        call = self._stub.Generate(_generate_request(prompt, request_id, sampling),
+                                   metadata=self._metadata, timeout=self._deadline(timeout))
         try:
             for msg in call:
                 yield GenerateDelta.from_proto(msg)
@@ -118,19 +134,63 @@ class ColocateClient:
     def generate_text(self, prompt: str | Sequence[int], **kwargs) -> str:
         return "".join(delta.text for delta in self.generate(prompt, **kwargs))
 
+    def complete(self, prompt: str | Sequence[int], *, request_id: str | None = None,
+                 timeout: float | None = None, **sampling) -> GenerateDelta:
+        """The whole completion in one answer, once the request finishes."""
+        msg = self._stub.Complete(_generate_request(prompt, request_id, sampling),
+                                  metadata=self._metadata, timeout=self._deadline(timeout))
+        return GenerateDelta.from_proto(msg)
+
+    def tokenize(self, text: str) -> list[int]:
+        """The token ids the service would feed its model for `text`."""
+        msg = self._stub.Tokenize(pb.TokenizeRequest(text=text), metadata=self._metadata,
+                                  timeout=self.timeout)
+        return list(msg.token_ids)
+
+    def detokenize(self, token_ids: Sequence[int],
+                   skip_special_tokens: bool | None = None) -> str:
+        request = pb.TokenizeRequest(token_ids=pb.TokenIds(ids=token_ids))
+        if skip_special_tokens is not None:
+            request.skip_special_tokens = skip_special_tokens
+        return self._stub.Tokenize(request, metadata=self._metadata, timeout=self.timeout).text
+
     def model_info(self) -> pb.ModelInfo:
         return self._stub.GetModelInfo(pb.GetModelInfoRequest(), metadata=self._metadata,
                                        timeout=self.timeout)
 
-    def health(self) -> pb.HealthResponse:
-        return self._stub.Health(pb.HealthRequest(), metadata=self._metadata,
+    def stats(self) -> pb.Stats:
+        return self._stub.GetStats(pb.GetStatsRequest(), metadata=self._metadata,
+                                   timeout=self.timeout)
+
+    # Health is open: no token is sent, so a probe holds no tenant's secret.
+    def health(self, service: str = "") -> str:
+        """The status by grpc.health.v1 Check: "SERVING" or "NOT_SERVING". An
+        unknown service name raises grpc.RpcError with NOT_FOUND."""
+        msg = self._health.Check(health_pb2.HealthCheckRequest(service=service),
                                  timeout=self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(msg.status)
+
+    def watch_health(self, service: str = "", *,
+                     timeout: float | None = None) -> Iterator[str]:
+        """The status now, then each change (grpc.health.v1 Watch). No default
+        deadline: a watch is meant to last; close the iterator to end it."""
+        call = self._health.Watch(health_pb2.HealthCheckRequest(service=service),
+                                  timeout=timeout)
+        try:
+            for msg in call:
+                yield health_pb2.HealthCheckResponse.ServingStatus.Name(msg.status)
+        finally:
+            call.cancel()
 
     def close(self) -> None:
         self._channel.close()
 
-    def __enter__(self) -> "ColocateClient":
+    def __enter__(self) -> "Client":
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# The earlier name, kept for code written against it.
+ColocateClient = Client

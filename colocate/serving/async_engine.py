@@ -174,6 +174,25 @@ class AsyncEngine:
     # The protocol's name for submit (Ray Serve LLM calls it generate).
     generate = submit
 
+    # Tokenizing reads only the tokenizer (whose Rust core is safe to share
+    # between threads) and the frozen limits, so it needs neither the lock nor
+    # the loop, and works on a stopped engine too.
+    def tokenize(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise ValueError(f"text must be a string, got {type(text).__name__}")
+        if not text:
+            raise ValueError("text must not be empty")
+        return self.engine.tokenize(text)
+
+    def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        vocab = self.engine.limits.vocab_size
+        for i, t in enumerate(token_ids):
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
+                raise ValueError(f"token_ids[{i}] = {t!r} is outside the vocabulary [0, {vocab})")
+        if self.engine.tokenizer is None:
+            raise ValueError("the model has no tokenizer.json; nothing to decode with")
+        return self.engine.tokenizer.decode(list(token_ids), skip_special_tokens)
+
     def abort(self, request_id: str) -> None:
         with self._cond:
             stream = self._streams.get(request_id)

@@ -55,15 +55,21 @@ def _bearer_token(metadata) -> bytes | None:
 
 class AuthInterceptor(grpc.ServerInterceptor):
     """Refuses every call without a known tenant's token with UNAUTHENTICATED,
-    before any handler runs."""
+    before any handler runs, except calls to the services named in
+    `open_services` (full names, e.g. "grpc.health.v1.Health"): probes from an
+    orchestrator must work without holding a tenant's secret."""
 
-    def __init__(self, authenticator: Authenticator) -> None:
+    def __init__(self, authenticator: Authenticator, open_services: Iterable[str] = ()) -> None:
         self._auth = authenticator
+        self._open = frozenset(open_services)
 
     def intercept_service(self, continuation: Callable, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:         # unknown method: let gRPC answer UNIMPLEMENTED
             return None
+        # handler_call_details.method is "/package.Service/Method".
+        if handler_call_details.method.split("/")[1] in self._open:
+            return handler
         if self._auth.tenant_of(handler_call_details.invocation_metadata) is not None:
             return handler
         has_header = any(k.lower() == "authorization"

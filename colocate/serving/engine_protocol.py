@@ -54,6 +54,14 @@ class EngineProtocol(Protocol):
         """Queue a request. Raises ValueError (naming the field) on bad input,
         QueueFullError when the queue is full, EngineDeadError when not running."""
 
+    def tokenize(self, text: str) -> list[int]:
+        """The token ids generate() would feed the model for `text`. Raises
+        ValueError when there is no tokenizer or the text is empty."""
+
+    def detokenize(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """The text of `token_ids`. Raises ValueError naming an id outside the
+        vocabulary, or when there is no tokenizer."""
+
     def abort(self, request_id: str) -> None:
         """Stop a request and free its KV blocks; unknown ids are ignored."""
 

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from colocate.client import ColocateClient
+from colocate.client import Client
 from colocate.engine.engine import LLMEngine
 from colocate.serving.async_engine import AsyncEngine
 from colocate.serving.grpc_server import ColocateServer, model_info_from_engine, serve
@@ -22,11 +22,8 @@ class Service:
     server: ColocateServer
     clients: list
 
-    def client(self, token: str | None = TOKEN) -> ColocateClient:
-        client = ColocateClient(self.server.target, token if token is not None else "",
-                                timeout=30)
-        if token is None:
-            client._metadata = ()     # no authorization header at all
+    def client(self, token: str | None = TOKEN, timeout: float | None = 30) -> Client:
+        client = Client(self.server.target, token, timeout=timeout)   # None: no header
         self.clients.append(client)
         return client
 
@@ -41,11 +38,14 @@ class Service:
 def make_service():
     services = []
 
-    def start(llm_engine: LLMEngine | None = None, engine=None, **engine_kwargs) -> Service:
+    def start(llm_engine: LLMEngine | None = None, engine=None, tenants=TENANTS,
+              name: str = "chat-test", **engine_kwargs) -> Service:
         llm_engine = llm_engine or make_llm_engine()
         engine = engine or AsyncEngine(llm_engine, **engine_kwargs)
-        server = serve(engine, 0, TENANTS, "chat-test",
-                       model_info_from_engine(llm_engine, model_name="fake"))
+        # A short health poll, so tests see an engine's death quickly.
+        server = serve(engine, 0, tenants, name,
+                       model_info_from_engine(llm_engine, model_name="fake"),
+                       health_poll_interval=0.02)
         service = Service(llm_engine, engine, server, [])
         services.append(service)
         return service

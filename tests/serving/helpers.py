@@ -4,6 +4,9 @@ from __future__ import annotations
 import threading
 import time
 
+import grpc
+import pytest
+
 from colocate.engine.engine import EngineLimits, LLMEngine
 from colocate.sampling_params import SamplingParams
 from tests.engine.fake_runner import FakeRunner, next_token
@@ -67,6 +70,18 @@ def expected_tokens(prompt: list[int], n: int) -> list[int]:
 def run_direct(prompt, params: SamplingParams) -> list[int]:
     """The reference: a fresh LLMEngine driven in this thread."""
     return list(make_llm_engine().stream(prompt, params))[-1].token_ids
+
+
+def rpc_error(fn) -> grpc.RpcError:
+    """The error a gRPC call raises (the test fails if it raises none)."""
+    with pytest.raises(grpc.RpcError) as info:
+        fn()
+    return info.value
+
+
+def steps_with(runner: FakeRunner, request_id: str) -> int:
+    """How many of the runner's steps included the request."""
+    return sum(any(rid == request_id for rid, _ in step) for step in runner.steps)
 
 
 def wait_until(predicate, timeout: float = 5.0, what: str = "condition") -> None:

@@ -29,7 +29,8 @@ def collect(stream):
 def test_is_an_engine_protocol():
     engine = AsyncEngine(make_llm_engine())
     assert isinstance(engine, AsyncEngine)
-    proto_methods = {"start", "generate", "abort", "check_health", "stats", "shutdown"}
+    proto_methods = {"start", "generate", "tokenize", "detokenize", "abort", "check_health",
+                     "stats", "shutdown"}
     assert proto_methods <= {m for m in dir(EngineProtocol) if not m.startswith("_")}
     assert all(callable(getattr(engine, m)) for m in proto_methods)
     engine.shutdown()

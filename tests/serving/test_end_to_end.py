@@ -37,3 +37,28 @@ def test_prompt_logprobs_come_once(tiny_llm, make_service):
     first = deltas[0].prompt_logprobs
     assert len(first) == 4 and first[0] is None and all(v <= 0.0 for v in first[1:])
     assert all(d.prompt_logprobs is None for d in deltas[1:])
+
+
+def test_tokenize_round_trips_and_matches_generate(tiny_llm, make_service):
+    service = make_service(tiny_llm.engine, engine=AsyncEngine(tiny_llm.engine))
+    client = service.client(TOKEN)
+    text = "The quick brown fox"
+    ids = client.tokenize(text)
+    assert ids == tiny_llm.engine.tokenizer.encode(text)
+    assert client.detokenize(ids) == tiny_llm.engine.tokenizer.decode(ids)
+    # The prompt Generate feeds the model is exactly what Tokenize returns.
+    result = client.complete(text, max_tokens=4, temperature=0.0)
+    assert result.usage.prompt_tokens == len(ids)
+    assert result.token_ids == client.complete(ids, max_tokens=4, temperature=0.0).token_ids
+
+
+def test_cli_generate_streams_the_text(tiny_llm, make_service, capsys, monkeypatch):
+    from colocate.cli import main
+
+    service = make_service(tiny_llm.engine, engine=AsyncEngine(tiny_llm.engine))
+    expected = service.client(TOKEN).generate_text("Hello", max_tokens=6, temperature=0.0)
+    monkeypatch.setenv("COLOCATE_TOKEN", TOKEN)      # the token need not be on the command line
+    code = main(["generate", "--target", service.server.target, "--max-tokens", "6",
+                 "--temperature", "0", "Hello"])
+    out = capsys.readouterr()
+    assert (code, out.out, out.err) == (0, expected + "\n", "")

@@ -1,8 +1,7 @@
-"""The gRPC service over a fake-runner engine: streaming, auth, status codes,
-cancellation."""
+"""The Generation service over a fake-runner engine: streaming and unary
+generation, status codes, model info and stats. Auth, health and call
+lifetimes have their own files."""
 from __future__ import annotations
-
-import threading
 
 import grpc
 import pytest
@@ -10,15 +9,8 @@ import pytest
 from colocate.sampling_params import SamplingParams
 from colocate.serving.engine_protocol import EngineStats
 from colocate.serving.proto_gen import colocate_pb2 as pb
-from tests.serving.conftest import TOKEN
 from tests.serving.helpers import (GatedRunner, SlowRunner, expected_tokens, make_llm_engine,
-                                   run_direct, wait_for_thread_count, wait_until)
-
-
-def rpc_error(fn) -> grpc.RpcError:
-    with pytest.raises(grpc.RpcError) as info:
-        fn()
-    return info.value
+                                   rpc_error, run_direct, wait_until)
 
 
 def test_stream_matches_direct_engine(make_service):
@@ -41,34 +33,6 @@ def test_stop_token_and_logprobs(make_service):
     assert [t for d in deltas for t in d.token_ids] == want[:4]
     assert deltas[-1].finish_reason == "stop" and deltas[-1].stop_reason == want[3]
     assert all(d.logprobs == [{d.token_ids[0]: 0.0}] for d in deltas)
-
-
-@pytest.mark.parametrize("token", [None, "", "wrong", TOKEN + "x", TOKEN[:-1]])
-@pytest.mark.parametrize("call", ["generate", "model_info", "health"])
-def test_missing_or_wrong_token_is_unauthenticated(make_service, token, call):
-    service = make_service()
-    client = service.client(token)
-    actions = {"generate": lambda: list(client.generate([1, 2])),
-               "model_info": client.model_info, "health": client.health}
-    err = rpc_error(actions[call])
-    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
-    assert "bearer token" in err.details()
-    if token:
-        assert token not in err.details()
-    assert not service.llm_engine.has_unfinished_requests()
-
-
-def test_wrong_scheme_is_unauthenticated(make_service):
-    client = make_service().client()
-    client._metadata = (("authorization", f"Basic {TOKEN}"),)
-    err = rpc_error(client.health)
-    assert err.code() == grpc.StatusCode.UNAUTHENTICATED and TOKEN not in err.details()
-
-
-def test_every_tenant_token_is_accepted(make_service):
-    service = make_service()
-    for token in ("token-team-a", "token-team-b"):
-        assert service.client(token).health().status == pb.HealthResponse.SERVING
 
 
 BAD_FIELDS = [
@@ -148,34 +112,6 @@ def test_queue_full_is_resource_exhausted(make_service):
     list(first), list(second)
 
 
-def test_cancel_mid_stream_frees_blocks_and_threads(make_service):
-    baseline = threading.active_count()
-    service = make_service(make_llm_engine(SlowRunner()))
-    pool = service.llm_engine.kv.pool
-    stream = service.client().generate(list(range(1, 40)), max_tokens=400)
-    for _ in range(3):
-        assert not next(stream).finished
-    assert pool.num_used_blocks >= 10
-    stream.close()                        # cancels the call
-    wait_until(lambda: pool.num_used_blocks == 0, what="blocks freed after cancel")
-    wait_until(lambda: not service.llm_engine.has_unfinished_requests(), what="request aborted")
-    service.stop()
-    assert pool.num_used_blocks == 0
-    wait_for_thread_count(baseline)
-
-
-def test_server_stop_with_a_stream_open_frees_everything(make_service):
-    baseline = threading.active_count()
-    service = make_service(make_llm_engine(SlowRunner()))
-    stream = service.client().generate([7, 8, 9], max_tokens=400)
-    next(stream)
-    service.server.stop(grace=0)
-    wait_until(lambda: service.llm_engine.kv.pool.num_used_blocks == 0,
-               what="blocks freed after server stop")
-    service.stop()
-    wait_for_thread_count(baseline)
-
-
 class BrokenEngine:
     """An EngineProtocol whose generate fails in a way the servicer did not expect."""
 
@@ -188,6 +124,12 @@ class BrokenEngine:
     def abort(self, request_id):
         pass
 
+    def tokenize(self, text):
+        raise RuntimeError("secret internals in the tokenizer")
+
+    def detokenize(self, token_ids, skip_special_tokens=True):
+        raise RuntimeError("secret internals in the tokenizer")
+
     def check_health(self):
         pass
 
@@ -198,26 +140,77 @@ class BrokenEngine:
         pass
 
 
-def test_unexpected_error_is_internal_and_leaks_nothing(make_service):
+@pytest.mark.parametrize("call,method", [
+    (lambda c: list(c.generate([1, 2])), "Generate"),
+    (lambda c: c.complete([1, 2]), "Complete"),
+    (lambda c: c.tokenize("hi"), "Tokenize"),
+])
+def test_unexpected_error_is_internal_and_leaks_nothing(make_service, call, method):
     client = make_service(engine=BrokenEngine()).client()
-    err = rpc_error(lambda: list(client.generate([1, 2])))
+    err = rpc_error(lambda: call(client))
     assert err.code() == grpc.StatusCode.INTERNAL
-    assert err.details() == "internal error in Generate"
+    assert err.details() == f"internal error in {method}"
 
 
-def test_model_info_and_health(make_service):
-    service = make_service(make_llm_engine(num_blocks=65, max_model_len=256))
+def test_complete_is_the_stream_joined(make_service):
+    client = make_service().client()
+    prompt = [3, 1, 4, 1, 5]
+    want = expected_tokens(prompt, 10)
+    result = client.complete(prompt, max_tokens=10, stop_token_ids=[want[6]], logprobs=0,
+                             request_id="whole")
+    streamed = list(client.generate(prompt, max_tokens=10, stop_token_ids=[want[6]]))
+    assert result.token_ids == want[:7] == [t for d in streamed for t in d.token_ids]
+    assert (result.finish_reason, result.stop_reason) == ("stop", want[6])
+    assert result.request_id == "whole"
+    assert result.logprobs == [{t: 0.0} for t in want[:7]]
+    assert (result.usage.prompt_tokens, result.usage.completion_tokens) == (5, 7)
+
+
+@pytest.mark.parametrize("sampling,message", BAD_FIELDS[:3])
+def test_complete_refuses_bad_fields_like_generate(make_service, sampling, message):
+    err = rpc_error(lambda: make_service().client().complete([1, 2, 3], **sampling))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.details()
+
+
+@pytest.mark.parametrize("request_,message", [
+    (pb.TokenizeRequest(), "text or token_ids must be set"),
+    (pb.TokenizeRequest(text=""), "text must not be empty"),
+    (pb.TokenizeRequest(text="hello"), "no tokenizer.json"),
+    (pb.TokenizeRequest(token_ids=pb.TokenIds(ids=[5, 1000])), "token_ids[1] = 1000"),
+    (pb.TokenizeRequest(token_ids=pb.TokenIds(ids=[-3])), "token_ids[0] = -3"),
+    (pb.TokenizeRequest(token_ids=pb.TokenIds(ids=[5])), "no tokenizer.json"),
+])
+def test_bad_tokenize_is_invalid_argument(make_service, request_, message):
+    client = make_service().client()
+    err = rpc_error(lambda: client._stub.Tokenize(request_, metadata=client._metadata))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.details()
+
+
+def test_model_info_and_stats(make_service):
+    service = make_service(make_llm_engine(SlowRunner(), num_blocks=65, max_model_len=256))
     client = service.client()
     info = client.model_info()
     assert (info.service_name, info.model_name) == ("chat-test", "fake")
     assert (info.max_model_len, info.block_size, info.kv_cache_tokens, info.vocab_size) == \
         (256, 4, 256, 1000)
     assert not info.HasField("weight_bytes")
-    health = client.health()
-    assert health.status == pb.HealthResponse.SERVING
-    assert (health.kv_blocks_used, health.kv_blocks_total) == (0, 64)
+    stats = client.stats()
+    assert (stats.num_running, stats.num_waiting, stats.kv_blocks_used,
+            stats.kv_blocks_total) == (0, 0, 0, 64)
+    stream = client.generate(list(range(1, 10)), max_tokens=200)
+    next(stream)
+    wait_until(lambda: client.stats().kv_blocks_used >= 3, what="stats of a running request")
+    assert client.stats().num_running == 1
+    stream.close()
+
+
+def test_stopped_engine_is_unavailable(make_service):
+    service = make_service()
     service.engine.shutdown()
-    health = client.health()
-    assert health.status == pb.HealthResponse.NOT_SERVING and "shut down" in health.message
-    err = rpc_error(lambda: list(client.generate([1, 2])))
-    assert err.code() == grpc.StatusCode.UNAVAILABLE
+    client = service.client()
+    for call in (lambda: list(client.generate([1, 2])), lambda: client.complete([1, 2])):
+        err = rpc_error(call)
+        assert err.code() == grpc.StatusCode.UNAVAILABLE and "shut down" in err.details()
+
+

@@ -8,7 +8,7 @@ import pytest
 
 from colocate.client import sampling_to_proto
 from colocate.sampling_params import SamplingParams
-from colocate.serving.grpc_server import sampling_from_proto
+from colocate.serving.messages import sampling_from_proto
 from colocate.serving.proto_gen import colocate_pb2 as pb
 
 GENERATED = Path(pb.__file__).parent
@@ -18,9 +18,25 @@ def test_checked_in_code_matches_the_proto(tmp_path):
     pytest.importorskip("grpc_tools")
     from colocate.serving.proto_gen.build import build
 
-    for path in build(tmp_path):
+    written = build(tmp_path)
+    assert {p.name for p in written} == {f"{stem}{ext}" for stem in ("colocate_pb2", "health_pb2")
+                                         for ext in (".py", ".pyi", "_grpc.py")}
+    for path in written:
         assert path.read_bytes() == (GENERATED / path.name).read_bytes(), \
             f"{path.name} is stale: run `make proto`"
+
+
+def test_generation_service_methods():
+    service = pb.DESCRIPTOR.services_by_name["Generation"]
+    assert service.full_name == "colocate.v1.Generation"
+    shapes = {m.name: (m.input_type.name, m.output_type.name) for m in service.methods}
+    assert shapes == {"Generate": ("GenerateRequest", "GenerateResponse"),
+                      "Complete": ("GenerateRequest", "GenerateResponse"),
+                      "Tokenize": ("TokenizeRequest", "TokenizeResponse"),
+                      "GetModelInfo": ("GetModelInfoRequest", "ModelInfo"),
+                      "GetStats": ("GetStatsRequest", "Stats")}
+    streaming = {m.name for m in service.methods if m.server_streaming}
+    assert streaming == {"Generate"}
 
 
 def test_proto_sampling_fields_are_the_python_fields():

@@ -159,30 +159,36 @@ class ModelInfo(_message.Message):
     kv_cache_bytes: int
     def __init__(self, service_name: _Optional[str] = ..., model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., weights_shared: _Optional[bool] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
 
-class HealthRequest(_message.Message):
+class TokenizeRequest(_message.Message):
+    __slots__ = ("text", "token_ids", "skip_special_tokens")
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SKIP_SPECIAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    text: str
+    token_ids: TokenIds
+    skip_special_tokens: bool
+    def __init__(self, text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., skip_special_tokens: _Optional[bool] = ...) -> None: ...
+
+class TokenizeResponse(_message.Message):
+    __slots__ = ("token_ids", "text")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    text: str
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ...) -> None: ...
+
+class GetStatsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
-class HealthResponse(_message.Message):
-    __slots__ = ("status", "message", "num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total")
-    class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
-        __slots__ = ()
-        STATUS_UNSPECIFIED: _ClassVar[HealthResponse.Status]
-        SERVING: _ClassVar[HealthResponse.Status]
-        NOT_SERVING: _ClassVar[HealthResponse.Status]
-    STATUS_UNSPECIFIED: HealthResponse.Status
-    SERVING: HealthResponse.Status
-    NOT_SERVING: HealthResponse.Status
-    STATUS_FIELD_NUMBER: _ClassVar[int]
-    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+class Stats(_message.Message):
+    __slots__ = ("num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
-    status: HealthResponse.Status
-    message: str
     num_running: int
     num_waiting: int
     kv_blocks_used: int
     kv_blocks_total: int
-    def __init__(self, status: _Optional[_Union[HealthResponse.Status, str]] = ..., message: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ...) -> None: ...
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ...) -> None: ...

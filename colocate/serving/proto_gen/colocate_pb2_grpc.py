@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class ColocateStub:
+class GenerationStub:
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -35,73 +35,110 @@ class ColocateStub:
             channel: A grpc.Channel.
         """
         self.Generate = channel.unary_stream(
-                '/colocate.v1.Colocate/Generate',
+                '/colocate.v1.Generation/Generate',
                 request_serializer=colocate_dot_v1_dot_colocate__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=colocate_dot_v1_dot_colocate__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Complete = channel.unary_unary(
+                '/colocate.v1.Generation/Complete',
+                request_serializer=colocate_dot_v1_dot_colocate__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=colocate_dot_v1_dot_colocate__pb2.GenerateResponse.FromString,
+                _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/colocate.v1.Generation/Tokenize',
+                request_serializer=colocate_dot_v1_dot_colocate__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=colocate_dot_v1_dot_colocate__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
-                '/colocate.v1.Colocate/GetModelInfo',
+                '/colocate.v1.Generation/GetModelInfo',
                 request_serializer=colocate_dot_v1_dot_colocate__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=colocate_dot_v1_dot_colocate__pb2.ModelInfo.FromString,
                 _registered_method=True)
-        self.Health = channel.unary_unary(
-                '/colocate.v1.Colocate/Health',
-                request_serializer=colocate_dot_v1_dot_colocate__pb2.HealthRequest.SerializeToString,
-                response_deserializer=colocate_dot_v1_dot_colocate__pb2.HealthResponse.FromString,
+        self.GetStats = channel.unary_unary(
+                '/colocate.v1.Generation/GetStats',
+                request_serializer=colocate_dot_v1_dot_colocate__pb2.GetStatsRequest.SerializeToString,
+                response_deserializer=colocate_dot_v1_dot_colocate__pb2.Stats.FromString,
                 _registered_method=True)
 
 
-class ColocateServicer:
+class GenerationServicer:
     """Missing associated documentation comment in .proto file."""
 
     def Generate(self, request, context):
         """Streams the generated tokens as they are sampled: each message carries only
-        the new tokens and text; the last one also carries finish_reason and usage.
-        Cancelling the call stops the request and frees its KV cache at once.
+        the new token ids and text; the last one also carries finish_reason and usage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Complete(self, request, context):
+        """The same request answered once, when it finishes: one GenerateResponse
+        holding every token, the whole text, finish_reason and usage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Tokenize(self, request, context):
+        """Text -> the token ids Generate would feed the model for it, or token ids ->
+        text. Needs no KV cache and never queues.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetModelInfo(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """What is served and how much room it has; fixed while the service runs.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Health(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+    def GetStats(self, request, context):
+        """The service's load now: requests running and waiting, KV blocks in use.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
 
-def add_ColocateServicer_to_server(servicer, server):
+def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
                     request_deserializer=colocate_dot_v1_dot_colocate__pb2.GenerateRequest.FromString,
                     response_serializer=colocate_dot_v1_dot_colocate__pb2.GenerateResponse.SerializeToString,
             ),
+            'Complete': grpc.unary_unary_rpc_method_handler(
+                    servicer.Complete,
+                    request_deserializer=colocate_dot_v1_dot_colocate__pb2.GenerateRequest.FromString,
+                    response_serializer=colocate_dot_v1_dot_colocate__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=colocate_dot_v1_dot_colocate__pb2.TokenizeRequest.FromString,
+                    response_serializer=colocate_dot_v1_dot_colocate__pb2.TokenizeResponse.SerializeToString,
+            ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
                     request_deserializer=colocate_dot_v1_dot_colocate__pb2.GetModelInfoRequest.FromString,
                     response_serializer=colocate_dot_v1_dot_colocate__pb2.ModelInfo.SerializeToString,
             ),
-            'Health': grpc.unary_unary_rpc_method_handler(
-                    servicer.Health,
-                    request_deserializer=colocate_dot_v1_dot_colocate__pb2.HealthRequest.FromString,
-                    response_serializer=colocate_dot_v1_dot_colocate__pb2.HealthResponse.SerializeToString,
+            'GetStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStats,
+                    request_deserializer=colocate_dot_v1_dot_colocate__pb2.GetStatsRequest.FromString,
+                    response_serializer=colocate_dot_v1_dot_colocate__pb2.Stats.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
-            'colocate.v1.Colocate', rpc_method_handlers)
+            'colocate.v1.Generation', rpc_method_handlers)
     server.add_generic_rpc_handlers((generic_handler,))
-    server.add_registered_method_handlers('colocate.v1.Colocate', rpc_method_handlers)
+    server.add_registered_method_handlers('colocate.v1.Generation', rpc_method_handlers)
 
 
  # This class is part of an EXPERIMENTAL API.
-class Colocate:
+class Generation:
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod
@@ -118,9 +155,63 @@ class Colocate:
         return grpc.experimental.unary_stream(
             request,
             target,
-            '/colocate.v1.Colocate/Generate',
+            '/colocate.v1.Generation/Generate',
             colocate_dot_v1_dot_colocate__pb2.GenerateRequest.SerializeToString,
             colocate_dot_v1_dot_colocate__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Complete(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/colocate.v1.Generation/Complete',
+            colocate_dot_v1_dot_colocate__pb2.GenerateRequest.SerializeToString,
+            colocate_dot_v1_dot_colocate__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/colocate.v1.Generation/Tokenize',
+            colocate_dot_v1_dot_colocate__pb2.TokenizeRequest.SerializeToString,
+            colocate_dot_v1_dot_colocate__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -145,7 +236,7 @@ class Colocate:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/colocate.v1.Colocate/GetModelInfo',
+            '/colocate.v1.Generation/GetModelInfo',
             colocate_dot_v1_dot_colocate__pb2.GetModelInfoRequest.SerializeToString,
             colocate_dot_v1_dot_colocate__pb2.ModelInfo.FromString,
             options,
@@ -159,7 +250,7 @@ class Colocate:
             _registered_method=True)
 
     @staticmethod
-    def Health(request,
+    def GetStats(request,
             target,
             options=(),
             channel_credentials=None,
@@ -172,9 +263,9 @@ class Colocate:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/colocate.v1.Colocate/Health',
-            colocate_dot_v1_dot_colocate__pb2.HealthRequest.SerializeToString,
-            colocate_dot_v1_dot_colocate__pb2.HealthResponse.FromString,
+            '/colocate.v1.Generation/GetStats',
+            colocate_dot_v1_dot_colocate__pb2.GetStatsRequest.SerializeToString,
+            colocate_dot_v1_dot_colocate__pb2.Stats.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,7 +27,7 @@ class _SeqPlan:
     end: int
     context_len: int                 # tokens cached before this step
     seq_len: int                     # context_len + query_len
-    block_ids: torch.Tensor | None   # (nb,) blocks holding the seq_len keys; None: use fresh K/V
+    block_ids: torch.Tensor | None   # (1, nb) blocks holding the seq_len keys; None: use fresh K/V
     mask: torch.Tensor | None        # (q, seq_len) bool, True = may attend; None: plain causal
 
 
@@ -63,7 +63,7 @@ class AttentionPlan:
                 # the projection instead of reading them back out of the cache.
                 seqs.append(_SeqPlan(start, end, 0, seq_len, None, None))
                 continue
-            block_ids = meta.block_tables[i, : -(-seq_len // bs)]
+            block_ids = meta.block_tables[i:i + 1, : -(-seq_len // bs)]
             # Query j sits at position ctx + j and sees keys 0 .. ctx + j.
             mask = torch.ones(end - start, seq_len, dtype=torch.bool,
                               device=block_ids.device).tril(diagonal=ctx)
@@ -93,8 +93,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cache
         if s.block_ids is None:
             ks, vs = k[s.start:s.end], v[s.start:s.end]                   # (q, nkv, hd)
         else:
-            ks = _gather(key_cache, s.block_ids, s.seq_len)               # (L, nkv, hd)
-            vs = _gather(value_cache, s.block_ids, s.seq_len)
+            ks = _gather(key_cache, s.block_ids, s.seq_len)[0]            # (L, nkv, hd)
+            vs = _gather(value_cache, s.block_ids, s.seq_len)[0]
         o = F.scaled_dot_product_attention(
             q[s.start:s.end].transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
             attn_mask=s.mask, is_causal=s.mask is None, scale=scale, enable_gqa=True,
@@ -103,17 +103,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_cache
     return out
 
 
-def _gather(cache: torch.Tensor, block_ids: torch.Tensor, length: int) -> torch.Tensor:
-    """The first `length` cached tokens of one sequence, (length, nkv, hd)."""
-    blocks = cache.index_select(0, block_ids)                             # (nb, bs, nkv, hd)
-    return blocks.flatten(0, 1)[:length]
-
-
-def _gather_batch(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
+def _gather(cache: torch.Tensor, block_tables: torch.Tensor, length: int) -> torch.Tensor:
     """The first `length` cached tokens of every sequence, (S, length, nkv, hd).
 
     index_select over the flattened table, not cache[block_tables]: advanced indexing
-    is about 3x slower here, and this runs twice per layer per decode step.
+    is about 3x slower here, and this runs twice per layer per step.
     """
     S = block_tables.shape[0]
     blocks = cache.index_select(0, block_tables.flatten())                # (S * nb, bs, nkv, hd)
@@ -125,8 +119,8 @@ def _decode_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: tor
     """One query per sequence: gather every sequence's blocks at once, pad, mask, one SDPA."""
     S, nh, hd = q.shape
     L = plan.decode_len
-    ks = _gather_batch(key_cache, plan.decode_blocks, L)                  # (S, L, nkv, hd)
-    vs = _gather_batch(value_cache, plan.decode_blocks, L)
+    ks = _gather(key_cache, plan.decode_blocks, L)                        # (S, L, nkv, hd)
+    vs = _gather(value_cache, plan.decode_blocks, L)
     o = F.scaled_dot_product_attention(
         q.unsqueeze(2), ks.transpose(1, 2), vs.transpose(1, 2),          # (S, nh, 1, hd), (S, nkv, L, hd)
         attn_mask=plan.decode_mask, scale=scale, enable_gqa=True,

@@ -19,8 +19,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	test -f $(DEMO_MODEL)/config.json || $(VENV)/bin/colocate tiny-model $(DEMO_MODEL) --preset small
-	$(VENV)/bin/colocate demo --model $(DEMO_MODEL)
+	$(VENV)/bin/colocate serve --demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

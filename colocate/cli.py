@@ -102,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, help="deadline in seconds for the whole call")
     p.set_defaults(func=_cmd_generate)
 
-    p = sub.add_parser("serve", help="start a deployment and serve it until Ctrl-C")
+    p = sub.add_parser(
+        "serve", help="start a deployment and serve it until Ctrl-C",
+        epilog="Models given as preset:NAME are written once to "
+               "$COLOCATE_CACHE/presets/NAME (default ~/.cache/colocate/presets/NAME).")
     p.add_argument("config", nargs="?", default=None,
                    help="deployment YAML (default: the built-in 3-service CPU demo)")
     p.add_argument("--address", default=None, help="join this Ray cluster instead of "

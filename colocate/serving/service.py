@@ -1,0 +1,152 @@
+"""ServiceActor: one service's process. Maps the shared weights, builds its engine over
+its own KV pool, and serves it over gRPC.
+
+The supervisor hands every service a ServiceLaunch: the weight handle it got from the
+WeightStore, the service's KV budget in tokens as the MemoryArbiter admitted it, and
+the tenants' tokens, which the driver resolved from its own environment (Ray workers
+need not share it). The pool is sized from that budget once, here, and the engine
+cannot grow it: the budget is enforced by construction, not by watching.
+
+All the work happens in the constructor, so a service that cannot start fails its
+actor creation, and the supervisor sees the cause when it first pings it. After that
+the actor's methods only observe (ping, stats) or stop (shutdown); requests never pass
+through Ray, they go straight to the gRPC server in this process.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import ray
+import torch
+
+from colocate.config import ServiceSpec
+from colocate.engine.kv_cache_manager import cdiv
+from colocate.llm import build_engine, load_tokenizer
+from colocate.memory.sizing import KV_BLOCK_SIZE
+from colocate.memory.weight_store import WeightHandle, attach, detach
+from colocate.model.model_config import LlamaConfig
+from colocate.serving.async_engine import AsyncEngine
+from colocate.serving.engine_protocol import EngineDeadError
+from colocate.serving.grpc_server import model_info_from_engine, serve
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServiceLaunch:
+    """Everything a service process needs; picklable, built by the supervisor."""
+    spec: ServiceSpec
+    weights: WeightHandle
+    checkpoint_dir: str            # for the tokenizer; the weights come from `weights`
+    kv_tokens: int                 # the admitted budget (whole blocks' worth)
+    device: str = "cpu"            # as this process sees it (CUDA: after Ray's remapping)
+    host: str = "127.0.0.1"
+    torch_threads: int = 1
+    # token -> tenant name. Kept out of repr so a logged launch never leaks a token.
+    tenants: dict[str, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_blocks(self) -> int:
+        """The pool's size: the budget's blocks plus the null block (block 0)."""
+        return cdiv(self.kv_tokens, KV_BLOCK_SIZE) + 1
+
+
+@dataclass(frozen=True)
+class ServiceStats:
+    name: str
+    pid: int
+    port: int
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    pss_bytes: int                 # proportional set size: shared pages split by sharers
+    healthy: bool
+    message: str = ""
+
+
+class ServiceRuntime:
+    """The service itself, without Ray: tests and ServiceActor both use it."""
+
+    def __init__(self, launch: ServiceLaunch) -> None:
+        spec = launch.spec
+        self.launch = launch
+        self.name = spec.name
+        # Several services share the cores; one intra-op pool each, sized by the
+        # supervisor, keeps them from oversubscribing the machine.
+        torch.set_num_threads(max(1, launch.torch_threads))
+        device = torch.device(launch.device)
+        model = attach(launch.weights)
+        dtype = getattr(torch, launch.weights.dtype)
+        config = LlamaConfig.from_dict(dict(launch.weights.config))
+        self.llm_engine = build_engine(
+            model, config, load_tokenizer(Path(launch.checkpoint_dir)), dtype=dtype,
+            device=device, num_blocks=launch.num_blocks, block_size=KV_BLOCK_SIZE,
+            max_model_len=spec.max_model_len, max_num_seqs=spec.max_num_seqs,
+            max_num_batched_tokens=spec.max_num_batched_tokens)
+        # The YAML allows 0 but AsyncEngine takes >= 1 or None (no limit); 0 is read
+        # as no limit until config.py says what it means.
+        self.engine = AsyncEngine(self.llm_engine,
+                                  max_queued_requests=spec.max_queued_requests or None)
+        info = model_info_from_engine(self.llm_engine, model_name=spec.model,
+                                      dtype=launch.weights.dtype)
+        try:
+            self.server = serve(self.engine, spec.port, launch.tenants, spec.name, info,
+                                host=launch.host)
+        except BaseException:
+            self.engine.shutdown()
+            raise
+        log.info("service %s serving on %s:%d (pid %d, %d KV blocks)", spec.name,
+                 launch.host, self.server.port, os.getpid(), launch.num_blocks - 1)
+
+    @property
+    def port(self) -> int:
+        return self.server.port
+
+    def ping(self) -> bool:
+        """True while the engine loop runs; False once it failed or stopped."""
+        try:
+            self.engine.check_health()
+        except EngineDeadError:
+            return False
+        return True
+
+    def stats(self) -> ServiceStats:
+        s = self.engine.stats()
+        message = ""
+        try:
+            self.engine.check_health()
+        except EngineDeadError as exc:
+            message = str(exc)
+        return ServiceStats(
+            name=self.name, pid=os.getpid(), port=self.port, num_running=s.num_running,
+            num_waiting=s.num_waiting, kv_blocks_used=s.kv_blocks_used,
+            kv_blocks_total=s.kv_blocks_total, pss_bytes=process_pss(),
+            healthy=not message, message=message)
+
+    def shutdown(self, grace: float = 1.0) -> None:
+        """Stop taking calls, end those in flight, stop the loop, unmap the weights."""
+        self.server.stop(grace)
+        self.engine.shutdown()
+        detach(self.launch.weights)
+
+
+def process_pss(pid: int | None = None) -> int:
+    """PSS of a process: each shared page counts 1/N to each of its N mappers, so the
+    PSS of all services adds up to what they really hold together."""
+    try:
+        return psutil.Process(pid).memory_full_info().pss
+    except (psutil.AccessDenied, AttributeError):    # no /proc/PID/smaps access
+        return 0
+
+
+# No CPU reservation: the services of a device share its cores (the torch thread
+# count is the real limit), and a 2-core machine must host three of them plus the
+# supervisor. No restarts by Ray either: the supervisor restarts a dead service itself,
+# after returning its budget to the ledger. max_concurrency lets ping and stats answer
+# while shutdown waits for in-flight calls to drain.
+ServiceActor = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=4)(ServiceRuntime)

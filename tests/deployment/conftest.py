@@ -1,0 +1,16 @@
+"""One Ray per test session, shared by every deployment the tests start."""
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    import ray
+
+    from colocate.serving.deploy import init_ray
+
+    started = init_ray(None)
+    yield
+    if started:
+        ray.shutdown()

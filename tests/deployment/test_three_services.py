@@ -1,0 +1,169 @@
+"""Three services of the tiny checkpoint through the real supervisor, Ray and gRPC.
+
+One deployment serves the whole module (startup is most of the cost); the restart
+test runs last because it replaces a service.
+"""
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+import ray
+import torch
+
+from colocate.memory.sizing import KV_BLOCK_SIZE
+from colocate.sampling_params import SamplingParams
+from colocate.serving.deploy import Deployment
+from tests.deployment.helpers import cpu_deployment, stream_tokens, token_of
+
+NAMES = ["svc-a", "svc-b", "svc-c"]
+KV_TOKENS = 256                               # 16 blocks per service
+# Each service gets its own prompt and sampling, so a mix-up between them shows.
+REQUESTS = {
+    "svc-a": ("The quick brown fox", dict(max_tokens=16, temperature=0.0)),
+    "svc-b": ("Once upon a time", dict(max_tokens=16, temperature=0.8, seed=7)),
+    "svc-c": ([1, 50, 60, 70, 80], dict(max_tokens=16, temperature=1.0, top_k=40, seed=3)),
+}
+
+
+@pytest.fixture(scope="module")
+def deployment(ray_session, tiny_model_dir, tmp_path_factory):
+    config = cpu_deployment(tmp_path_factory.mktemp("three"), str(tiny_model_dir), NAMES,
+                            kv_tokens=KV_TOKENS)
+    # One torch thread each, as the offline reference below uses: thread count can
+    # change float summation order, and so a sampled token.
+    with Deployment(config, torch_threads=1, health_interval_s=0.5) as dep:
+        dep.wait_ready(timeout=180)
+        yield dep
+
+
+@pytest.fixture(scope="module")
+def targets(deployment):
+    return {e.service: e.target for e in deployment.endpoints()}
+
+
+def service_rows(deployment) -> dict[str, dict]:
+    (device,) = deployment.status()
+    return {s["name"]: s for s in device["services"]}
+
+
+def test_concurrent_streams_match_offline_llm(deployment, targets, tiny_model_dir):
+    from colocate import LLM
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        llm = LLM(model=str(tiny_model_dir), kv_cache_tokens=KV_TOKENS, max_model_len=256)
+        expected = {name: llm.generate([prompt], SamplingParams(**sampling))[0].token_ids
+                    for name, (prompt, sampling) in REQUESTS.items()}
+    finally:
+        torch.set_num_threads(threads_before)
+
+    got, errors = {}, []
+
+    def call(name):
+        prompt, sampling = REQUESTS[name]
+        try:
+            got[name] = stream_tokens(targets[name], token_of(name), prompt, **sampling)
+        except Exception as exc:       # reported below, not lost in the thread
+            errors.append((name, exc))
+
+    workers = [threading.Thread(target=call, args=(n,)) for n in NAMES]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert not errors
+    assert got == expected
+    assert all(len(t) == 16 for t in got.values())
+
+
+def test_another_services_token_is_unauthenticated(targets):
+    with pytest.raises(grpc.RpcError) as err:
+        stream_tokens(targets["svc-a"], token_of("svc-b"), "Hello", max_tokens=2)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_kv_pool_never_exceeds_its_budget(deployment, targets):
+    """Twelve long requests against a 16-block pool: the engine preempts, the pool
+    stays within its blocks, and the other services' pools stay empty."""
+    budget_blocks = KV_TOKENS // KV_BLOCK_SIZE
+    prompts = [[1] + [10 + 7 * i + j for j in range(40)] for i in range(12)]
+    finished = []
+
+    def load(prompt):
+        finished.append(stream_tokens(targets["svc-a"], token_of("svc-a"), prompt,
+                                      max_tokens=150, temperature=0.0, ignore_eos=True))
+
+    workers = [threading.Thread(target=load, args=(p,)) for p in prompts]
+    for w in workers:
+        w.start()
+    samples = []
+    while any(w.is_alive() for w in workers):
+        samples.append({n: r["stats"] for n, r in service_rows(deployment).items()})
+        time.sleep(0.05)
+    for w in workers:
+        w.join()
+
+    assert len(finished) == 12 and all(len(t) == 150 for t in finished)
+    loaded = [s["svc-a"] for s in samples if s["svc-a"] is not None]
+    assert len(loaded) >= 5
+    assert all(s.kv_blocks_total == budget_blocks for s in loaded)
+    assert all(s.kv_blocks_used <= s.kv_blocks_total for s in loaded)
+    assert max(s.kv_blocks_used for s in loaded) > budget_blocks // 2   # it was under pressure
+    for other in ("svc-b", "svc-c"):
+        assert all(s[other].kv_blocks_used == 0 for s in samples if s[other] is not None)
+        assert all(s[other].kv_blocks_total == budget_blocks
+                   for s in samples if s[other] is not None)
+
+
+def test_killed_service_is_restarted_alone(deployment, targets):
+    supervisor = deployment.supervisor("cpu")
+    (before,) = deployment.status()
+    victim = "svc-b"
+    prompt, sampling = REQUESTS[victim]
+    answer_before = stream_tokens(targets[victim], token_of(victim), prompt, **sampling)
+    old_pid = service_rows(deployment)[victim]["stats"].pid
+
+    # The other two keep answering while the victim is down and coming back.
+    stop, served, failures = threading.Event(), {"svc-a": 0, "svc-c": 0}, []
+
+    def keep_calling(name):
+        while not stop.is_set():
+            try:
+                stream_tokens(targets[name], token_of(name), "Hello", max_tokens=4)
+                served[name] += 1
+            except Exception as exc:
+                failures.append((name, exc))
+
+    callers = [threading.Thread(target=keep_calling, args=(n,)) for n in served]
+    for c in callers:
+        c.start()
+    try:
+        actor = ray.get(supervisor.service_actor.remote(victim))
+        served_at_kill = dict(served)
+        ray.kill(actor, no_restart=True)
+        deadline = time.monotonic() + 120
+        while True:
+            row = service_rows(deployment)[victim]
+            if row["restarts"] == 1 and row["state"] == "running":
+                break
+            assert time.monotonic() < deadline, f"not restarted: {row}"
+            time.sleep(0.2)
+        served_during = {n: served[n] - served_at_kill[n] for n in served}
+    finally:
+        stop.set()
+        for c in callers:
+            c.join(60)
+
+    assert not failures
+    assert all(n > 0 for n in served_during.values())
+    (after,) = deployment.status()
+    assert after["reserved_bytes"] == before["reserved_bytes"]
+    assert sorted(after["ledger"]) == sorted(before["ledger"])
+    rows = {s["name"]: s for s in after["services"]}
+    assert rows[victim]["stats"].pid != old_pid
+    assert rows["svc-a"]["restarts"] == rows["svc-c"]["restarts"] == 0
+    assert stream_tokens(targets[victim], token_of(victim), prompt, **sampling) == answer_before

@@ -12,6 +12,7 @@ import json
 import math
 import random
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -77,14 +78,20 @@ def preset_config(preset: str) -> dict[str, Any]:
 def write_tiny_checkpoint(dir: str | Path, preset: str = "tiny", seed: int = 0) -> Path:
     """Write the preset's checkpoint into `dir` (created if needed) and return its path."""
     cfg = preset_config(preset)
+    weights = random_weights(LlamaConfig.from_dict(cfg), seed)
+    return write_checkpoint(dir, cfg, weights, build_tokenizer(cfg["vocab_size"], seed))
+
+
+def write_checkpoint(dir: str | Path, cfg: dict[str, Any], weights: dict[str, torch.Tensor],
+                     tokenizer: Tokenizer) -> Path:
+    """Write an HF-layout checkpoint: config, generation config, weights, tokenizer."""
     path = Path(dir)
     path.mkdir(parents=True, exist_ok=True)
     _write_json(path / "config.json", cfg)
     _write_json(path / "generation_config.json",
                 {"bos_token_id": BOS_ID, "eos_token_id": EOS_ID, "do_sample": False})
-    save_file(random_weights(LlamaConfig.from_dict(cfg), seed), str(path / "model.safetensors"),
-              metadata={"format": "pt"})
-    build_tokenizer(cfg["vocab_size"], seed).save(str(path / "tokenizer.json"))
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save(str(path / "tokenizer.json"))
     _write_json(path / "tokenizer_config.json", {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>",
@@ -118,8 +125,9 @@ def random_weights(config: LlamaConfig, seed: int) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def build_tokenizer(vocab_size: int, seed: int) -> Tokenizer:
-    """A byte-level BPE with exactly `vocab_size` ids, trained on a seeded synthetic corpus."""
+def build_tokenizer(vocab_size: int, seed: int, corpus: Iterable[str] | None = None) -> Tokenizer:
+    """A byte-level BPE with exactly `vocab_size` ids, trained on `corpus` (default: a
+    seeded synthetic one)."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -128,7 +136,9 @@ def build_tokenizer(vocab_size: int, seed: int) -> Tokenizer:
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=1,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_corpus(seed, num_words=vocab_size), trainer)
+    if corpus is None:
+        corpus = _corpus(seed, num_words=vocab_size)
+    tok.train_from_iterator(corpus, trainer)
     short = vocab_size - tok.get_vocab_size(with_added_tokens=True)
     if short > 0:
         # Every id the model can emit must decode, so fill the gap with plain tokens.

@@ -9,6 +9,7 @@ import torch
 from colocate.engine.engine import EngineLimits, LLMEngine
 from colocate.engine.kv_cache_manager import cdiv
 from colocate.engine.outputs import RequestOutput
+from colocate.model.kv_cache import resolve_kv_cache_dtype
 from colocate.model.loader import load_model
 from colocate.model.model_config import LlamaConfig
 from colocate.model.tokenizer import Tokenizer
@@ -45,11 +46,12 @@ def load_tokenizer(path: Path) -> Tokenizer | None:
 def build_engine(model: torch.nn.Module, config: LlamaConfig, tokenizer: Tokenizer | None, *,
                  dtype: torch.dtype, device: torch.device, num_blocks: int, block_size: int,
                  max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_prefix_caching: bool = True) -> LLMEngine:
+                 enable_prefix_caching: bool = True, kv_cache_dtype: str = "auto") -> LLMEngine:
     """An engine over an already-built model: LLM uses it with a model it loaded,
     a service with a model whose weights it maps from the shared store."""
     eos = tokenizer.eos_token_ids if tokenizer else config.eos_token_ids
-    runner = ModelRunner(model, config, num_blocks, block_size, dtype, device)
+    kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype, dtype, device)
+    runner = ModelRunner(model, config, num_blocks, block_size, dtype, device, kv_dtype)
     limits = EngineLimits(
         vocab_size=config.vocab_size, max_model_len=max_model_len,
         block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
@@ -63,17 +65,17 @@ class LLM:
                  kv_cache_dtype: str = "auto", device: str = "cpu", block_size: int = 16,
                  kv_cache_tokens: int | None = None, max_model_len: int | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
-                 enable_prefix_caching: bool = True) -> None:
-        if quantization is not None:
-            raise ValueError(f"quantization={quantization!r} is not available yet; use None")
-        if kv_cache_dtype != "auto":
-            raise ValueError(f"kv_cache_dtype={kv_cache_dtype!r} is not available yet; use 'auto'")
+                 enable_prefix_caching: bool = True,
+                 quant_group_size: int | None = None) -> None:
+        """quantization: None | "int8" (per channel) | "int4" (groups of quant_group_size
+        input channels, default 128); AWQ / GPTQ checkpoints load as int4 regardless."""
         for name, value, low in (("block_size", block_size, 1), ("max_num_seqs", max_num_seqs, 1),
                                  ("max_num_batched_tokens", max_num_batched_tokens, 1)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         torch_dtype = resolve_dtype(dtype)
         torch_device = resolve_device(device)
+        resolve_kv_cache_dtype(kv_cache_dtype, torch_dtype, torch_device)   # fail before loading
         path = Path(model)
         self.config = LlamaConfig.from_pretrained(path)
         if max_model_len is None:
@@ -85,13 +87,14 @@ class LLM:
             raise ValueError(f"kv_cache_tokens must be >= block_size ({block_size}), got {kv_tokens}")
         num_blocks = cdiv(kv_tokens, block_size) + 1      # + the null block
 
-        self.model = load_model(path, dtype=dtype, device=str(torch_device))
+        self.model = load_model(path, dtype=dtype, device=str(torch_device),
+                                quantization=quantization, quant_group_size=quant_group_size)
         self.tokenizer = load_tokenizer(path)
         self.engine = build_engine(
             self.model, self.config, self.tokenizer, dtype=torch_dtype, device=torch_device,
             num_blocks=num_blocks, block_size=block_size, max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            enable_prefix_caching=enable_prefix_caching)
+            enable_prefix_caching=enable_prefix_caching, kv_cache_dtype=kv_cache_dtype)
 
     def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None

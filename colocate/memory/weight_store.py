@@ -61,8 +61,10 @@ import torch
 from colocate.memory.shm_tensors import (TensorSpec, map_file_read_only, pack, plan_layout,
                                          unpack, write_file)
 from colocate.model.llama import LlamaForCausalLM
-from colocate.model.loader import parse_dtype, read_hf_tensors, to_model_state_dict
+from colocate.model.loader import parse_dtype, read_hf_tensors
 from colocate.model.model_config import LlamaConfig
+from colocate.quant.config import QuantConfig
+from colocate.quant.loading import build_model, checkpoint_quant_config, read_model_state
 
 DIR_PREFIX = "colocate-weights-"
 
@@ -79,6 +81,7 @@ class WeightHandle:
     token: str                       # unique per publish: same-process attach cache key
     path: str | None = None          # CPU: the shared file
     cuda_ipc: tuple | None = None    # CUDA: reduce_tensor() arguments of the buffer
+    quantization: dict[str, Any] | None = None   # QuantConfig.to_dict(): the module structure
 
     @property
     def tensor_bytes(self) -> int:
@@ -94,7 +97,7 @@ class WeightStore:
     def __init__(self, device: str = "cpu", root: str | Path | None = None):
         self.device = str(device)
         self._handles: dict[str, WeightHandle] = {}
-        self._sources: dict[str, tuple[Path, torch.dtype]] = {}
+        self._sources: dict[str, tuple[Path, torch.dtype, QuantConfig | None]] = {}
         self._cuda_buffers: dict[str, torch.Tensor] = {}   # kept alive for the IPC consumers
         self.dir: Path | None = None
         if not _is_cuda(self.device):
@@ -105,22 +108,32 @@ class WeightStore:
             self._finalizer = weakref.finalize(self, shutil.rmtree, self.dir, ignore_errors=True)
 
     def publish(self, model_name: str, model_path: str | Path,
-                dtype: str | torch.dtype = "float32") -> WeightHandle:
-        """Load `model_path` once and share it as `model_name`; a repeat returns the same handle."""
+                dtype: str | torch.dtype = "float32", quantization: str | None = None,
+                quant_group_size: int | None = None) -> WeightHandle:
+        """Load `model_path` once and share it as `model_name`; a repeat returns the same handle.
+
+        quantization / quant_group_size as for LLM: the weights are quantized here, once
+        per device, in the layout this device's kernels read, and services map the
+        quantized buffers. An AWQ / GPTQ checkpoint is published as int4.
+        """
         model_path = Path(model_path).resolve()
         config = LlamaConfig.from_pretrained(model_path)
         torch_dtype = parse_dtype(dtype, config)
+        qc = checkpoint_quant_config(config.raw, quantization, quant_group_size, self.device)
         if model_name in self._handles:
-            if self._sources[model_name] != (model_path, torch_dtype):
+            if self._sources[model_name] != (model_path, torch_dtype, qc):
                 raise ValueError(f"model {model_name!r} is already published from "
-                                 f"{self._sources[model_name]}, not ({model_path}, {torch_dtype})")
+                                 f"{self._sources[model_name]}, not "
+                                 f"({model_path}, {torch_dtype}, {qc})")
             return self._handles[model_name]
         # Always read into host memory: on CUDA this keeps the device peak at one copy.
-        state = to_model_state_dict(read_hf_tensors(model_path, config, torch_dtype, "cpu"))
+        state = read_model_state(model_path, config, torch_dtype, "cpu", qc,
+                                 read_float=read_hf_tensors)
         specs, size = plan_layout(state)
         common = dict(model_name=model_name, device=self.device,
                       dtype=str(torch_dtype).removeprefix("torch."), config=config.raw,
-                      specs=specs, nbytes=size, token=os.urandom(8).hex())
+                      specs=specs, nbytes=size, token=os.urandom(8).hex(),
+                      quantization=None if qc is None else qc.to_dict())
         if _is_cuda(self.device):
             flat = _cuda_publish(state, specs, size, self.device)
             self._cuda_buffers[model_name] = flat
@@ -131,7 +144,7 @@ class WeightStore:
             write_file(path, state, specs, size)
             handle = WeightHandle(**common, path=str(path))
         self._handles[model_name] = handle
-        self._sources[model_name] = (model_path, torch_dtype)
+        self._sources[model_name] = (model_path, torch_dtype, qc)
         return handle
 
     def handle(self, model_name: str) -> WeightHandle:
@@ -218,8 +231,9 @@ def attach(handle: WeightHandle) -> LlamaForCausalLM:
                 else map_file_read_only(handle.path, handle.nbytes))
         state = _ATTACHED[handle.token] = unpack(flat, handle.specs)
     device = handle.device if handle.cuda_ipc is not None else "cpu"
+    qc = None if handle.quantization is None else QuantConfig.from_dict(handle.quantization)
     return model_over_state_dict(LlamaConfig.from_dict(handle.config), state,
-                                 getattr(torch, handle.dtype), device)
+                                 getattr(torch, handle.dtype), device, qc)
 
 
 def detach(handle: WeightHandle) -> None:
@@ -233,10 +247,11 @@ def mapped_bytes() -> int:
 
 
 def model_over_state_dict(config: LlamaConfig, state: dict[str, torch.Tensor],
-                          dtype: torch.dtype, device: str | torch.device) -> LlamaForCausalLM:
-    """Build on the meta device, then make `state`'s tensors the parameters themselves."""
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
+                          dtype: torch.dtype, device: str | torch.device,
+                          qc: QuantConfig | None = None) -> LlamaForCausalLM:
+    """Build on the meta device (with the quantized linears `qc` asks for), then make
+    `state`'s tensors the parameters and buffers themselves."""
+    model = build_model(config, qc, dtype)
     model.load_state_dict(state, strict=True, assign=True)
     model.rotary.rebuild(device, dtype)         # the rope table is per process and small
     return model.eval()

@@ -10,12 +10,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from colocate.model.attention import AttentionPlan, paged_attention, write_kv
+from colocate.model.attention import AttentionPlan, attend
 from colocate.model.attention_metadata import AttentionMetadata
+from colocate.model.kv_cache import LayerKVCache
+from colocate.model.kv_cache import allocate_kv_caches as _allocate
 from colocate.model.model_config import LlamaConfig
 from colocate.model.rope import RotaryEmbedding
 
-KVCache = tuple[torch.Tensor, torch.Tensor]
+KVCache = LayerKVCache
 
 
 class RMSNorm(nn.Module):
@@ -54,9 +56,7 @@ class LlamaAttention(nn.Module):
         qk = RotaryEmbedding.rotate(qk, cos_sin)                            # (T, nh + nkv, hd)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
-        key_cache, value_cache = kv_cache
-        write_kv(k, v, key_cache, value_cache, slot_mapping)
-        o = paged_attention(q, k, v, key_cache, value_cache, plan, self.scale)  # (T, nh * hd)
+        o = attend(q, k, v, kv_cache, plan, slot_mapping, self.scale)      # (T, nh * hd)
         return self.o_proj(o)
 
 
@@ -135,12 +135,7 @@ class LlamaForCausalLM(nn.Module):
 def allocate_kv_caches(config: LlamaConfig, num_blocks: int, block_size: int,
                        dtype: torch.dtype = torch.float32,
                        device: torch.device | str = "cpu") -> list[KVCache]:
-    """Zeroed (key, value) caches per layer, each (num_blocks, block_size, nkv, hd).
-
-    Zeroed rather than empty: padded positions are masked out of attention, but
-    masked weights are exact zeros only if the values they multiply are finite.
-    """
-    shape = (num_blocks, block_size, config.num_key_value_heads, config.head_dim)
-    return [(torch.zeros(shape, dtype=dtype, device=device),
-             torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(config.num_hidden_layers)]
+    """Zeroed caches per layer, each (num_blocks, block_size, nkv, hd) in `dtype`;
+    torch.int8 stores quantized K/V with fp32 scales (see colocate.model.kv_cache)."""
+    return _allocate(config.num_hidden_layers, num_blocks, block_size,
+                     config.num_key_value_heads, config.head_dim, dtype, device)

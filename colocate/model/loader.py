@@ -19,7 +19,7 @@ from colocate.model.model_config import LlamaConfig
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 # model parameter suffix -> the HF tensors concatenated (along dim 0) to make it
-_FUSED = {
+FUSED = {
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
 }
@@ -109,7 +109,7 @@ def to_model_state_dict(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Rename HF tensors to the model's parameters, concatenating the fused projections."""
     out = dict(hf)
     for name in [n for n in hf if n.startswith("model.layers.")]:
-        for fused, parts in _FUSED.items():
+        for fused, parts in FUSED.items():
             for kind in ("weight", "bias"):
                 if name.endswith(f".{parts[0]}.{kind}"):
                     prefix = name[: -len(f"{parts[0]}.{kind}")]
@@ -119,21 +119,30 @@ def to_model_state_dict(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def load_model(path: str | Path, dtype: str | torch.dtype = "float32",
-               device: str | torch.device = "cpu") -> LlamaForCausalLM:
+               device: str | torch.device = "cpu", quantization: str | None = None,
+               quant_group_size: int | None = None) -> LlamaForCausalLM:
     """Read config.json and the safetensors weights under `path` into an eval-mode model.
+
+    quantization None | "int8" | "int4" (group size `quant_group_size`, default 128)
+    quantizes the decoder linears at load (colocate/quant); a pre-quantized AWQ / GPTQ
+    checkpoint is recognised from config.json and loaded as int4 either way.
 
     Raises FileNotFoundError for a missing config / weights file / shard and ValueError,
     naming the tensor or field, for a missing tensor, a shape mismatch, an unsupported
-    architecture or rope type, or a dtype other than float32 / bfloat16 / float16 / auto.
+    architecture or rope type, a dtype other than float32 / bfloat16 / float16 / auto,
+    or a quantization setting that cannot be honoured.
     """
+    # colocate.quant reads checkpoints with this module's helpers: import it here.
+    from colocate.quant.loading import build_model, checkpoint_quant_config, read_model_state
+
     path = Path(path)
     if dtype != "auto":
         parse_dtype(dtype)          # a bad dtype string fails before any file is read
     config = LlamaConfig.from_pretrained(path)
     torch_dtype = parse_dtype(dtype, config)
-    with torch.device("meta"):
-        model = LlamaForCausalLM(config)
-    state = to_model_state_dict(read_hf_tensors(path, config, torch_dtype, device))
+    qc = checkpoint_quant_config(config.raw, quantization, quant_group_size, str(device))
+    state = read_model_state(path, config, torch_dtype, device, qc)
+    model = build_model(config, qc, torch_dtype)
     model.load_state_dict(state, strict=True, assign=True)
     model.rotary.rebuild(device, torch_dtype)
     return model.eval()

@@ -26,12 +26,15 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, config: LlamaConfig, num_blocks: int,
-                 block_size: int, dtype: torch.dtype, device: torch.device) -> None:
+                 block_size: int, dtype: torch.dtype, device: torch.device,
+                 kv_dtype: torch.dtype | None = None) -> None:
         self.model = model
         self.config = config
         self.block_size = block_size
         self.device = device
-        self.kv_caches = allocate_kv_caches(config, num_blocks, block_size, dtype, device)
+        # kv_dtype: the cache's storage dtype, torch.int8 for a quantized cache; None: `dtype`.
+        self.kv_caches = allocate_kv_caches(config, num_blocks, block_size,
+                                            kv_dtype or dtype, device)
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator | None] = {}
 

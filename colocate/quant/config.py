@@ -1,0 +1,65 @@
+"""QuantConfig: how a model's decoder linears are quantized, checked once, at load.
+
+It travels with the weights: the weight store puts `to_dict()` in the WeightHandle so
+a service rebuilds exactly the module structure the published buffer was laid out for.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+METHODS = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+# Where the integers came from: our round-to-nearest, or a published checkpoint.
+SOURCES = ("rtn", "awq", "gptq")
+# int4 buffer layouts. "tinygemm": the packing torch's CPU int4 matmul reads (see
+# int4_layouts.py); "kn": nibbles packed along K, N contiguous, for the Triton kernel.
+INT4_LAYOUTS = ("tinygemm", "kn")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    method: str                    # "int8" (per output channel) | "int4" (grouped, asymmetric)
+    group_size: int | None = None  # int4 only: input features per scale / zero point
+    source: str = "rtn"
+    layout: str | None = None      # int4 only: one of INT4_LAYOUTS, chosen per device
+    act_order: bool = False        # int4 GPTQ desc_act: every int4 linear permutes its input
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"quantization={self.method!r} is not supported; "
+                             f"expected None or one of {list(METHODS)}")
+        if self.source not in SOURCES:
+            raise ValueError(f"quantization source {self.source!r} is not one of {list(SOURCES)}")
+        if self.method == "int4":
+            if self.group_size not in GROUP_SIZES:
+                raise ValueError(f"quant_group_size={self.group_size!r} is not supported for "
+                                 f"int4; expected one of {list(GROUP_SIZES)}")
+            if self.layout not in INT4_LAYOUTS:
+                raise ValueError(f"int4 layout {self.layout!r} is not one of {list(INT4_LAYOUTS)}")
+        elif self.group_size is not None or self.layout is not None or self.act_order:
+            raise ValueError("int8 is per output channel: quant_group_size, layout and "
+                             "act_order do not apply")
+
+    @classmethod
+    def for_device(cls, method: str | None, group_size: int | None, device: str,
+                   source: str = "rtn", act_order: bool = False) -> "QuantConfig | None":
+        """The config a model on `device` uses; None when `method` is None.
+
+        `group_size` None means the default (128) for int4; int8 ignores it, since
+        the YAML and LLM always carry a group size, whatever the method.
+        """
+        if method is None:
+            return None
+        if method != "int4":
+            return cls(method=method)
+        layout = "kn" if str(device).startswith("cuda") else "tinygemm"
+        return cls(method="int4", group_size=128 if group_size is None else group_size,
+                   source=source, layout=layout, act_order=act_order)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QuantConfig":
+        return cls(**d)

@@ -1,0 +1,113 @@
+"""The two ways an int4 linear's integers, scales and zeros sit in memory.
+
+A layout is what the matmul of one device reads directly; the weight store shares the
+packed buffers as they are, so a service never repacks (that would be a private copy
+per process). Both layouts hold the integers of Int4Weight, two per byte.
+
+"kn" (CUDA, kernels/w4a16_matmul.py): qweight (K/2, N) uint8, row r holding input
+    channels 2r (low nibble) and 2r+1 (high nibble), N contiguous so a tile of
+    output columns is one coalesced load; scale and zero (K/g, N) in the model dtype;
+    W = (q - zero) * scale.
+"tinygemm" (CPU, torch.ops.aten._weight_int4pack_mm_for_cpu): qweight (N, K/2) uint8
+    in the order _convert_weight_to_int4pack_for_cpu writes; scale_zero (K/g, N, 2)
+    bfloat16, the op's own convention W = (q - 8) * scale + offset, so we store
+    offset = (8 - zero) * scale. Rounding offset (and a scale that is not already
+    bf16) to bf16 moves a weight by at most 16 * 2^-9 (3%) of its group's scale, the
+    quantization step, whose own rounding error is up to 50% of it; our RTN keeps
+    scales in bf16 for this layout, which halves that to 1.6%.
+"""
+from __future__ import annotations
+
+import torch
+
+from colocate.quant.qtensors import Int4Weight
+
+Buffers = dict[str, torch.Tensor]
+
+
+# ---- kn ------------------------------------------------------------------------------
+
+def pack_kn(w: Int4Weight, dtype: torch.dtype) -> Buffers:
+    q = w.q.t()                                                              # (K, N)
+    qweight = (q[0::2] | (q[1::2] << 4)).contiguous()                        # (K/2, N)
+    return {"qweight": qweight, "scale": w.scale.t().to(dtype).contiguous(),  # (G, N)
+            "zero": w.zero.t().to(dtype).contiguous()}
+
+
+def unpack_kn(buffers: Buffers) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> q (N, K) uint8, scale (N, G) float32, zero (N, G) float32."""
+    p = buffers["qweight"]                                                   # (K/2, N)
+    q = torch.stack([p & 15, p >> 4], dim=1).view(-1, p.shape[1]).t()        # (N, K)
+    return q, buffers["scale"].float().t(), buffers["zero"].float().t()
+
+
+def empty_kn(N: int, K: int, group_size: int, dtype: torch.dtype) -> Buffers:
+    G = K // group_size
+    return {"qweight": torch.empty(K // 2, N, dtype=torch.uint8),
+            "scale": torch.empty(G, N, dtype=dtype), "zero": torch.empty(G, N, dtype=dtype)}
+
+
+# ---- tinygemm ------------------------------------------------------------------------
+
+TINYGEMM_DTYPE = torch.bfloat16
+
+
+def pack_tinygemm(w: Int4Weight, dtype: torch.dtype) -> Buffers:
+    """`dtype` is unused: the CPU op wants its scales in the activation dtype, bf16."""
+    N, K = w.q.shape
+    if N % 16:
+        raise ValueError(f"int4 on CPU needs out_features divisible by 16, got {N}")
+    qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+        w.q.to(torch.int32).contiguous(), 1)                                 # (N, K/2) uint8
+    offset = (8 - w.zero.float()) * w.scale.float()                          # (N, G)
+    scale_zero = torch.stack([w.scale.float().t(), offset.t()], dim=-1)      # (G, N, 2)
+    return {"qweight": qweight, "scale_zero": scale_zero.to(TINYGEMM_DTYPE).contiguous()}
+
+
+def _tinygemm_order(N: int, K: int) -> torch.Tensor:
+    """(N, K) -> flat nibble index in the packed buffer, as the CPU op lays it out.
+
+    Measured on torch 2.13 by packing one-hot matrices: rows go in blocks of 32; in a
+    block, channel k of row 16h + j sits in byte 16k + j, nibble h (low = 0). A last
+    block of 16 rows (N % 32 == 16) puts row j of channel k in byte 8k + j // 2,
+    nibble j % 2. The round-trip test catches a torch that packs differently.
+    """
+    n = torch.arange(N)[:, None]
+    k = torch.arange(K)[None, :]
+    base = (n // 32) * 32 * K // 2                                           # block start byte
+    j = n % 32
+    full = (n // 32) * 32 + 32 <= N
+    byte = torch.where(full, base + 16 * k + j % 16, base + 8 * k + j // 2)
+    nibble = torch.where(full, j // 16, j % 2)
+    return byte * 2 + nibble                                                 # (N, K)
+
+
+def unpack_tinygemm(buffers: Buffers) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> q (N, K) uint8, scale (N, G) float32, offset (N, G) float32 (the float zero)."""
+    p = buffers["qweight"]
+    N, K = p.shape[0], p.shape[1] * 2
+    nibbles = torch.stack([p.reshape(-1) & 15, p.reshape(-1) >> 4], dim=1).view(-1)
+    q = nibbles[_tinygemm_order(N, K)]                                       # (N, K)
+    sz = buffers["scale_zero"].float()                                       # (G, N, 2)
+    return q, sz[..., 0].t(), sz[..., 1].t()
+
+
+def empty_tinygemm(N: int, K: int, group_size: int, dtype: torch.dtype) -> Buffers:
+    return {"qweight": torch.empty(N, K // 2, dtype=torch.uint8),
+            "scale_zero": torch.empty(K // group_size, N, 2, dtype=TINYGEMM_DTYPE)}
+
+
+def dequantize(layout: str, buffers: Buffers, group_size: int) -> torch.Tensor:
+    """The (N, K) float32 weight the layout's matmul multiplies by (inputs in perm order)."""
+    def per_k(t: torch.Tensor) -> torch.Tensor:
+        return t.repeat_interleave(group_size, dim=1)                        # (N, G) -> (N, K)
+
+    if layout == "kn":
+        q, scale, zero = unpack_kn(buffers)
+        return (q.float() - per_k(zero)) * per_k(scale)
+    q, scale, offset = unpack_tinygemm(buffers)
+    return (q.float() - 8) * per_k(scale) + per_k(offset)
+
+
+PACK = {"kn": pack_kn, "tinygemm": pack_tinygemm}
+EMPTY = {"kn": empty_kn, "tinygemm": empty_tinygemm}

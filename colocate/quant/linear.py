@@ -1,0 +1,128 @@
+"""Weight-only quantized replacements for nn.Linear.
+
+Their state is registered as buffers, never parameters: plain tensors the weight store
+can lay out in its flat buffer and a service can map read-only. Bias, when present, is
+a buffer too, in the model dtype.
+
+forward() picks the matmul by device and layout:
+    CPU  int8: torch's _weight_int8pack_mm; int4 ("tinygemm"): _weight_int4pack_mm_for_cpu
+         (cpu_ops.py has the measurements behind this choice)
+    CUDA int8: kernels/w8a16_matmul.py;      int4 ("kn"): kernels/w4a16_matmul.py
+    int4 "kn" on CPU (a layout built for CUDA, inspected on the host): dequantize + F.linear.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from colocate.quant import cpu_ops, int4_layouts
+from colocate.quant.qtensors import Int4Weight, Int8Weight
+
+
+class _WeightOnlyLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype):
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.dtype = dtype
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype) if bias else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)                                 # (M, K)
+        out = self._matmul(x2)                                               # (M, N)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dequantize(self) -> torch.Tensor:
+        """The (N, K) float32 weight this module multiplies by, in input-channel order."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}")
+
+
+class Int8Linear(_WeightOnlyLinear):
+    """qweight (N, K) int8 and scale (N,) in the model dtype."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__(in_features, out_features, bias, dtype)
+        self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("scale", torch.empty(out_features, dtype=dtype))
+
+    @staticmethod
+    def buffers_for(w: Int8Weight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        return {"qweight": w.q.contiguous(), "scale": w.scale.to(dtype)}
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda:
+            from colocate.kernels.w8a16_matmul import w8a16_matmul
+
+            return w8a16_matmul(x.contiguous(), self.qweight, self.scale)
+        return cpu_ops.int8_mm(x, self.qweight, self.scale)
+
+    def dequantize(self) -> torch.Tensor:
+        return Int8Weight(self.qweight, self.scale).dequantize()
+
+
+class Int4Linear(_WeightOnlyLinear):
+    """Buffers of int4_layouts' `layout`, plus perm (K,) int64 under GPTQ act-order."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False,
+                 dtype: torch.dtype = torch.float32, group_size: int = 128,
+                 layout: str = "tinygemm", act_order: bool = False):
+        super().__init__(in_features, out_features, bias, dtype)
+        if in_features % group_size:
+            raise ValueError(f"quant_group_size={group_size} does not divide the layer's "
+                             f"input size {in_features}")
+        self.group_size = group_size
+        self.layout = layout
+        for name, t in int4_layouts.EMPTY[layout](out_features, in_features, group_size,
+                                                  dtype).items():
+            self.register_buffer(name, t)
+        self.register_buffer("perm", torch.empty(in_features, dtype=torch.int64)
+                             if act_order else None)
+
+    @staticmethod
+    def buffers_for(w: Int4Weight, dtype: torch.dtype, layout: str,
+                    act_order: bool) -> dict[str, torch.Tensor]:
+        out = int4_layouts.PACK[layout](w, dtype)
+        if act_order:
+            out["perm"] = (w.perm if w.perm is not None
+                           else torch.arange(w.q.shape[1])).to(torch.int64)
+        return out
+
+    def _packed(self) -> dict[str, torch.Tensor]:
+        names = int4_layouts.EMPTY[self.layout](0, 0, 1, self.dtype)
+        return {n: getattr(self, n) for n in names}
+
+    def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            x = x.index_select(1, self.perm)                                 # (M, K) perm order
+        if self.layout == "tinygemm":
+            return cpu_ops.int4_mm(x, self.qweight, self.scale_zero, self.group_size)
+        if x.is_cuda:
+            from colocate.kernels.w4a16_matmul import w4a16_matmul
+
+            return w4a16_matmul(x.contiguous(), self.qweight, self.scale, self.zero,
+                                self.group_size)
+        return F.linear(x, self._dequantize_perm_order().to(x.dtype))
+
+    def _dequantize_perm_order(self) -> torch.Tensor:
+        return int4_layouts.dequantize(self.layout, self._packed(), self.group_size)
+
+    def dequantize(self) -> torch.Tensor:
+        w = self._dequantize_perm_order()                                    # (N, K)
+        if self.perm is not None:
+            w = torch.empty_like(w).index_copy_(1, self.perm, w)
+        return w
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, group_size={self.group_size}, layout={self.layout}, "
+                f"act_order={self.perm is not None}")

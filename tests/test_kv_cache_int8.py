@@ -1,0 +1,94 @@
+"""int8 KV cache on the CPU path: accuracy against fp32 KV, the memory it takes, and
+load-time errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from colocate import LLM, SamplingParams
+from colocate.config import ModelSpec
+from colocate.llm import build_engine
+from colocate.memory.sizing import ModelFootprint
+from colocate.model.kv_cache import quantize_kv
+from colocate.model.llama import allocate_kv_caches
+from colocate.model.loader import load_model
+from tests.model_steps import run_schedule
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    return load_model(tiny_model_dir)
+
+
+def test_quantize_kv_round_trips_within_half_a_step():
+    x = torch.randn(5, 3, 32) * torch.logspace(-3, 2, 5)[:, None, None]
+    x[1, 2] = 0
+    q, s = quantize_kv(x)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (5, 3)
+    assert q.abs().max() <= 127 and s[1, 2] == 0 and not q[1, 2].any()
+    err = (q.float() * s[..., None] - x).abs()
+    assert (err <= s[..., None] / 2 * (1 + 1e-5)).all()
+
+
+def test_int8_logits_stay_close_to_fp32(tiny):
+    ref = run_schedule(tiny, torch.float32)
+    got = run_schedule(tiny, torch.int8)
+    for g, r in zip(got, ref):
+        assert (g - r).abs().max() < 0.02 * r.abs().max()      # measured: about 0.6%
+        assert torch.nn.functional.cosine_similarity(g, r, dim=-1).min() > 0.999
+
+
+def test_int8_prefill_does_not_depend_on_chunking(tiny):
+    """Attention reads back what the cache holds, so one 14-token step and 9 + 5 agree:
+    exactly where the same keys are cached, and otherwise up to the odd int8 code that
+    matmul rounding (different row counts) tips across a rounding boundary, far below
+    the int8-vs-fp32 difference."""
+    whole = run_schedule(tiny, torch.int8, schedule=[(14, 6)])[0]
+    chunks = run_schedule(tiny, torch.int8, schedule=[(9, 6), (5, 0)])
+    torch.testing.assert_close(chunks[0][:9], whole[:9], atol=1e-4, rtol=1e-4)
+    fp32 = run_schedule(tiny, torch.float32, schedule=[(14, 6)])[0]
+    quant_err = (whole[9:14] - fp32[9:14]).abs().max()
+    assert (chunks[1] - whole[9:14]).abs().max() < quant_err / 4
+
+
+def test_greedy_generation_agrees_with_fp32_kv(tiny_model_dir):
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    prompts = [[1, 15, 300, 77, 1000, 5, 9, 12, 8, 600], "hello world, the"]
+    ref = LLM(str(tiny_model_dir), kv_cache_tokens=256).generate(prompts, params)
+    got = LLM(str(tiny_model_dir), kv_cache_tokens=256, kv_cache_dtype="int8").generate(
+        prompts, params)
+    for g, r in zip(got, ref):
+        assert g.token_ids[:4] == r.token_ids[:4]
+
+
+def test_int8_cache_bytes_match_the_memory_planner(tiny, tiny_model_dir):
+    num_blocks, block_size = 5, 16
+    caches = allocate_kv_caches(tiny.config, num_blocks, block_size, torch.int8)
+    assert caches[0].key.dtype == torch.int8
+    assert caches[0].key_scale.shape == (num_blocks, block_size, tiny.config.num_key_value_heads)
+    per_token = sum(c.nbytes() for c in caches) // (num_blocks * block_size)
+    footprint = ModelFootprint.of(ModelSpec(name="tiny", path=str(tiny_model_dir)))
+    assert per_token == footprint.kv_bytes_per_token("int8")
+    fp32 = allocate_kv_caches(tiny.config, num_blocks, block_size, torch.float32)
+    # About 4x fewer bytes than fp32 (2x fewer than fp16), scales included.
+    assert sum(c.nbytes() for c in fp32) / sum(c.nbytes() for c in caches) > 3.5
+
+
+@pytest.mark.parametrize("bad", ["fp8", "INT8", "", None, "float16"])
+def test_unknown_kv_cache_dtype_fails_at_load(tiny_model_dir, bad):
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        LLM(str(tiny_model_dir), kv_cache_dtype=bad)
+
+
+def test_build_engine_rejects_bad_kv_cache_dtype(tiny):
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        build_engine(tiny, tiny.config, None, dtype=torch.float32, device=torch.device("cpu"),
+                     num_blocks=4, block_size=16, max_model_len=64, max_num_seqs=2,
+                     max_num_batched_tokens=64, kv_cache_dtype="int4")
+
+
+def test_int8_kv_on_an_unsupported_device_fails_at_load(tiny):
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        build_engine(tiny, tiny.config, None, dtype=torch.float32, device=torch.device("meta"),
+                     num_blocks=4, block_size=16, max_model_len=64, max_num_seqs=2,
+                     max_num_batched_tokens=64, kv_cache_dtype="int8")

@@ -1,4 +1,4 @@
-"""The `colocate` command: tiny-model | demo (later: plan | serve | generate | status)."""
+"""The `colocate` command: tiny-model | demo | plan | serve | generate."""
 from __future__ import annotations
 
 import argparse

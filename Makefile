@@ -5,9 +5,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-DEMO_MODEL := models/small
 
-.PHONY: run test install clean
+.PHONY: run test install clean prometheus
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,8 +20,18 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/colocate serve --demo
 
-test: $(STAMP)
+test: $(STAMP) prometheus
 	$(PY) -m pytest -q tests
+
+# The metrics integration test runs a real Prometheus server: Debian's package,
+# installed when missing (apt-get directly as root, as CI runs; else through sudo).
+prometheus:
+	@command -v prometheus >/dev/null || { \
+	  if [ "$$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  echo "installing the Prometheus server (apt-get install prometheus) ..."; \
+	  $$SUDO apt-get update -qq && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive \
+	    apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 clean:
 	rm -rf $(VENV) models

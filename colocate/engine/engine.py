@@ -8,6 +8,7 @@ anything with `execute(SchedulerOutput) -> {request_id: StepResult}` and
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -16,7 +17,13 @@ from colocate.engine.output_processor import OutputProcessor
 from colocate.engine.outputs import RequestOutput
 from colocate.engine.request import FinishReason, Request
 from colocate.engine.scheduler import Scheduler, SchedulerOutput
+from colocate.engine.stats import EngineStatistics, StatisticsSnapshot
 from colocate.sampling_params import SamplingParams
+
+
+class PromptTooLongError(ValueError):
+    """Prompt plus max_tokens exceed max_model_len or the whole KV cache; a
+    ValueError, so callers that do not care are unaffected."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,7 @@ class LLMEngine:
         self.output_processor = OutputProcessor(tokenizer, limits.max_model_len)
         self._ids = itertools.count()
         self.num_steps = 0
+        self.stats = EngineStatistics()
 
     # ---- requests ----------------------------------------------------------
     def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
@@ -66,12 +74,12 @@ class LLMEngine:
                     f"prompt token id {t!r} is outside the vocabulary [0, {lim.vocab_size})")
         total = len(prompt_ids) + params.max_tokens
         if total > lim.max_model_len:
-            raise ValueError(
+            raise PromptTooLongError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = "
                 f"{total} exceeds max_model_len ({lim.max_model_len})")
         capacity = (lim.num_blocks - 1) * lim.block_size
         if total > capacity:
-            raise ValueError(
+            raise PromptTooLongError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) = "
                 f"{total} exceeds the whole KV cache (kv_cache_tokens={capacity})")
 
@@ -103,6 +111,7 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def _retire(self, request: Request) -> None:
+        self.stats.on_finish(request, time.monotonic())
         self.scheduler.finish_request(request)
         self.output_processor.remove(request.request_id)
         self.runner.release(request.request_id)
@@ -120,6 +129,7 @@ class LLMEngine:
 
     def _update(self, sched: SchedulerOutput, results) -> list[RequestOutput]:
         outputs = []
+        now = time.monotonic()           # one clock read per step, not per request
         for s in sched.scheduled:
             request = s.request
             result = results[request.request_id]
@@ -135,6 +145,7 @@ class LLMEngine:
                 continue
             sample = result.sample
             request.append_output_token(sample.token_id)
+            self.stats.on_token(request, now)
             if request.sampling_params.logprobs is not None:
                 request.logprobs.append(sample.top_logprobs or {sample.token_id: sample.logprob})
             self.output_processor.on_token(request, sample.token_id)
@@ -142,6 +153,21 @@ class LLMEngine:
             if request.is_finished:
                 self._retire(request)
         return outputs
+
+    def statistics(self) -> StatisticsSnapshot:
+        """Counters, latency histograms and load, as of now. Safe from any thread
+        (see colocate/engine/stats.py for why no lock is needed)."""
+        st, pool = self.stats, self.kv.pool
+        return StatisticsSnapshot(
+            num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+            kv_blocks_used=pool.num_used_blocks, kv_blocks_total=pool.num_usable_blocks,
+            block_size=self.limits.block_size, prompt_tokens=st.prompt_tokens,
+            generation_tokens=st.generation_tokens,
+            preemptions=self.scheduler.num_preemptions,
+            prefix_cache_queries=self.kv.prefix_queries,
+            prefix_cache_hits=self.kv.prefix_hits, finished=dict(st.finished),
+            ttft=st.ttft.snapshot(), inter_token=st.inter_token.snapshot(),
+            e2e=st.e2e.snapshot(), queue_time=st.queue_time.snapshot())
 
     # ---- conveniences --------------------------------------------------------
     def stream(self, prompt: str | Sequence[int], params: SamplingParams) -> Iterator[RequestOutput]:

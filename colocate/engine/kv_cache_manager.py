@@ -22,7 +22,7 @@ class KVCacheManager:
         self.req_to_blocks: dict[str, list[KVCacheBlock]] = {}
         # How many leading blocks of each request are registered in the prefix cache.
         self.num_cached_blocks: dict[str, int] = {}
-        # Prefix-cache statistics, in tokens.
+        # Prefix-cache statistics, in tokens, over admitted requests.
         self.prefix_queries = 0
         self.prefix_hits = 0
 
@@ -68,10 +68,15 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        num_hit_tokens = len(hits) * self.block_size
-        self.prefix_queries += request.num_tokens
-        self.prefix_hits += num_hit_tokens
-        return hits, num_hit_tokens
+        return hits, len(hits) * self.block_size
+
+    def record_prefix_lookup(self, request: Request, num_hit_tokens: int) -> None:
+        """Count a lookup whose request was admitted. Not counted in
+        get_computed_blocks: a request that waits for blocks is looked up again every
+        step, and counting each attempt would skew the hit rate under pressure."""
+        if self.enable_prefix_caching and not request.sampling_params.wants_prompt_logprobs:
+            self.prefix_queries += request.num_tokens
+            self.prefix_hits += num_hit_tokens
 
     # ---- allocation ------------------------------------------------------------
     def can_allocate(self, request: Request, num_new_tokens: int,

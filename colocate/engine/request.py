@@ -68,7 +68,10 @@ class Request:
         # prompt_logprobs[i] is log p(prompt[i] | prompt[:i]); filled chunk by chunk.
         self.prompt_logprobs: list[float | None] = [None]
         self.logprobs: list[dict[int, float]] = []
+        # Timestamps (time.monotonic()) for the latency statistics.
+        self.first_scheduled_time: float | None = None   # left the queue for the first time
         self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
 
     @property
     def num_prompt_tokens(self) -> int:

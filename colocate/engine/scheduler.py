@@ -9,6 +9,7 @@ admitted only with what budget and blocks are left.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -107,9 +108,11 @@ class Scheduler:
             if self.kv.allocate_slots(request, num_new, hit_blocks) is None:
                 break
             self.waiting.popleft()
+            self.kv.record_prefix_lookup(request, num_hit)
             request.num_computed_tokens = num_hit
             if request.status is RequestStatus.WAITING:
                 request.num_cached_tokens = num_hit
+                request.first_scheduled_time = time.monotonic()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
             out.scheduled.append(ScheduledRequest(

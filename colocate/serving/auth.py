@@ -59,9 +59,12 @@ class AuthInterceptor(grpc.ServerInterceptor):
     `open_services` (full names, e.g. "grpc.health.v1.Health"): probes from an
     orchestrator must work without holding a tenant's secret."""
 
-    def __init__(self, authenticator: Authenticator, open_services: Iterable[str] = ()) -> None:
+    def __init__(self, authenticator: Authenticator, open_services: Iterable[str] = (),
+                 on_reject: Callable[[str], None] | None = None) -> None:
+        """on_reject("auth") is called for every refused call (for the metrics)."""
         self._auth = authenticator
         self._open = frozenset(open_services)
+        self._on_reject = on_reject
 
     def intercept_service(self, continuation: Callable, handler_call_details):
         handler = continuation(handler_call_details)
@@ -76,6 +79,8 @@ class AuthInterceptor(grpc.ServerInterceptor):
                          for k, _ in handler_call_details.invocation_metadata or ())
         message = "invalid bearer token" if has_header else "missing bearer token"
         log.info("refused %s: %s", handler_call_details.method, message)
+        if self._on_reject is not None:
+            self._on_reject("auth")
         return _refusal(handler, message)
 
 

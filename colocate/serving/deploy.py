@@ -44,11 +44,11 @@ gpus:
         model: small
         port: {port}
         max_model_len: 1024
-        kv_cache: {{dtype: auto, tokens: 8192}}
+        kv_cache: {{dtype: {kv}, tokens: 8192}}
         max_num_seqs: 16
         max_num_batched_tokens: 512
         tenants: [{{name: tenant-{x}, token_env: TENANT_{x.upper()}_TOKEN}}]
-""" for x, port in (("a", 50051), ("b", 50052), ("c", 50053)))
+""" for x, port, kv in (("a", 50051, "auto"), ("b", 50052, "auto"), ("c", 50053, "int8")))
 
 
 def default_config_path() -> Path:
@@ -96,7 +96,10 @@ class Deployment:
 
     def __init__(self, config: DeploymentConfig, *, address: str | None = None,
                  host: str = "127.0.0.1", torch_threads: int | None = None,
-                 health_interval_s: float = 2.0, preset_dir: str | None = None) -> None:
+                 health_interval_s: float = 2.0, preset_dir: str | None = None,
+                 metrics_host: str | None = None) -> None:
+        """host: where the services' gRPC servers listen; metrics_host: where each
+        device's /metrics listens (default: host)."""
         self.config = config
         self._owns_ray = init_ray(address)
         self.supervisors: dict[str, object] = {}
@@ -107,7 +110,7 @@ class Deployment:
                 actor = GPUSupervisor.options(num_gpus=1 if gpu.is_cuda else 0).remote(
                     gpu, config, tenants=tenant_tokens(gpu), host=host,
                     torch_threads=torch_threads, health_interval_s=health_interval_s,
-                    preset_dir=preset_dir)
+                    preset_dir=preset_dir, metrics_host=metrics_host)
                 self.supervisors[gpu.device] = actor
             _unwrap(lambda: ray.get([s.start.remote() for s in self.supervisors.values()]))
         except BaseException:
@@ -132,6 +135,16 @@ class Deployment:
                 host = dev["node_ip"] if s["host"] in ("0.0.0.0", "::") else s["host"]
                 out.append(Endpoint(s["name"], dev["device"], f"{host}:{s['port']}",
                                     envs[s["name"]], s["state"], s["restarts"]))
+        return out
+
+    def metrics_urls(self) -> dict[str, str]:
+        """device -> the URL Prometheus scrapes for it and all its services."""
+        out = {}
+        for dev in self.status(with_stats=False):
+            url = dev["metrics_url"]
+            for wildcard in ("0.0.0.0", "[::]"):   # reached at the node's address
+                url = url.replace(f"//{wildcard}:", f"//{dev['node_ip']}:")
+            out[dev["device"]] = url
         return out
 
     def supervisor(self, device: str):
@@ -215,7 +228,7 @@ def run_serve(config: str | None, address: str | None = None, *, host: str = "12
         except DeploymentError as exc:
             print(f"colocate serve: {exc}", file=sys.stderr)
             return 1
-        print_endpoints(endpoints, generated, out)
+        print_endpoints(endpoints, generated, out, deployment.metrics_urls())
         if demo:
             send_demo_requests(cfg, endpoints, out)
         print("serving; Ctrl-C to stop", file=out, flush=True)
@@ -240,12 +253,16 @@ def _stop_on_signals() -> threading.Event:
 
 
 def print_endpoints(endpoints: list[Endpoint], generated: Mapping[str, str],
-                    out: TextIO) -> None:
+                    out: TextIO, metrics_urls: Mapping[str, str] | None = None) -> None:
     width = max(len(e.service) for e in endpoints)
     print("\nready:", file=out)
     for e in endpoints:
         print(f"  {e.service:<{width}}  {e.target}  ({e.device}; tokens in "
               f"{', '.join('$' + v for v in e.token_envs)})", file=out)
+    if metrics_urls:
+        print("\nmetrics (one Prometheus target per device):", file=out)
+        for device, url in metrics_urls.items():
+            print(f"  {device}  {url}", file=out)
     if generated:
         # Printing a secret is acceptable only here: a local demo whose tokens were
         # made up for this run, and die with it.

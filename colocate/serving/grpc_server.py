@@ -15,11 +15,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from colocate.engine.engine import PromptTooLongError
 from colocate.engine.outputs import RequestOutput
 from colocate.serving import messages
 from colocate.serving.auth import AuthInterceptor, Authenticator
@@ -48,13 +49,33 @@ _STATUS_OF = [
 ]
 
 
+# A refused call's reason, for the rejection counter (colocate/metrics/rejections.py).
+# Most specific first: a too-long prompt is also a ValueError.
+_REJECT_REASON_OF = [
+    (_Unauthenticated, "auth"),
+    (PromptTooLongError, "too_long"),
+    (ValueError, "invalid"),
+    (QueueFullError, "overloaded"),
+]
+
+OnReject = Callable[[str], None]
+
+
+def rejection_reason(exc: BaseException) -> str | None:
+    return next((reason for kind, reason in _REJECT_REASON_OF if isinstance(exc, kind)), None)
+
+
 @contextlib.contextmanager
-def _status_on_error(context: grpc.ServicerContext, method: str):
+def _status_on_error(context: grpc.ServicerContext, method: str,
+                     on_reject: OnReject | None = None):
     """Turn an exception from the body into the call's status. The body must not
     call context.abort itself (its exception would be taken for a bug here)."""
     try:
         yield
     except Exception as exc:
+        reason = rejection_reason(exc)
+        if on_reject is not None and reason is not None:
+            on_reject(reason)
         for kind, code in _STATUS_OF:
             if isinstance(exc, kind):
                 context.abort(code, str(exc))
@@ -64,10 +85,12 @@ def _status_on_error(context: grpc.ServicerContext, method: str):
 
 class GenerationServicer(pb_grpc.GenerationServicer):
     def __init__(self, engine: EngineProtocol, authenticator: Authenticator,
-                 model_info: pb.ModelInfo) -> None:
+                 model_info: pb.ModelInfo, on_reject: OnReject | None = None) -> None:
+        """on_reject(reason) is called when Generate or Complete refuses a request."""
         self._engine = engine
         self._auth = authenticator
         self._model_info = model_info
+        self._on_reject = on_reject
 
     def _tenant(self, context: grpc.ServicerContext) -> str:
         # The interceptor already refused unknown tokens; asking again gives the
@@ -98,7 +121,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     def Generate(self, request: pb.GenerateRequest,
                  context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
-        with _status_on_error(context, "Generate"):
+        with _status_on_error(context, "Generate", self._on_reject):
             request_id = request.request_id or uuid.uuid4().hex
             sent_prompt_logprobs = False
             for out in self._outputs(request, request_id, context):
@@ -108,7 +131,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     def Complete(self, request: pb.GenerateRequest,
                  context: grpc.ServicerContext) -> pb.GenerateResponse:
-        with _status_on_error(context, "Complete"):
+        with _status_on_error(context, "Complete", self._on_reject):
             request_id = request.request_id or uuid.uuid4().hex
             last = None
             for last in self._outputs(request, request_id, context):
@@ -179,22 +202,26 @@ class ColocateServer:
 
 def serve(engine: EngineProtocol, port: int, tenants: Mapping[str, str], service_name: str,
           model_info: Mapping | pb.ModelInfo | None = None, *, host: str = "127.0.0.1",
-          max_workers: int = 16, health_poll_interval: float = 0.2) -> ColocateServer:
+          max_workers: int = 16, health_poll_interval: float = 0.2,
+          on_reject: OnReject | None = None) -> ColocateServer:
     """Start serving `engine` on host:port (port 0 picks a free one; see .port).
 
     tenants: bearer token -> tenant name; only they may call Generation. Each
     streaming call (Generate, and health Watch) holds one of `max_workers`
     threads while it runs; calls beyond that are refused with
-    RESOURCE_EXHAUSTED rather than left waiting.
+    RESOURCE_EXHAUSTED rather than left waiting. on_reject(reason) hears of every
+    refused call: "auth" from any method, the other reasons from Generate and Complete.
     """
     info = messages.model_info_to_proto(model_info, service_name)
     engine.start()
     auth = Authenticator(tenants)
     health = HealthServicer(engine, (GENERATION_SERVICE, service_name), health_poll_interval)
     executor = ThreadPoolExecutor(max_workers, thread_name_prefix=f"grpc-{service_name}")
-    server = grpc.server(executor, interceptors=[AuthInterceptor(auth, (HEALTH_SERVICE,))],
+    interceptor = AuthInterceptor(auth, (HEALTH_SERVICE,), on_reject=on_reject)
+    server = grpc.server(executor, interceptors=[interceptor],
                          maximum_concurrent_rpcs=max_workers)
-    pb_grpc.add_GenerationServicer_to_server(GenerationServicer(engine, auth, info), server)
+    pb_grpc.add_GenerationServicer_to_server(
+        GenerationServicer(engine, auth, info, on_reject), server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     try:
         bound = server.add_insecure_port(f"{host}:{port}")

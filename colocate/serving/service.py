@@ -9,7 +9,7 @@ cannot grow it: the budget is enforced by construction, not by watching.
 
 All the work happens in the constructor, so a service that cannot start fails its
 actor creation, and the supervisor sees the cause when it first pings it. After that
-the actor's methods only observe (ping, stats) or stop (shutdown); requests never pass
+the actor's methods only observe (ping, stats, metrics) or stop (shutdown); requests never pass
 through Ray, they go straight to the gRPC server in this process.
 """
 from __future__ import annotations
@@ -28,6 +28,8 @@ from colocate.engine.kv_cache_manager import cdiv
 from colocate.llm import build_engine, load_tokenizer
 from colocate.memory.sizing import KV_BLOCK_SIZE
 from colocate.memory.weight_store import WeightHandle, attach, detach
+from colocate.metrics.rejections import RejectionCounter
+from colocate.metrics.samples import ServiceReport
 from colocate.model.model_config import LlamaConfig
 from colocate.serving.async_engine import AsyncEngine
 from colocate.serving.engine_protocol import EngineDeadError
@@ -46,6 +48,8 @@ class ServiceLaunch:
     device: str = "cpu"            # as this process sees it (CUDA: after Ray's remapping)
     host: str = "127.0.0.1"
     torch_threads: int = 1
+    weights_shared: bool = True    # one published copy for every service of the model
+    kv_budget_bytes: int = 0       # the arbiter's KV figure for this service
     # token -> tenant name. Kept out of repr so a logged launch never leaks a token.
     tenants: dict[str, str] = field(default_factory=dict, repr=False)
 
@@ -87,16 +91,22 @@ class ServiceRuntime:
             model, config, load_tokenizer(Path(launch.checkpoint_dir)), dtype=dtype,
             device=device, num_blocks=launch.num_blocks, block_size=KV_BLOCK_SIZE,
             max_model_len=spec.max_model_len, max_num_seqs=spec.max_num_seqs,
-            max_num_batched_tokens=spec.max_num_batched_tokens)
+            max_num_batched_tokens=spec.max_num_batched_tokens,
+            kv_cache_dtype=spec.kv_cache.dtype)
         # The YAML allows 0 but AsyncEngine takes >= 1 or None (no limit); 0 is read
         # as no limit until config.py says what it means.
         self.engine = AsyncEngine(self.llm_engine,
                                   max_queued_requests=spec.max_queued_requests or None)
-        info = model_info_from_engine(self.llm_engine, model_name=spec.model,
-                                      dtype=launch.weights.dtype)
+        quant = launch.weights.quantization or {}
+        info = model_info_from_engine(
+            self.llm_engine, model_name=spec.model, dtype=launch.weights.dtype,
+            quantization=quant.get("method", ""), kv_cache_dtype=spec.kv_cache.dtype,
+            weight_bytes=launch.weights.tensor_bytes, weights_shared=launch.weights_shared,
+            kv_cache_bytes=launch.kv_budget_bytes)
+        self.rejections = RejectionCounter()
         try:
             self.server = serve(self.engine, spec.port, launch.tenants, spec.name, info,
-                                host=launch.host)
+                                host=launch.host, on_reject=self.rejections.add)
         except BaseException:
             self.engine.shutdown()
             raise
@@ -127,6 +137,12 @@ class ServiceRuntime:
             num_waiting=s.num_waiting, kv_blocks_used=s.kv_blocks_used,
             kv_blocks_total=s.kv_blocks_total, pss_bytes=process_pss(),
             healthy=not message, message=message)
+
+    def metrics(self) -> ServiceReport:
+        """The engine's statistics and the refusals so far, for a metrics scrape."""
+        return ServiceReport(pid=os.getpid(), dtype=self.launch.weights.dtype,
+                             stats=self.llm_engine.statistics(),
+                             rejected=self.rejections.counts())
 
     def shutdown(self, grace: float = 1.0) -> None:
         """Stop taking calls, end those in flight, stop the loop, unmap the weights."""

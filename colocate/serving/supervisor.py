@@ -10,6 +10,10 @@ A service that dies (or whose engine loop stopped, or that stops answering pings
 restarted alone: its budget goes back to the ledger first and is booked again, so the
 ledger reads the same before and after, and the other services never notice.
 
+It also serves the device's one /metrics endpoint (on the YAML's `metrics_port`, a
+free port if none): each scrape asks the running services for their statistics over
+Ray and adds the ledger, the weight store and the memory measured per process.
+
 Ray owns the service actors through this actor: if the supervisor dies, Ray kills its
 services too, and the weight store's files are swept by the next store on the host.
 """
@@ -27,16 +31,20 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util import get_node_ip_address
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from colocate.config import DeploymentConfig, DeviceSpec, ModelSpec, ServiceSpec
+from colocate.config import DeploymentConfig, DeviceSpec, ModelSpec
 from colocate.memory.arbiter import AdmissionRefused, MemoryArbiter
 from colocate.memory.weight_store import WeightStore
-from colocate.serving.service import ServiceActor, ServiceLaunch, ServiceStats
+from colocate.metrics.device import device_sample
+from colocate.metrics.endpoint import MetricsEndpoint
+from colocate.metrics.samples import DeviceSample
+from colocate.serving.service import ServiceActor, ServiceLaunch
 
 log = logging.getLogger(__name__)
 
 PRESET_SEED = 0                 # `preset:NAME` always means this seed's checkpoint
 STARTUP_TIMEOUT_S = 300.0       # a 13B model maps fast, but CUDA init and warm-up do not
 PING_TIMEOUT_S = 10.0
+SCRAPE_TIMEOUT_S = 2.0          # a slow service drops out of one scrape, not all of it
 MISSED_PINGS_BEFORE_RESTART = 3
 
 
@@ -90,17 +98,6 @@ def default_torch_threads(num_services: int, cores: int | None = None) -> int:
     return max(1, (cores or os.cpu_count() or 1) // max(1, num_services))
 
 
-def check_supported(service: ServiceSpec, model: ModelSpec) -> None:
-    """Refuse, before anything starts, what the engine cannot run yet."""
-    if model.quantization is not None:
-        raise DeploymentError(f"service {service.name}: model {model.name} asks for "
-                              f"quantization {model.quantization}, which the engine does "
-                              f"not run yet; remove `quantization` to serve it unquantized")
-    if service.kv_cache.dtype != "auto":
-        raise DeploymentError(f"service {service.name}: kv_cache dtype "
-                              f"{service.kv_cache.dtype} is not available yet; use auto")
-
-
 # ---- the supervisor ------------------------------------------------------------------
 
 @dataclass
@@ -124,11 +121,14 @@ class Supervisor:
     def __init__(self, gpu: DeviceSpec, config: DeploymentConfig, *,
                  tenants: dict[str, dict[str, str]], host: str = "127.0.0.1",
                  torch_threads: int | None = None, health_interval_s: float = 2.0,
-                 preset_dir: str | None = None) -> None:
-        """tenants: service name -> {token: tenant name}, resolved by the driver."""
+                 preset_dir: str | None = None, metrics_host: str | None = None) -> None:
+        """tenants: service name -> {token: tenant name}, resolved by the driver.
+        metrics_host: where /metrics listens; default `host`."""
         self.gpu = gpu
         self.config = config
         self.host = host
+        self.metrics_host = metrics_host or host
+        self.metrics: MetricsEndpoint | None = None
         self.health_interval_s = health_interval_s
         self.torch_threads = torch_threads or default_torch_threads(len(gpu.services))
         self.preset_dir = Path(preset_dir) if preset_dir else None
@@ -159,6 +159,7 @@ class Supervisor:
 
         Admission comes first: a deployment that does not fit is refused before a
         single weight is read. Raises DeploymentError with an operator's message."""
+        self._start_metrics()
         try:
             self._admit_all()
             launches = self._prepare_launches()
@@ -171,9 +172,16 @@ class Supervisor:
             for launch in launches:
                 self._slots[launch.spec.name] = _Slot(launch, actor=self._spawn(launch))
 
+    def _start_metrics(self) -> None:
+        port = self.gpu.metrics_port or 0
+        try:
+            self.metrics = MetricsEndpoint(self.metrics_sample, self.metrics_host, port)
+        except OSError as exc:
+            raise DeploymentError(f"{self.gpu.device}: cannot serve metrics on "
+                                  f"{self.metrics_host}:{port}: {exc}") from None
+        log.info("metrics of %s at %s", self.gpu.device, self.metrics.url)
+
     def _admit_all(self) -> None:
-        for service in self.gpu.services:
-            check_supported(service, self.config.models[service.model])
         for service in self.gpu.services:
             try:
                 self.arbiter.admit(service)
@@ -194,7 +202,9 @@ class Supervisor:
             name = model.name if self.gpu.share_weights else f"{model.name}@{service.name}"
             try:
                 path = checkpoint_dir(model, self.preset_dir)
-                handle = self.store.publish(name, path, model.dtype)
+                handle = self.store.publish(name, path, model.dtype,
+                                            quantization=model.quantization,
+                                            quant_group_size=model.quant_group_size)
             except (OSError, ValueError) as exc:    # missing files, bad shapes or dtype
                 raise DeploymentError(f"service {service.name}: cannot load model "
                                       f"{model.name} from {model.path}: {exc}") from None
@@ -202,6 +212,8 @@ class Supervisor:
                 spec=service, weights=handle, checkpoint_dir=str(path),
                 kv_tokens=demands[service.name].kv_tokens, device=self.device,
                 host=self.host, torch_threads=self.torch_threads,
+                weights_shared=self.gpu.share_weights,
+                kv_budget_bytes=demands[service.name].kv_bytes,
                 tenants=dict(self._tenants.get(service.name, {}))))
         return launches
 
@@ -313,7 +325,7 @@ class Supervisor:
             slots = list(self._slots.values())
             rows = [(r.item, r.bytes, r.service) for r in self.arbiter.ledger()]
             reserved, capacity = self.arbiter.reserved_bytes, self.arbiter.capacity
-        stats = self._gather_stats(slots) if with_stats else {}
+        stats = self._ask_running(slots, "stats") if with_stats else {}
         services = [dict(name=s.name, state=s.state, restarts=s.restarts, error=s.error,
                          port=s.launch.spec.port, host=s.launch.host,
                          kv_tokens=s.launch.kv_tokens, stats=stats.get(s.name))
@@ -322,14 +334,29 @@ class Supervisor:
                     services=services, ledger=rows,
                     reserved_bytes=reserved, capacity_bytes=capacity,
                     weight_store_bytes=self.store.total_bytes(),
-                    weight_copies=len(self.store.models()))
+                    weight_copies=len(self.store.models()),
+                    metrics_url=self.metrics.url if self.metrics else None)
 
-    def _gather_stats(self, slots: list[_Slot]) -> dict[str, ServiceStats]:
-        refs = {s.name: s.actor.stats.remote() for s in slots if s.state == "running"}
+    def metrics_sample(self) -> DeviceSample:
+        """What /metrics shows; the endpoint's thread calls it at every scrape."""
+        with self._lock:
+            slots = list(self._slots.values())
+        reports = self._ask_running(slots, "metrics", SCRAPE_TIMEOUT_S)
+        restarts = {s.name: s.restarts for s in slots}
+        with self._lock:
+            return device_sample(self.gpu, self.config, self.arbiter, self.store,
+                                 self.device, {name: (report, restarts[name])
+                                               for name, report in reports.items()})
+
+    def _ask_running(self, slots: list[_Slot], method: str,
+                     timeout: float = PING_TIMEOUT_S) -> dict:
+        """service name -> what `method` returned, for the running services that answer."""
+        refs = {s.name: getattr(s.actor, method).remote()
+                for s in slots if s.state == "running"}
         out = {}
         for name, ref in refs.items():
             try:
-                out[name] = ray.get(ref, timeout=PING_TIMEOUT_S)
+                out[name] = ray.get(ref, timeout=timeout)
             except (RayActorError, GetTimeoutError):
                 pass                 # the health loop deals with it
         return out
@@ -337,6 +364,8 @@ class Supervisor:
     # ---- stopping ------------------------------------------------------------
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the checks, stop every service, release the budgets and the weights."""
+        if self.metrics is not None:     # first, so no scrape calls a stopping service
+            self.metrics.stop()
         self._stop.set()
         if self._health_thread is not None:
             self._health_thread.join(timeout)

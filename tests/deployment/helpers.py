@@ -25,14 +25,15 @@ def token_of(service: str) -> str:
 
 def cpu_deployment(tmp_path: Path, model_path: str, names: list[str], *,
                    share_weights: bool = True, kv_tokens: int = 256,
-                   max_model_len: int = 256, max_num_seqs: int = 8) -> DeploymentConfig:
+                   max_model_len: int = 256, max_num_seqs: int = 8,
+                   quantization: str | None = None, kv_dtype: str = "auto") -> DeploymentConfig:
     """Write and load a one-device deployment; service X's tenant uses token_of(X)."""
     services = "".join(f"""
       - name: {name}
         model: m
         port: {port}
         max_model_len: {max_model_len}
-        kv_cache: {{tokens: {kv_tokens}}}
+        kv_cache: {{dtype: {kv_dtype}, tokens: {kv_tokens}}}
         max_num_seqs: {max_num_seqs}
         max_num_batched_tokens: 128
         tenants: [{{name: tenant-{name}, token_env: TOKEN_{i}}}]""" for i, (name, port)
@@ -41,7 +42,7 @@ def cpu_deployment(tmp_path: Path, model_path: str, names: list[str], *,
     path = tmp_path / "deployment.yaml"
     path.write_text(f"""
 models:
-  m: {{path: "{model_path}", dtype: float32}}
+  m: {{path: "{model_path}", dtype: float32, quantization: {quantization or "null"}}}
 gpus:
   - device: cpu
     memory: 16GiB        # fixed, so admission does not depend on the test machine

@@ -1,0 +1,13 @@
+"""`colocate serve` tells the operator where to point Prometheus."""
+from __future__ import annotations
+
+import io
+
+from colocate.serving.deploy import Endpoint, print_endpoints
+
+
+def test_serve_prints_one_metrics_url_per_device():
+    out = io.StringIO()
+    endpoints = [Endpoint("svc-a", "cpu", "127.0.0.1:50051", ("TOKEN_A",), "running", 0)]
+    print_endpoints(endpoints, {}, out, {"cpu": "http://127.0.0.1:9400/metrics"})
+    assert "cpu  http://127.0.0.1:9400/metrics" in out.getvalue()

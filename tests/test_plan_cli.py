@@ -71,3 +71,14 @@ def test_console_script():
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "cuda:0: capacity" in result.stdout
+
+
+@pytest.mark.parametrize("name,scheme,per_param", [
+    ("a100-3x-llama2-13b.yaml", "int4 g128", "0.531"),          # 0.5 + 2 x 2 bytes / 128
+    ("a100-3x-llama2-13b-unshared-fp16.yaml", "float16", "2.000"),
+])
+def test_plan_prints_bytes_per_linear_parameter(capsys, name, scheme, per_param):
+    _, out, _ = plan(capsys, name)
+    row = next(line for line in out.splitlines() if line.strip().startswith("llama2-13b ")
+               and scheme in line)
+    assert per_param in row.split()

@@ -79,6 +79,19 @@ def render_device(plan: DevicePlan) -> str:
     out += _table(("item", "binary", "decimal", "bytes"), rows, right={1, 2, 3})
 
     demands: list[ServiceDemand] = a.admitted() + [r.demand for r in plan.refusals]
+    footprints = {d.model: a.footprint(d.model) for d in demands}
+    if footprints:
+        # What each copy of the weights holds: the quantized linears per parameter
+        # (scales and zeros included) and the parts that stay in the model dtype.
+        out += ["", "  Weights per model (one copy):"]
+        out += _table(
+            ("model", "scheme", "linear params", "bytes/param", "linears", "embeddings+norms",
+             "total"),
+            [(name, f.describe(), f"{f.linear_parameters():,}",
+              f"{f.linear_bytes() / f.linear_parameters():.3f}", format_size(f.linear_bytes()),
+              format_size(f.unquantized_bytes()), format_size(f.weight_bytes()))
+             for name, f in footprints.items()],
+            right={2, 3, 4, 5, 6})
     if demands:
         out += ["", "  KV cache per service:"]
         out += _table(

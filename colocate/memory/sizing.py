@@ -75,8 +75,20 @@ class ModelFootprint:
         Embeddings, lm_head and norms stay in the model dtype under every scheme;
         only the decoder linears are quantized.
         """
+        return self.linear_bytes() + self.unquantized_bytes()
+
+    def unquantized_bytes(self) -> int:
+        """Embeddings, lm_head (once if tied) and norms, in the model dtype."""
+        s = self.shape
+        return (s.embedding_parameters() + s.norm_parameters()) * self.dtype_bytes
+
+    def linear_parameters(self) -> int:
+        return self.shape.num_hidden_layers * sum(i * o for i, o in
+                                                  self.shape.linear_shapes_per_layer())
+
+    def linear_bytes(self) -> int:
+        """Bytes of every decoder linear as stored: weights plus their scales / zeros."""
         s, b = self.shape, self.dtype_bytes
-        unquantized = (s.embedding_parameters() + s.norm_parameters()) * b
         shapes = s.linear_shapes_per_layer()
         q = self.spec.quantization
         if q is None:
@@ -92,7 +104,7 @@ class ModelFootprint:
                             for i, o in shapes)
         else:
             raise ValueError(f"model {self.spec.name}: unknown quantization {q!r}")
-        return s.num_hidden_layers * per_layer + unquantized
+        return s.num_hidden_layers * per_layer
 
     def kv_bytes_per_token(self, kv_dtype: str) -> int:
         """K and V of one token across all layers, scales included."""

@@ -61,16 +61,29 @@ def weight_bytes_per_token(model: torch.nn.Module, embedding: torch.Tensor, tied
     input embedding, of which a step reads one row. With tied embeddings the same table
     is the lm_head, read in full, so the row is counted on top of the full table.
     Parameters shared by several modules are counted once."""
+    return bytes_read_per_token(unique_bytes(model.parameters()), embedding, tied)
+
+
+def unique_bytes(tensors) -> int:
+    """Total bytes of `tensors`, a tensor shared by several modules counted once."""
     seen: set[int] = set()
     total = 0
-    for p in model.parameters():
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
+    for t in tensors:
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def bytes_read_per_token(held_bytes: int, embedding: torch.Tensor, tied: bool) -> int:
+    """What a batch-1 decode step reads of `held_bytes` of weights (each tensor counted
+    once, quantized integers, scales and zeros included): all of it, except the input
+    embedding table, of which it reads one row. A tied table is also the lm_head, read
+    in full, so then the row comes on top of the table."""
     row = embedding.shape[1] * embedding.element_size()
     if not tied:
-        total -= embedding.numel() * embedding.element_size()
-    return total + row
+        held_bytes -= embedding.numel() * embedding.element_size()
+    return held_bytes + row
 
 
 def machine_info() -> dict[str, Any]:
@@ -126,3 +139,53 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.3g}" if abs(value) < 100 else f"{value:.0f}"
     return str(value)
+
+
+def format_markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """The same cells as format_table, as a GitHub markdown table (numbers right-aligned)."""
+    numeric = [all(isinstance(row[i], (int, float)) or row[i] is None for row in rows)
+               for i in range(len(headers))]
+    lines = ["| " + " | ".join(headers) + " |",
+             "|" + "".join(" ---: |" if num else " --- |" for num in numeric)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# ---- decode timing shared by the engines of bench/decode.py ------------------------
+
+class StepTimes:
+    """A transformers `generate` streamer that only notes when each step's tokens reach
+    the host. generate() first hands it the prompt, then one (batch,) tensor per step."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._seen_prompt = False
+
+    def put(self, value) -> None:
+        if self._seen_prompt:
+            self.times.append(time.perf_counter())
+        self._seen_prompt = True
+
+    def end(self) -> None:
+        pass
+
+
+def decode_rate(start: float, events: Sequence[tuple[float, int, int]], batch: int
+                ) -> dict[str, Any]:
+    """Decode tokens/s with prefill left out. `events` are (time, tokens that arrived,
+    prompts that have at least one token by then), one per engine step. The clock
+    starts when every sequence has its first token (so all prefills, and the first
+    sample that comes with them, are behind us) and stops when the last token arrives;
+    it counts only the tokens that arrived in between. Timestamps are taken per engine
+    step as tokens reach the caller, so engines are timed the same way and any per-step
+    overhead (scheduling, sampling, Python) counts, as it would for a user."""
+    first = next(i for i, (_, _, started) in enumerate(events) if started == batch)
+    window_start = events[first][0]
+    later = events[first + 1:]
+    if not later:
+        raise ValueError("need at least 2 new tokens to time decode")
+    tokens = sum(n for _, n, _ in later)
+    total = sum(n for _, n, _ in events)
+    return {"tokens_per_s": tokens / (later[-1][0] - window_start),
+            "decode_tokens": tokens,
+            "end_to_end_tokens_per_s": total / (events[-1][0] - start)}

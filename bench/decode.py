@@ -1,13 +1,18 @@
-"""Decode benchmark: colocate against HF transformers `generate` on one checkpoint.
+"""Decode benchmark: colocate's precision and quantization modes against HF transformers
+`generate`, on one checkpoint, in one run.
 
-    python bench/decode.py --model DIR [--dtype float32] [--out results/decode.json] [--quick]
+    python bench/decode.py --model DIR [--modes colocate-fp32,hf-fp32,...] [--batches 1,8]
+                           [--out results/decode.json] [--threads N] [--quick]
 
-Measures, for both engines loaded in one process and taking turns call by call:
+Every mode (see MODES) is loaded in one process and the modes take turns call by call.
+Per mode it measures:
   - time to first token (TTFT) for a few prompt lengths: the wall time of one call
     that generates a single token, which is prefill + one sample + the API's own cost;
-  - decode tokens/s at a few batch sizes, prefill excluded (see `decode_rate`);
-  - batch-1 decode as a fraction of the memory-bandwidth floor: weight bytes a step
-    must read divided by a read bandwidth measured in this run.
+  - decode tokens/s at a few batch sizes, prefill excluded (see common.decode_rate);
+  - the weight bytes the model holds and the bytes a decode step reads (quantized
+    integers and scales, one embedding row, the full lm_head), and from those and a
+    read bandwidth measured in this run the memory-bandwidth floor: the tokens/s a
+    step that did nothing but read its weights once would reach.
 Prints a table and writes JSON. Asserts nothing about speed: the machine is shared.
 """
 from __future__ import annotations
@@ -23,8 +28,34 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))    # run as a script, not a package
-from common import (format_table, machine_info, measure_read_bandwidth,  # noqa: E402
-                    summarize, time_call, weight_bytes_per_token, write_json)
+from common import (StepTimes, bytes_read_per_token, decode_rate,  # noqa: E402
+                    format_table, machine_info, measure_read_bandwidth, summarize, time_call,
+                    unique_bytes, write_json)
+
+
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    engine: str                        # "colocate" or "hf"
+    dtype: str                         # the model dtype: activations, norms, embeddings
+    quantization: str | None = None    # colocate only: None, "int8" or "int4"
+    quant_group_size: int | None = None
+    kv_cache_dtype: str = "auto"       # colocate only: "auto" (the model dtype) or "int8"
+
+
+# Quantized modes keep a float32 model (their linears run on bf16 inside the op anyway).
+MODES = {m.name: m for m in (
+    Mode("colocate-fp32", "colocate", "float32"),
+    Mode("colocate-bf16", "colocate", "bfloat16"),
+    Mode("colocate-int8", "colocate", "float32", quantization="int8"),
+    Mode("colocate-int4", "colocate", "float32", quantization="int4", quant_group_size=128),
+    Mode("colocate-kv8", "colocate", "float32", kv_cache_dtype="int8"),
+    Mode("hf-fp32", "hf", "float32"),
+    Mode("hf-bf16", "hf", "bfloat16"),
+)}
+# --quick skips the bf16 modes (the same code paths in another dtype) but keeps every
+# quantized one, so a test runs each quantized path end to end.
+QUICK_MODES = ("colocate-fp32", "colocate-int8", "colocate-int4", "colocate-kv8", "hf-fp32")
 
 
 @dataclass(frozen=True)
@@ -43,7 +74,7 @@ class Settings:
         return max(self.decode_batches)
 
 
-# Small enough for a test to run both engines on the tiny preset in seconds.
+# Small enough for a test to run every quick mode on the tiny preset in seconds.
 QUICK = Settings(ttft_prompt_lens=(16, 64), ttft_repeats=2, decode_batches=(1, 4),
                  decode_prompt_len=8, decode_new_tokens=8, decode_repeats=1,
                  bandwidth_bytes=64 * 2**20)
@@ -51,7 +82,7 @@ QUICK = Settings(ttft_prompt_lens=(16, 64), ttft_repeats=2, decode_batches=(1, 4
 
 def make_prompts(settings: Settings, vocab: int, tag: int, count: int, length: int
                  ) -> list[list[int]]:
-    """Seeded random token ids, so lengths are exact and both engines get the same
+    """Seeded random token ids, so lengths are exact and every mode gets the same
     prompts. `tag` tells apart the calls of a run: every timed call gets prompts of its
     own, so no engine can answer from a cache of an earlier call. Ids 0-2 are the
     tiny checkpoints' special tokens; leave them out."""
@@ -61,14 +92,15 @@ def make_prompts(settings: Settings, vocab: int, tag: int, count: int, length: i
 
 # ---- the two engines behind one small interface -------------------------------
 # ttft(prompt) generates one token; decode(prompts, n) generates n tokens for every
-# prompt together and returns (start time, arrival events, tokens per prompt). An
-# event is (time, tokens that arrived, prompts that have at least one token by then).
+# prompt together and returns (start time, arrival events as common.decode_rate takes
+# them, tokens per prompt). Each tells num_params, weight_bytes (held) and
+# weight_bytes_per_token (read by a batch-1 decode step).
 
 class ColocateEngine:
-    name = "colocate"
-
-    def __init__(self, model_dir: str, dtype: str, settings: Settings) -> None:
+    def __init__(self, model_dir: str, mode: Mode, settings: Settings) -> None:
         from colocate import LLM, SamplingParams
+        from colocate.quant import linear_bytes, weight_bytes
+        self.name = mode.name
         self._params = SamplingParams
         block = 16
         # Room for the largest batch at full length plus one partly used block per
@@ -80,12 +112,22 @@ class ColocateEngine:
                       settings.max_batch * settings.decode_prompt_len)
         # Prefix caching off: TTFT must time a prefill, not a cache lookup (the prompts
         # differ per call too; this makes sure).
-        self.llm = LLM(model=model_dir, dtype=dtype, block_size=block, kv_cache_tokens=kv_tokens,
-                       max_num_seqs=settings.max_batch, max_num_batched_tokens=batched,
-                       enable_prefix_caching=False)
+        self.llm = LLM(model=model_dir, dtype=mode.dtype, quantization=mode.quantization,
+                       quant_group_size=mode.quant_group_size,
+                       kv_cache_dtype=mode.kv_cache_dtype, block_size=block,
+                       kv_cache_tokens=kv_tokens, max_num_seqs=settings.max_batch,
+                       max_num_batched_tokens=batched, enable_prefix_caching=False)
+        model = self.llm.model
         self.vocab_size = self.llm.config.vocab_size
         self.info = {"kv_cache_tokens": kv_tokens, "max_num_seqs": settings.max_batch,
                      "max_num_batched_tokens": batched, "enable_prefix_caching": False}
+        # weight_bytes counts the quantized linears' buffers; model.weight_bytes() would
+        # count parameters only.
+        self.weight_bytes = weight_bytes(model)
+        self.weight_bytes_per_token = bytes_read_per_token(
+            self.weight_bytes, model.model.embed_tokens.weight, tied=model.lm_head is None)
+        self.num_params = sum(p.numel() for p in model.parameters()) + sum(
+            lb.parameters for lb in linear_bytes(model) if lb.kind != "float")
 
     def _greedy(self, n: int):
         return self._params(max_tokens=n, temperature=0.0, ignore_eos=True)
@@ -121,20 +163,20 @@ class ColocateEngine:
 
 
 class HFEngine:
-    name = "hf"
-
-    def __init__(self, model_dir: str, dtype: str, settings: Settings) -> None:
+    def __init__(self, model_dir: str, mode: Mode, settings: Settings) -> None:
         import transformers
+        self.name = mode.name
         self.model = transformers.LlamaForCausalLM.from_pretrained(
-            model_dir, dtype=getattr(torch, dtype)).eval()
+            model_dir, dtype=getattr(torch, mode.dtype)).eval()
         config = self.model.config
         self.vocab_size = config.vocab_size
         eos = config.eos_token_id
         self._pad = eos[0] if isinstance(eos, list) else (eos if eos is not None else 0)
         self.info = {"attn_implementation": config._attn_implementation}
-        embedding = self.model.get_input_embeddings().weight
-        self.weight_bytes = weight_bytes_per_token(
-            self.model, embedding, tied=bool(config.tie_word_embeddings))
+        self.weight_bytes = unique_bytes(self.model.parameters())
+        self.weight_bytes_per_token = bytes_read_per_token(
+            self.weight_bytes, self.model.get_input_embeddings().weight,
+            tied=bool(config.tie_word_embeddings))
         self.num_params = sum(p.numel() for p in self.model.parameters())
 
     def _generate(self, prompts: list[list[int]], new_tokens: int, streamer=None):
@@ -152,7 +194,7 @@ class HFEngine:
         self._generate([prompt], 1)
 
     def decode(self, prompts: list[list[int]], new_tokens: int):
-        arrivals = _Arrivals()
+        arrivals = StepTimes()
         start = time.perf_counter()
         out = self._generate(prompts, new_tokens, arrivals)
         batch = len(prompts)
@@ -163,52 +205,16 @@ class HFEngine:
         del self.model
 
 
-class _Arrivals:
-    """A `generate` streamer that only notes when each step's tokens reach the host.
-    generate() first hands it the prompt, then one (batch,) tensor per step."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-        self._seen_prompt = False
-
-    def put(self, value) -> None:
-        if self._seen_prompt:
-            self.times.append(time.perf_counter())
-        self._seen_prompt = True
-
-    def end(self) -> None:
-        pass
-
-
 ENGINES = {"colocate": ColocateEngine, "hf": HFEngine}
 
 
 # ---- measuring -------------------------------------------------------------------
 
-def decode_rate(start: float, events: list[tuple[float, int, int]], batch: int) -> dict:
-    """Decode tokens/s with prefill left out: the clock starts when every sequence has
-    its first token (so all prefills, and the first sample that comes with them, are
-    behind us) and stops when the last token arrives; it counts only the tokens that
-    arrived in between. Timestamps are taken per engine step as tokens reach the
-    caller, so both engines are timed the same way and any per-step overhead of the
-    engine (scheduling, sampling, Python) counts, as it would for a user."""
-    first = next(i for i, (_, _, started) in enumerate(events) if started == batch)
-    window_start = events[first][0]
-    later = events[first + 1:]
-    if not later:
-        raise ValueError("need at least 2 new tokens to time decode")
-    tokens = sum(n for _, n, _ in later)
-    total = sum(n for _, n, _ in events)
-    return {"tokens_per_s": tokens / (later[-1][0] - window_start),
-            "decode_tokens": tokens,
-            "end_to_end_tokens_per_s": total / (events[-1][0] - start)}
-
-
 def measure(engines: list, settings: Settings) -> tuple[dict, dict[str, list[int]]]:
-    """TTFT and decode results per engine, and each engine's batch-1 greedy tokens (for
-    a cross-check). The engines take turns call by call on the same prompts, rather
-    than one running after the other: the load other processes put on this shared
-    machine drifts over minutes, and taking turns spreads that drift over both."""
+    """TTFT and decode results per mode, and each mode's batch-1 greedy tokens (for a
+    cross-check). The modes take turns call by call on the same prompts, rather than
+    one running after the other: the load other processes put on this shared machine
+    drifts over minutes, and taking turns spreads that drift over all of them."""
     vocab = min(e.vocab_size for e in engines)
     results = {e.name: {"config": e.info, "ttft_s": {}, "decode": {}} for e in engines}
 
@@ -265,90 +271,135 @@ def _progress(results: dict, what: str, value) -> None:
           flush=True)
 
 
-def run(model_dir: str, dtype: str, settings: Settings) -> dict:
+def _reference(mode: Mode, names: list[str]) -> str | None:
+    """A mode's greedy tokens are compared with HF's in its dtype, else HF fp32's, else
+    colocate fp32's."""
+    wanted = [n for n in names if MODES[n].engine == "hf" and MODES[n].dtype == mode.dtype]
+    wanted += ["hf-fp32", "colocate-fp32"]
+    return next((n for n in wanted if n in names and n != mode.name), None)
+
+
+def run(model_dir: str, modes: list[Mode], settings: Settings) -> dict:
     report: dict = {"benchmark": "decode", "machine": machine_info(),
-                    "model": {"dir": str(model_dir), "dtype": dtype},
-                    "settings": asdict(settings)}
+                    "model": {"dir": str(model_dir)}, "settings": asdict(settings),
+                    "modes": [asdict(m) for m in modes]}
     # Bandwidth drifts over minutes on a shared machine: measure before and after
     # the engines run and take the median of all samples.
     before = measure_read_bandwidth(settings.bandwidth_bytes)
     engines = []
-    for cls in ENGINES.values():
-        print(f"{cls.name}: loading {model_dir}", flush=True)
-        engines.append(cls(model_dir, dtype, settings))
-    hf = next(e for e in engines if isinstance(e, HFEngine))
-    report["model"].update(num_params=hf.num_params, weight_bytes_per_token=hf.weight_bytes)
+    for mode in modes:
+        print(f"{mode.name}: loading {model_dir}", flush=True)
+        engines.append(ENGINES[mode.engine](model_dir, mode, settings))
+    report["model"]["num_params"] = engines[0].num_params
+    sizes = {e.name: (e.weight_bytes, e.weight_bytes_per_token) for e in engines}
     report["engines"], greedy = measure(engines, settings)
     for e in engines:
         e.close()
-    del engines, hf
+    del engines
     gc.collect()
     after = measure_read_bandwidth(settings.bandwidth_bytes)
 
     seconds = before["seconds"] + after["seconds"]
     bandwidth = settings.bandwidth_bytes / statistics.median(seconds)
-    floor = bandwidth / report["model"]["weight_bytes_per_token"]
     report["bandwidth"] = {
         "read_bytes_per_s": bandwidth, "before_bytes_per_s": before["bytes_per_s"],
         "after_bytes_per_s": after["bytes_per_s"], "tensor_bytes": settings.bandwidth_bytes,
-        "threads": before["threads"],
+        "threads": before["threads"]}
+    for mode in modes:
+        result = report["engines"][mode.name]
+        held, per_token = sizes[mode.name]
         # KV-cache reads are left out: at these short contexts they are a few percent
         # of the weights, so the floor is a slight overestimate of what is reachable.
-        "batch1_floor_tokens_per_s": floor}
-    for result in report["engines"].values():
-        result["batch1_fraction_of_floor"] = result["decode"]["1"]["tokens_per_s"] / floor \
-            if "1" in result["decode"] else None
-    a, b = greedy.get("colocate", []), greedy.get("hf", [])
-    same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-    # Information only: fp32 kernels that sum in another order may flip a near-tie.
-    report["batch1_greedy_agreement"] = {"matching_prefix": same, "of": min(len(a), len(b))}
+        floor = bandwidth / per_token
+        result.update(mode=asdict(mode), weight_bytes=held, weight_bytes_per_token=per_token,
+                      batch1_floor_tokens_per_s=floor)
+        for dec in result["decode"].values():
+            # A step reads the weights once for the whole batch: the floor scales with it.
+            dec["floor_tokens_per_s"] = dec["batch"] * floor
+            dec["fraction_of_floor"] = dec["tokens_per_s"] / dec["floor_tokens_per_s"]
+        result["batch1_fraction_of_floor"] = (result["decode"]["1"]["fraction_of_floor"]
+                                              if "1" in result["decode"] else None)
+    # Information only: kernels that sum in another order may flip a near-tie, and
+    # quantized weights are another model.
+    names = [m.name for m in modes]
+    report["batch1_greedy_agreement"] = {}
+    for mode in modes:
+        ref = _reference(mode, names)
+        if ref is None or mode.name not in greedy:
+            continue
+        a, b = greedy[mode.name], greedy[ref]
+        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        report["batch1_greedy_agreement"][mode.name] = {
+            "reference": ref, "matching_prefix": same, "of": min(len(a), len(b))}
     return report
 
 
 def print_report(report: dict) -> None:
     settings = report["settings"]
-    headers = ["engine"]
+    batches = settings["decode_batches"]
+    headers = ["mode", "weights MB", "read/tok MB"]
     headers += [f"TTFT p{n} ms" for n in settings["ttft_prompt_lens"]]
-    headers += [f"tok/s b{b}" for b in settings["decode_batches"]]
-    headers += ["b1 % floor"]
+    headers += [f"tok/s b{b}" for b in batches]
+    headers += ["floor b1 tok/s"] + [f"b{b} % floor" for b in batches]
     rows = []
     for name, r in report["engines"].items():
-        row = [name]
+        row = [name, r["weight_bytes"] / 1e6, r["weight_bytes_per_token"] / 1e6]
         row += [r["ttft_s"][str(n)]["median"] * 1e3 for n in settings["ttft_prompt_lens"]]
-        row += [r["decode"][str(b)]["tokens_per_s"] for b in settings["decode_batches"]]
-        frac = r["batch1_fraction_of_floor"]
-        row.append(None if frac is None else 100 * frac)
+        row += [r["decode"][str(b)]["tokens_per_s"] for b in batches]
+        row += [r["batch1_floor_tokens_per_s"]]
+        row += [100 * r["decode"][str(b)]["fraction_of_floor"] for b in batches]
         rows.append(row)
     bw, model = report["bandwidth"], report["model"]
     print()
-    print(f"model {model['dir']} ({model['num_params'] / 1e6:.1f}M params, {model['dtype']}); "
+    print(f"model {model['dir']} ({model['num_params'] / 1e6:.1f}M params); "
           f"decode: prompt {settings['decode_prompt_len']}, "
           f"{settings['decode_new_tokens']} new tokens; medians")
     print(format_table(headers, rows))
     print(f"read bandwidth {bw['read_bytes_per_s'] / 1e9:.1f} GB/s "
           f"(before {bw['before_bytes_per_s'] / 1e9:.1f}, after {bw['after_bytes_per_s'] / 1e9:.1f}; "
-          f"{bw['threads']} threads); weights read per token "
-          f"{model['weight_bytes_per_token'] / 1e6:.1f} MB; "
-          f"batch-1 floor {bw['batch1_floor_tokens_per_s']:.1f} tok/s")
-    agree = report["batch1_greedy_agreement"]
-    print(f"batch-1 greedy tokens agree for {agree['matching_prefix']}/{agree['of']}")
+          f"{bw['threads']} threads); floor at batch b = b x bandwidth / read per token")
+    agree = ", ".join(f"{name} {a['matching_prefix']}/{a['of']} vs {a['reference']}"
+                      for name, a in report["batch1_greedy_agreement"].items())
+    print(f"batch-1 greedy tokens agree: {agree}")
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    values = tuple(int(v) for v in text.split(",") if v.strip())
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers like 1,8; got {text!r}")
+    return values
+
+
+def _mode_list(text: str) -> list[Mode]:
+    names = list(dict.fromkeys(v.strip() for v in text.split(",") if v.strip()))
+    if not names or any(n not in MODES for n in names):
+        raise argparse.ArgumentTypeError(f"bad modes {text!r}; choose from {','.join(MODES)}")
+    return [MODES[n] for n in names]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="checkpoint directory (HF layout)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--modes", type=_mode_list, default=None,
+                        help=f"comma-separated, of {','.join(MODES)} "
+                             "(default: all; with --quick: " + ",".join(QUICK_MODES) + ")")
+    parser.add_argument("--batches", type=_int_list, default=None,
+                        help="decode batch sizes, e.g. 1,8 (default: 1,8,32; --quick 1,4)")
     parser.add_argument("--out", default="results/decode.json", help="where to write JSON")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for tests")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch threads for both engines and the bandwidth probe "
+                        help="torch threads for every engine and the bandwidth probe "
                              "(default: torch's own choice, one per core)")
     args = parser.parse_args(argv)
     if args.threads is not None:
         # When other processes load the cores, OpenMP barriers wait on descheduled
         # threads and small ops slow down by 100x; fewer threads show it.
         torch.set_num_threads(args.threads)
-    report = run(args.model, args.dtype, QUICK if args.quick else Settings())
+    settings = QUICK if args.quick else Settings()
+    if args.batches:
+        settings = Settings(**{**asdict(settings), "decode_batches": args.batches})
+    modes = args.modes or [MODES[n] for n in (QUICK_MODES if args.quick else MODES)]
+    report = run(args.model, modes, settings)
     report["settings"]["quick"] = args.quick
     print_report(report)
     print(f"wrote {write_json(args.out, report)}")

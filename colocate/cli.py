@@ -43,7 +43,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
                     top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop)
     wrote = False
     try:
-        with Client(args.target, token, timeout=args.timeout) as client:
+        with Client(args.target, token, timeout=args.timeout, tls=args.tls,
+                    tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key) as client:
             for delta in client.generate(prompt, **sampling):
                 sys.stdout.write(delta.text)
                 sys.stdout.flush()          # show each piece as it arrives
@@ -53,6 +54,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.write("\n")
         print(f"error: {err.code().name}: {err.details()}", file=sys.stderr)
         return 1
+    except ValueError as err:       # an unreadable TLS file, a value out of proto range
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     sys.stdout.write("\n")
     return 0
 
@@ -100,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="for reproducible sampling")
     p.add_argument("--stop", action="append", help="a stop string; repeat for more")
     p.add_argument("--timeout", type=float, help="deadline in seconds for the whole call")
+    p.add_argument("--tls", action="store_true",
+                   help="connect with TLS, trusting the system's CAs (implied by --tls-*)")
+    p.add_argument("--tls-ca", metavar="PEM", help="CA certificate that signed the service's")
+    p.add_argument("--tls-cert", metavar="PEM",
+                   help="this client's certificate, for a service that requires mutual TLS")
+    p.add_argument("--tls-key", metavar="PEM", help="the private key of --tls-cert")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser(

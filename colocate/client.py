@@ -6,6 +6,12 @@
         result = client.complete("Hello", max_tokens=32)    # all at once
         client.tokenize("Hello"), client.model_info(), client.health()
 
+A service that serves TLS takes tls_ca= (the CA that signed its certificate;
+omit it to trust the system's roots), and with mutual TLS also tls_cert= and
+tls_key= (this client's certificate and key), all paths to PEM files:
+
+    Client("127.0.0.1:50051", token, tls_ca="ca.pem", tls_cert="me.pem", tls_key="me.key")
+
 Sampling options are SamplingParams' keyword names; the service validates them
 and answers a bad one with INVALID_ARGUMENT naming it. Every failed call raises
 grpc.RpcError, whose .code() and .details() say why.
@@ -20,6 +26,7 @@ import grpc
 from colocate.serving.proto_gen import colocate_pb2 as pb
 from colocate.serving.proto_gen import colocate_pb2_grpc as pb_grpc
 from colocate.serving.proto_gen import health_pb2, health_pb2_grpc
+from colocate.serving.tls import channel_credentials
 
 _FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
                    pb.FINISH_REASON_ABORT: "abort"}
@@ -105,14 +112,21 @@ def _generate_request(prompt: str | Sequence[int], request_id: str | None,
 
 
 class Client:
-    def __init__(self, target: str, token: str | None, *, timeout: float | None = None) -> None:
+    def __init__(self, target: str, token: str | None, *, timeout: float | None = None,
+                 tls: bool = False, tls_ca: str | None = None, tls_cert: str | None = None,
+                 tls_key: str | None = None) -> None:
         """target: "host:port". token: a tenant's bearer token (None: health only).
         timeout: the default deadline in seconds for each call; when it passes
-        the service stops the request and frees its cache."""
+        the service stops the request and frees its cache. tls: connect with TLS,
+        implied by any tls_* path (see the module's docstring)."""
         self.target = target
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token is not None else ()
-        self._channel = grpc.insecure_channel(target)
+        if tls or tls_ca or tls_cert or tls_key:
+            creds = channel_credentials(tls_ca, tls_cert, tls_key)
+            self._channel = grpc.secure_channel(target, creds)
+        else:
+            self._channel = grpc.insecure_channel(target)
         self._stub = pb_grpc.GenerationStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

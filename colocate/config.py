@@ -7,7 +7,6 @@ it is editing a YAML file, not reading a traceback.
 """
 from __future__ import annotations
 
-import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -17,19 +16,22 @@ from typing import Any, Iterator, Mapping
 
 import yaml
 
+from colocate.config_values import ConfigError, ValueReader, kind
 from colocate.model.model_config import LlamaConfig
-from colocate.sizes import parse_size
 
 PRESET_PREFIX = "preset:"
 MODEL_DTYPES = ("auto", "float16", "bfloat16", "float32")
 QUANTIZATIONS = (None, "int8", "int4")
 KV_DTYPES = ("auto", "int8")
 DEFAULT_QUANT_GROUP_SIZE = 128
+# gRPC's own default receive limit; 4 MiB of prompt is already ~1M tokens, far
+# beyond any max_model_len, so a bigger message is a mistake or an attack.
+DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+MAX_REQUEST_BYTES_LIMIT = 2**31 - 1        # gRPC keeps the limit in a C int
+# Concurrent calls beyond those that can run or wait in the engine: Tokenize,
+# GetModelInfo, GetStats and health watches must still get through under load.
+EXTRA_CONCURRENT_RPCS = 16
 _DEVICE_RE = re.compile(r"^(cpu|cuda:[0-9]+)$")
-
-
-class ConfigError(ValueError):
-    """A deployment file that cannot be used; the message says where and why."""
 
 
 # ---- the dataclasses -------------------------------------------------------------
@@ -71,6 +73,15 @@ class KVCacheSpec:
 
 
 @dataclass(frozen=True)
+class TLSSpec:
+    """PEM files (absolute paths) for a service's gRPC port. With client_ca, mutual
+    TLS: a client must present a certificate signed by that CA."""
+    cert: str
+    key: str
+    client_ca: str | None = None
+
+
+@dataclass(frozen=True)
 class ServiceSpec:
     name: str
     model: str
@@ -81,6 +92,18 @@ class ServiceSpec:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
     max_queued_requests: int = 256
+    tls: TLSSpec | None = None        # None: plaintext
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+    max_concurrent_rpcs: int | None = None   # None: derived, see rpc_limit
+
+    @property
+    def rpc_limit(self) -> int:
+        """Calls the gRPC server runs at once (a streaming call holds a thread for
+        its whole life); one more is refused with RESOURCE_EXHAUSTED. Default: room
+        for every request the engine can run or queue, plus EXTRA_CONCURRENT_RPCS."""
+        if self.max_concurrent_rpcs is not None:
+            return self.max_concurrent_rpcs
+        return self.max_num_seqs + self.max_queued_requests + EXTRA_CONCURRENT_RPCS
 
 
 @dataclass(frozen=True)
@@ -91,6 +114,7 @@ class DeviceSpec:
     headroom: int | None = None      # bytes; None: the arbiter's per-device default
     share_weights: bool = True
     metrics_port: int | None = None
+    tls: TLSSpec | None = None       # what its services inherit unless they set their own
 
     @property
     def is_cuda(self) -> bool:
@@ -153,69 +177,16 @@ def load_config(path: str | os.PathLike, env: Mapping[str, str] | None = None,
     return reader.deployment(data)
 
 
-class _Reader:
+class _Reader(ValueReader):
     """Walks the parsed YAML, keeping the key path for messages and the ports seen."""
 
     def __init__(self, file: Path, env: Mapping[str, str], check_paths: bool,
                  check_env: bool):
-        self.file = file
+        super().__init__(file, check_paths)
         self.env = env
-        self.check_paths = check_paths
         self.check_env = check_env
         self.ports: dict[int, str] = {}          # port -> key path that took it
         self.service_names: dict[str, str] = {}  # name -> key path that took it
-
-    def error(self, key: str, problem: str) -> ConfigError:
-        return ConfigError(f"{self.file}: {key or '(top level)'}: {problem}")
-
-    # -- generic checks --
-    def mapping(self, value: Any, key: str, required: tuple[str, ...],
-                optional: tuple[str, ...] = ()) -> dict:
-        if not isinstance(value, dict):
-            raise self.error(key, f"expected a mapping, got {_kind(value)}")
-        allowed = required + optional
-        for k in value:
-            if k not in allowed:
-                hint = difflib.get_close_matches(str(k), allowed, n=1)
-                extra = f"; did you mean {hint[0]!r}?" if hint else f"; expected one of {', '.join(allowed)}"
-                raise self.error(_join(key, k), f"unknown key{extra}")
-        for k in required:
-            if k not in value:
-                raise self.error(_join(key, k), "missing required key")
-        return value
-
-    def string(self, value: Any, key: str) -> str:
-        if not isinstance(value, str) or not value:
-            raise self.error(key, f"expected a non-empty string, got {_kind(value)}")
-        return value
-
-    def choice(self, value: Any, key: str, choices: tuple) -> Any:
-        if value not in choices:
-            shown = ", ".join("null" if c is None else str(c) for c in choices)
-            raise self.error(key, f"{value!r} is not one of {shown}")
-        return value
-
-    def integer(self, value: Any, key: str, minimum: int = 1, maximum: int | None = None) -> int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise self.error(key, f"expected an integer, got {_kind(value)}")
-        if value < minimum or (maximum is not None and value > maximum):
-            bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
-            raise self.error(key, f"{value} is out of range; must be {bound}")
-        return value
-
-    def boolean(self, value: Any, key: str) -> bool:
-        if not isinstance(value, bool):
-            raise self.error(key, f"expected true or false, got {_kind(value)}")
-        return value
-
-    def size(self, value: Any, key: str, allow_zero: bool = False) -> int:
-        try:
-            n = parse_size(value)
-        except ValueError as e:
-            raise self.error(key, f"bad size: {e}") from None
-        if n == 0 and not allow_zero:
-            raise self.error(key, "size must be greater than zero")
-        return n
 
     def port(self, value: Any, key: str) -> int:
         port = self.integer(value, key, minimum=1, maximum=65535)
@@ -230,7 +201,7 @@ class _Reader:
         models = self.models(top["models"])
         gpus_raw = top["gpus"]
         if not isinstance(gpus_raw, list) or not gpus_raw:
-            raise self.error("gpus", f"expected a non-empty list, got {_kind(gpus_raw)}")
+            raise self.error("gpus", f"expected a non-empty list, got {kind(gpus_raw)}")
         gpus, devices = [], {}
         for i, raw in enumerate(gpus_raw):
             gpu = self.device(raw, f"gpus[{i}]", models)
@@ -244,7 +215,7 @@ class _Reader:
 
     def models(self, raw: Any) -> dict[str, ModelSpec]:
         if not isinstance(raw, dict) or not raw:
-            raise self.error("models", f"expected a non-empty mapping, got {_kind(raw)}")
+            raise self.error("models", f"expected a non-empty mapping, got {kind(raw)}")
         return {self.string(name, "models"): self.model(name, spec, f"models.{name}")
                 for name, spec in raw.items()}
 
@@ -271,9 +242,7 @@ class _Reader:
             if self.check_paths and presets is not None and name not in presets:
                 raise self.error(key, f"unknown preset {name!r}; choose from {sorted(presets)}")
             return raw
-        path = Path(raw).expanduser()
-        if not path.is_absolute():  # relative to the YAML file, not to the working dir
-            path = self.file.resolve().parent / path
+        path = self.resolve(raw)
         if self.check_paths:
             if not path.is_dir():
                 raise self.error(key, f"model directory {path} does not exist")
@@ -281,9 +250,16 @@ class _Reader:
                 raise self.error(key, f"model directory {path} has no config.json")
         return str(path)
 
+    def tls(self, raw: Any, key: str) -> TLSSpec:
+        t = self.mapping(raw, key, required=("cert", "key"), optional=("client_ca",))
+        ca = self.existing_file(t["client_ca"], f"{key}.client_ca") if "client_ca" in t else None
+        return TLSSpec(cert=self.existing_file(t["cert"], f"{key}.cert"),
+                       key=self.existing_file(t["key"], f"{key}.key"), client_ca=ca)
+
     def device(self, raw: Any, key: str, models: Mapping[str, ModelSpec]) -> DeviceSpec:
         d = self.mapping(raw, key, required=("device", "services"),
-                         optional=("memory", "headroom", "share_weights", "metrics_port"))
+                         optional=("memory", "headroom", "share_weights", "metrics_port",
+                                   "tls"))
         device = self.string(d["device"], f"{key}.device")
         if not _DEVICE_RE.match(device):
             raise self.error(f"{key}.device", f"{device!r} is not 'cpu' or 'cuda:N'")
@@ -293,21 +269,24 @@ class _Reader:
         share = self.boolean(d.get("share_weights", True), f"{key}.share_weights")
         metrics_port = (self.port(d["metrics_port"], f"{key}.metrics_port")
                         if "metrics_port" in d else None)
+        tls = self.tls(d["tls"], f"{key}.tls") if "tls" in d else None
         raw_services = d["services"]
         if not isinstance(raw_services, list) or not raw_services:
             raise self.error(f"{key}.services",
-                             f"expected a non-empty list, got {_kind(raw_services)}")
-        services = tuple(self.service(s, f"{key}.services[{i}]", models)
+                             f"expected a non-empty list, got {kind(raw_services)}")
+        services = tuple(self.service(s, f"{key}.services[{i}]", models, tls)
                          for i, s in enumerate(raw_services))
         return DeviceSpec(device=device, services=services, memory=memory, headroom=headroom,
-                          share_weights=share, metrics_port=metrics_port)
+                          share_weights=share, metrics_port=metrics_port, tls=tls)
 
-    def service(self, raw: Any, key: str, models: Mapping[str, ModelSpec]) -> ServiceSpec:
+    def service(self, raw: Any, key: str, models: Mapping[str, ModelSpec],
+                device_tls: TLSSpec | None = None) -> ServiceSpec:
         s = self.mapping(raw, key,
                          required=("name", "model", "port", "max_model_len", "kv_cache",
                                    "tenants"),
                          optional=("max_num_seqs", "max_num_batched_tokens",
-                                   "max_queued_requests"))
+                                   "max_queued_requests", "tls", "max_request_bytes",
+                                   "max_concurrent_rpcs"))
         name = self.string(s["name"], f"{key}.name")
         if name in self.service_names:
             raise self.error(f"{key}.name", f"duplicate service name {name!r}, "
@@ -332,6 +311,13 @@ class _Reader:
             max_num_seqs=max_seqs, max_num_batched_tokens=max_tokens,
             max_queued_requests=self.integer(s.get("max_queued_requests", 256),
                                              f"{key}.max_queued_requests", minimum=0),
+            tls=self.tls(s["tls"], f"{key}.tls") if "tls" in s else device_tls,
+            max_request_bytes=self.size(s.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES),
+                                        f"{key}.max_request_bytes",
+                                        maximum=MAX_REQUEST_BYTES_LIMIT),
+            max_concurrent_rpcs=(self.integer(s["max_concurrent_rpcs"],
+                                              f"{key}.max_concurrent_rpcs")
+                                 if "max_concurrent_rpcs" in s else None),
         )
 
     def kv_cache(self, raw: Any, key: str) -> KVCacheSpec:
@@ -345,7 +331,7 @@ class _Reader:
 
     def tenants(self, raw: Any, key: str) -> tuple[TenantSpec, ...]:
         if not isinstance(raw, list) or not raw:
-            raise self.error(key, f"expected a non-empty list of tenants, got {_kind(raw)}")
+            raise self.error(key, f"expected a non-empty list of tenants, got {kind(raw)}")
         tenants, names = [], set()
         for i, item in enumerate(raw):
             tkey = f"{key}[{i}]"
@@ -362,13 +348,3 @@ class _Reader:
             tenants.append(TenantSpec(name=name, token_env=var, token=token))
         return tuple(tenants)
 
-
-def _join(path: str, key: Any) -> str:
-    return f"{path}.{key}" if path else str(key)
-
-
-def _kind(value: Any) -> str:
-    """How a wrong value reads in a message: its YAML-ish type and the value itself."""
-    names = {dict: "mapping", list: "list", str: "string", bool: "boolean",
-             int: "integer", float: "number", type(None): "null"}
-    return f"{names.get(type(value), type(value).__name__)} {value!r}"

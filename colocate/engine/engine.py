@@ -21,6 +21,17 @@ from colocate.engine.stats import EngineStatistics, StatisticsSnapshot
 from colocate.sampling_params import SamplingParams
 
 
+class StepFailedError(RuntimeError):
+    """The model runner raised during a step. `request_ids` are the requests that
+    step had scheduled: their blocks are allocated for KV values that were never
+    (or only partly) written, so the caller must abort them; every other request
+    is as it was before the step."""
+
+    def __init__(self, request_ids: list[str]) -> None:
+        super().__init__(f"model step failed for {len(request_ids)} request(s)")
+        self.request_ids = request_ids
+
+
 class PromptTooLongError(ValueError):
     """Prompt plus max_tokens exceed max_model_len or the whole KV cache; a
     ValueError, so callers that do not care are unaffected."""
@@ -123,7 +134,10 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if sched.empty:
             return []
-        results = self.runner.execute(sched)
+        try:
+            results = self.runner.execute(sched)
+        except Exception as exc:
+            raise StepFailedError([s.request.request_id for s in sched.scheduled]) from exc
         self.num_steps += 1
         return self._update(sched, results)
 

@@ -9,6 +9,14 @@ the next step runs. Outputs go back through one queue per request.
 
 The loop never spins: with no request in the engine and nothing in the inbox it
 sleeps on the lock's condition variable until submit, abort or shutdown wakes it.
+
+A step whose model run raises fails only the requests that step held (their
+consumers get RequestFailedError, which carries no detail of the cause); the
+others carry on. Only a run of failed steps in a row declares the engine dead,
+since then the fault is in the engine, not in one batch.
+
+drain() is the first half of a graceful stop: new requests are refused and the
+health check fails at once, while the requests already in flight run to the end.
 """
 from __future__ import annotations
 
@@ -16,9 +24,10 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Sequence
 
-from colocate.engine.engine import LLMEngine
+from colocate.engine.engine import LLMEngine, StepFailedError
 from colocate.engine.outputs import RequestOutput
 from colocate.sampling_params import SamplingParams
 from colocate.serving.engine_protocol import EngineDeadError, EngineStats, QueueFullError
@@ -29,6 +38,15 @@ log = logging.getLogger(__name__)
 # admitted request fits the pool), wait this long before trying again rather
 # than spinning on an empty step.
 _STALL_WAIT_S = 0.005
+# Failed steps in a row after which the engine is declared dead (and its service
+# restarted by its supervisor): one bad batch is not a broken engine, three are.
+MAX_CONSECUTIVE_STEP_FAILURES = 3
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed while running this request; it was aborted. Deliberately
+    not a subclass of the errors the gRPC layer maps to specific codes, so it
+    becomes INTERNAL with a fixed message; the cause stays in the service log."""
 
 
 class AsyncRequestStream:
@@ -90,6 +108,7 @@ class AsyncEngine:
         self._to_add: list[tuple[AsyncRequestStream, SamplingParams]] = []
         self._to_abort: list[AsyncRequestStream] = []
         self._stopping = False
+        self._draining = False
         self._dead_reason: str | None = "engine not started"
         self._stats = self._snapshot()
         self._ids = itertools.count()
@@ -130,9 +149,25 @@ class AsyncEngine:
     def __exit__(self, *exc) -> None:
         self.shutdown()
 
+    def drain(self, timeout: float) -> bool:
+        """Refuse new requests (and fail health checks) from now on; wait up to
+        `timeout` seconds for the requests in flight to finish. True if they did.
+        The engine keeps running: shutdown() still has to be called."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            self._draining = True
+            while self._streams and not self._stopping:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            return not self._streams
+
     def check_health(self) -> None:
         with self._cond:
             reason = self._dead_reason
+            if reason is None and self._draining:
+                reason = "shutting down: not accepting new requests"
             if reason is None and self._thread is not None and not self._thread.is_alive():
                 reason = "engine loop thread exited"
         if reason is not None:
@@ -154,6 +189,8 @@ class AsyncEngine:
         with self._cond:
             if self._dead_reason is not None:
                 raise EngineDeadError(self._dead_reason)
+            if self._draining:
+                raise EngineDeadError("the service is shutting down; retry elsewhere")
             # tokenize and validate read only the tokenizer and the frozen limits,
             # never scheduler state, so they are safe beside a running step.
             prompt_ids = self.engine.tokenize(prompt)
@@ -211,6 +248,7 @@ class AsyncEngine:
     def _run(self) -> None:
         error: BaseException | None = None
         wait: float | None = None          # None: sleep until notified
+        failed_in_a_row = 0
         try:
             while True:
                 with self._cond:
@@ -227,7 +265,17 @@ class AsyncEngine:
                 outputs = self._apply(adds, aborts)
                 steps_before = self.engine.num_steps
                 if self.engine.has_unfinished_requests():
-                    outputs += self.engine.step()
+                    try:
+                        outputs += self.engine.step()
+                        failed_in_a_row = 0
+                    except StepFailedError as exc:
+                        failed_in_a_row += 1
+                        if failed_in_a_row >= MAX_CONSECUTIVE_STEP_FAILURES:
+                            raise
+                        log.error("engine step failed (%d in a row); failing its %d "
+                                  "request(s)", failed_in_a_row, len(exc.request_ids),
+                                  exc_info=exc.__cause__)
+                        self._fail_requests(exc.request_ids)
                 with self._cond:
                     self._deliver(outputs)
                     self._stats = self._snapshot()
@@ -257,6 +305,18 @@ class AsyncEngine:
                 outputs.append(final)
         return outputs
 
+    def _fail_requests(self, request_ids: list[str]) -> None:
+        """Loop thread only: abort requests a failed step held (freeing their
+        blocks) and end their streams with RequestFailedError."""
+        for rid in request_ids:
+            self.engine.abort_request(rid)
+            with self._cond:
+                stream = self._streams.pop(rid, None)
+                self._cond.notify_all()          # drain() may be waiting for this
+            if stream is not None:
+                stream._put(RequestFailedError("the engine failed while running this "
+                                               "request; it was aborted"))
+
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         """Under _cond: hand each output to its stream; forget ended streams."""
         for out in outputs:
@@ -266,16 +326,20 @@ class AsyncEngine:
             stream._put(out)
             if out.finished:
                 del self._streams[out.request_id]
+                self._cond.notify_all()          # drain() may be waiting for this
 
     def _abort_everything(self, error: BaseException | None) -> None:
         """The loop is over: abort what the engine holds (freeing every block)
         and end every stream, with a final abort output, or the error."""
         with self._cond:
             if error is not None:
-                self._dead_reason = f"engine loop failed: {type(error).__name__}: {error}"
+                # The type only: this text reaches clients (UNAVAILABLE), and an
+                # exception's message may hold addresses or data; the log has it all.
+                self._dead_reason = f"engine loop failed: {type(error).__name__}"
             self._stopping = True
             streams = list(self._streams.values())
             self._streams.clear()
+            self._cond.notify_all()              # drain() may be waiting for this
             self._to_add, self._to_abort = [], []
         dead = EngineDeadError(self._dead_reason) if error is not None else None
         for stream in streams:

@@ -1,12 +1,14 @@
 """Tenant authentication: "authorization: Bearer <token>" metadata -> tenant name.
 
-Tokens are compared with hmac.compare_digest against every known token, with
-no early exit, so the time taken says nothing about which token (or how much
-of one) matched. Refusals never repeat the token back, and the log records
-only the method and the kind of failure.
+A presented token is hashed (SHA-256) and the digest compared with
+hmac.compare_digest against the digest of every known token, with no early exit:
+the time taken says nothing about which token matched, how much of one, or (the
+digests all being 32 bytes) how long the real tokens are. Refusals never repeat
+the token back, and the log records only the method and the kind of failure.
 """
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 from collections.abc import Callable, Iterable, Mapping
@@ -26,19 +28,23 @@ class Authenticator:
                 raise ValueError("tenant tokens must be non-empty strings")
             if not isinstance(name, str) or not name:
                 raise ValueError("tenant names must be non-empty strings")
-        # Bytes, so compare_digest accepts any characters.
-        self._tenants = [(token.encode(), name) for token, name in tenants.items()]
+        self._tenants = [(_digest(token.encode()), name) for token, name in tenants.items()]
 
     def tenant_of(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
         """The tenant whose token the call carries, or None."""
         token = _bearer_token(metadata)
         if token is None:
             return None
+        presented = _digest(token)
         found = None
-        for known, name in self._tenants:
-            if hmac.compare_digest(known, token) and found is None:
+        for known, name in self._tenants:     # all of them, even after a match
+            if hmac.compare_digest(known, presented) and found is None:
                 found = name
         return found
+
+
+def _digest(token: bytes) -> bytes:
+    return hashlib.sha256(token).digest()
 
 
 def _bearer_token(metadata) -> bytes | None:

@@ -22,7 +22,8 @@ import ray
 from ray.exceptions import RayActorError, RayTaskError
 
 from colocate.config import DeploymentConfig, DeviceSpec, load_config
-from colocate.serving.supervisor import STARTUP_TIMEOUT_S, DeploymentError, GPUSupervisor
+from colocate.serving.supervisor import (SHUTDOWN_GRACE_S, STARTUP_TIMEOUT_S, DeploymentError,
+                                         GPUSupervisor)
 
 log = logging.getLogger(__name__)
 
@@ -97,10 +98,15 @@ class Deployment:
     def __init__(self, config: DeploymentConfig, *, address: str | None = None,
                  host: str = "127.0.0.1", torch_threads: int | None = None,
                  health_interval_s: float = 2.0, preset_dir: str | None = None,
-                 metrics_host: str | None = None) -> None:
+                 metrics_host: str | None = None, shutdown_grace_s: float = SHUTDOWN_GRACE_S,
+                 **supervisor_options) -> None:
         """host: where the services' gRPC servers listen; metrics_host: where each
-        device's /metrics listens (default: host)."""
+        device's /metrics listens (default: host). shutdown_grace_s: how long requests
+        in flight may run on once shutdown() begins. supervisor_options: the rest of
+        Supervisor's keywords (health_timeout_s, failed_checks_before_restart,
+        ledger_dir, test_hooks)."""
         self.config = config
+        self.shutdown_grace_s = shutdown_grace_s
         self._owns_ray = init_ray(address)
         self.supervisors: dict[str, object] = {}
         try:
@@ -110,7 +116,7 @@ class Deployment:
                 actor = GPUSupervisor.options(num_gpus=1 if gpu.is_cuda else 0).remote(
                     gpu, config, tenants=tenant_tokens(gpu), host=host,
                     torch_threads=torch_threads, health_interval_s=health_interval_s,
-                    preset_dir=preset_dir, metrics_host=metrics_host)
+                    preset_dir=preset_dir, metrics_host=metrics_host, **supervisor_options)
                 self.supervisors[gpu.device] = actor
             _unwrap(lambda: ray.get([s.start.remote() for s in self.supervisors.values()]))
         except BaseException:
@@ -151,10 +157,12 @@ class Deployment:
         return self.supervisors[device]
 
     def shutdown(self) -> None:
-        """Stop every service and supervisor; stop Ray if this deployment started it."""
+        """Stop every service and supervisor, letting requests in flight finish first
+        (up to shutdown_grace_s); stop Ray if this deployment started it."""
         supervisors, self.supervisors = list(self.supervisors.values()), {}
+        grace = self.shutdown_grace_s
         try:
-            ray.get([s.shutdown.remote() for s in supervisors], timeout=60)
+            ray.get([s.shutdown.remote(grace) for s in supervisors], timeout=grace + 60)
         except Exception as exc:        # a supervisor already gone: its services went too
             log.warning("shutdown: %s", exc)
         for s in supervisors:
@@ -201,8 +209,9 @@ def _unwrap(call):
 
 def run_serve(config: str | None, address: str | None = None, *, host: str = "127.0.0.1",
               torch_threads: int | None = None, demo: bool = False,
-              out: TextIO = sys.stdout) -> int:
-    """Start the deployment, print how to reach it, block until Ctrl-C or SIGTERM."""
+              out: TextIO = sys.stdout, grace: float = SHUTDOWN_GRACE_S) -> int:
+    """Start the deployment, print how to reach it, block until Ctrl-C or SIGTERM;
+    then stop gracefully: requests in flight get `grace` seconds to finish."""
     generated: dict[str, str] = {}
     try:
         if config is None:
@@ -217,7 +226,8 @@ def run_serve(config: str | None, address: str | None = None, *, host: str = "12
     print(f"starting {sum(1 for _ in cfg.services())} service(s) on "
           f"{', '.join(g.device for g in cfg.gpus)} ...", file=out, flush=True)
     try:
-        deployment = Deployment(cfg, address=address, host=host, torch_threads=torch_threads)
+        deployment = Deployment(cfg, address=address, host=host, torch_threads=torch_threads,
+                                shutdown_grace_s=grace)
     except DeploymentError as exc:
         print(f"colocate serve: {exc}", file=sys.stderr)
         return 1

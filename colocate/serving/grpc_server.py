@@ -20,6 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
+from colocate.config import DEFAULT_MAX_REQUEST_BYTES, TLSSpec
 from colocate.engine.engine import PromptTooLongError
 from colocate.engine.outputs import RequestOutput
 from colocate.serving import messages
@@ -31,6 +32,7 @@ from colocate.serving.messages import model_info_from_engine  # noqa: F401  (pub
 from colocate.serving.proto_gen import colocate_pb2 as pb
 from colocate.serving.proto_gen import colocate_pb2_grpc as pb_grpc
 from colocate.serving.proto_gen import health_pb2_grpc
+from colocate.serving.tls import server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -202,31 +204,42 @@ class ColocateServer:
 
 def serve(engine: EngineProtocol, port: int, tenants: Mapping[str, str], service_name: str,
           model_info: Mapping | pb.ModelInfo | None = None, *, host: str = "127.0.0.1",
-          max_workers: int = 16, health_poll_interval: float = 0.2,
-          on_reject: OnReject | None = None) -> ColocateServer:
+          max_concurrent_rpcs: int = 16, health_poll_interval: float = 0.2,
+          on_reject: OnReject | None = None, tls: TLSSpec | None = None,
+          max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> ColocateServer:
     """Start serving `engine` on host:port (port 0 picks a free one; see .port).
 
-    tenants: bearer token -> tenant name; only they may call Generation. Each
-    streaming call (Generate, and health Watch) holds one of `max_workers`
-    threads while it runs; calls beyond that are refused with
-    RESOURCE_EXHAUSTED rather than left waiting. on_reject(reason) hears of every
-    refused call: "auth" from any method, the other reasons from Generate and Complete.
+    tenants: bearer token -> tenant name; only they may call Generation. Each call
+    holds one of `max_concurrent_rpcs` threads while it runs (a stream, for its
+    whole life); calls beyond that are refused with RESOURCE_EXHAUSTED rather than
+    left waiting. A request message over `max_request_bytes` is refused with
+    RESOURCE_EXHAUSTED before it is parsed. tls: serve TLS (mutual TLS with a
+    client CA) instead of plaintext. on_reject(reason) hears of every refused
+    call: "auth" from any method, the other reasons from Generate and Complete.
+
+    No reflection service is registered: the API is published as a .proto, and
+    reflection would only help a stranger map the port.
     """
     info = messages.model_info_to_proto(model_info, service_name)
+    credentials = server_credentials(tls) if tls is not None else None  # fail before starting
     engine.start()
     auth = Authenticator(tenants)
     health = HealthServicer(engine, (GENERATION_SERVICE, service_name), health_poll_interval)
-    executor = ThreadPoolExecutor(max_workers, thread_name_prefix=f"grpc-{service_name}")
+    executor = ThreadPoolExecutor(max_concurrent_rpcs,
+                                  thread_name_prefix=f"grpc-{service_name}")
     interceptor = AuthInterceptor(auth, (HEALTH_SERVICE,), on_reject=on_reject)
     server = grpc.server(executor, interceptors=[interceptor],
-                         maximum_concurrent_rpcs=max_workers)
+                         options=[("grpc.max_receive_message_length", max_request_bytes)],
+                         maximum_concurrent_rpcs=max_concurrent_rpcs)
     pb_grpc.add_GenerationServicer_to_server(
         GenerationServicer(engine, auth, info, on_reject), server)
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    address = f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        bound = (server.add_secure_port(address, credentials) if credentials is not None
+                 else server.add_insecure_port(address))
     except RuntimeError as exc:
         executor.shutdown(wait=False)
-        raise RuntimeError(f"could not bind {host}:{port}: {exc}") from None
+        raise RuntimeError(f"could not bind {address}: {exc}") from None
     server.start()
     return ColocateServer(server, host, bound, executor, health)

@@ -11,6 +11,9 @@ All the work happens in the constructor, so a service that cannot start fails it
 actor creation, and the supervisor sees the cause when it first pings it. After that
 the actor's methods only observe (ping, stats, metrics) or stop (shutdown); requests never pass
 through Ray, they go straight to the gRPC server in this process.
+
+shutdown() is graceful: the health service turns NOT_SERVING and new requests are
+refused with UNAVAILABLE at once, while those in flight get `grace` seconds to end.
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ from colocate.metrics.samples import ServiceReport
 from colocate.model.model_config import LlamaConfig
 from colocate.serving.async_engine import AsyncEngine
 from colocate.serving.engine_protocol import EngineDeadError
+from colocate.serving.fault_injection import FaultInjector, FaultyRunner
 from colocate.serving.grpc_server import model_info_from_engine, serve
 
 log = logging.getLogger(__name__)
@@ -50,6 +54,7 @@ class ServiceLaunch:
     torch_threads: int = 1
     weights_shared: bool = True    # one published copy for every service of the model
     kv_budget_bytes: int = 0       # the arbiter's KV figure for this service
+    test_hooks: bool = False       # accept inject_fault (tests only)
     # token -> tenant name. Kept out of repr so a logged launch never leaks a token.
     tenants: dict[str, str] = field(default_factory=dict, repr=False)
 
@@ -93,6 +98,9 @@ class ServiceRuntime:
             max_model_len=spec.max_model_len, max_num_seqs=spec.max_num_seqs,
             max_num_batched_tokens=spec.max_num_batched_tokens,
             kv_cache_dtype=spec.kv_cache.dtype)
+        self.faults = FaultInjector(launch.test_hooks)
+        if launch.test_hooks:
+            self.llm_engine.runner = FaultyRunner(self.llm_engine.runner, self.faults)
         # The YAML allows 0 but AsyncEngine takes >= 1 or None (no limit); 0 is read
         # as no limit until config.py says what it means.
         self.engine = AsyncEngine(self.llm_engine,
@@ -106,7 +114,9 @@ class ServiceRuntime:
         self.rejections = RejectionCounter()
         try:
             self.server = serve(self.engine, spec.port, launch.tenants, spec.name, info,
-                                host=launch.host, on_reject=self.rejections.add)
+                                host=launch.host, on_reject=self.rejections.add,
+                                tls=spec.tls, max_request_bytes=spec.max_request_bytes,
+                                max_concurrent_rpcs=spec.rpc_limit)
         except BaseException:
             self.engine.shutdown()
             raise
@@ -119,6 +129,8 @@ class ServiceRuntime:
 
     def ping(self) -> bool:
         """True while the engine loop runs; False once it failed or stopped."""
+        if not self.faults.on_ping():
+            return False
         try:
             self.engine.check_health()
         except EngineDeadError:
@@ -144,11 +156,24 @@ class ServiceRuntime:
                              stats=self.llm_engine.statistics(),
                              rejected=self.rejections.counts())
 
-    def shutdown(self, grace: float = 1.0) -> None:
-        """Stop taking calls, end those in flight, stop the loop, unmap the weights."""
-        self.server.stop(grace)
+    def inject_fault(self, kind: str, count: int = 1, message: str = "injected fault",
+                     seconds: float = 0.0) -> None:
+        """Tests only (see fault_injection.py); refused unless launched with test_hooks."""
+        self.faults.arm(kind, count, message=message, seconds=seconds)
+
+    def shutdown(self, grace: float = 10.0) -> bool:
+        """Refuse new requests (health NOT_SERVING, calls UNAVAILABLE), give those in
+        flight up to `grace` seconds, then stop the server and the loop and unmap
+        the weights. True if every request in flight finished in time."""
+        drained = self.engine.drain(grace)
+        if not drained:
+            log.warning("service %s: requests still running after %.1f s; aborting them",
+                        self.name, grace)
+        # The streams have their final outputs; a second lets the handlers send them.
+        self.server.stop(1.0)
         self.engine.shutdown()
         detach(self.launch.weights)
+        return drained
 
 
 def process_pss(pid: int | None = None) -> int:

@@ -6,9 +6,11 @@ each model once in the WeightStore (once per service with share_weights: false, 
 unshared really means separate copies), starts one ServiceActor per service with its
 weight handle and KV budget, and then health-checks them from a background thread.
 
-A service that dies (or whose engine loop stopped, or that stops answering pings) is
-restarted alone: its budget goes back to the ledger first and is booked again, so the
-ledger reads the same before and after, and the other services never notice.
+A service that dies, or fails its health checks several times in a row
+(health_monitor.py), is restarted alone: its budget goes back to the ledger first and
+is booked again, so the ledger reads the same before and after, and the other
+services never notice. Every admission also goes through the device's shared ledger
+(admission.py), so two supervisors on one device cannot book the same bytes.
 
 It also serves the device's one /metrics endpoint (on the YAML's `metrics_port`, a
 free port if none): each scrape asks the running services for their statistics over
@@ -19,11 +21,11 @@ services too, and the weight store's files are swept by the next store on the ho
 """
 from __future__ import annotations
 
+import collections
 import logging
-import os
-import shutil
 import threading
-from dataclasses import dataclass, replace
+import time
+from dataclasses import replace
 from pathlib import Path
 
 import ray
@@ -31,89 +33,32 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util import get_node_ip_address
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from colocate.config import DeploymentConfig, DeviceSpec, ModelSpec
+from colocate.config import DeploymentConfig, DeviceSpec
 from colocate.memory.arbiter import AdmissionRefused, MemoryArbiter
+from colocate.memory.shared_ledger import SharedLedger
 from colocate.memory.weight_store import WeightStore
 from colocate.metrics.device import device_sample
 from colocate.metrics.endpoint import MetricsEndpoint
 from colocate.metrics.samples import DeviceSample
+from colocate.serving.admission import DeviceAdmission
+from colocate.serving.health_monitor import HealthMonitor, ServiceSlot, summary
+# Re-exported: the driver and tests know these by the supervisor's name.
+from colocate.serving.launch import (DeploymentError, checkpoint_dir,  # noqa: F401
+                                     default_torch_threads, preset_checkpoint,
+                                     prepare_launches)
 from colocate.serving.service import ServiceActor, ServiceLaunch
 
 log = logging.getLogger(__name__)
 
-PRESET_SEED = 0                 # `preset:NAME` always means this seed's checkpoint
 STARTUP_TIMEOUT_S = 300.0       # a 13B model maps fast, but CUDA init and warm-up do not
 PING_TIMEOUT_S = 10.0
 SCRAPE_TIMEOUT_S = 2.0          # a slow service drops out of one scrape, not all of it
-MISSED_PINGS_BEFORE_RESTART = 3
-
-
-class DeploymentError(RuntimeError):
-    """A deployment that cannot start, with a message meant for the operator.
-
-    A plain one-string exception on purpose: it crosses Ray intact, so the driver can
-    print the message instead of a remote traceback."""
-
-
-# ---- things a supervisor decides on its own -----------------------------------------
-
-def preset_cache_dir() -> Path:
-    """Where `preset:NAME` checkpoints are written: $COLOCATE_CACHE, else
-    $XDG_CACHE_HOME/colocate, else ~/.cache/colocate; one folder per preset under
-    presets/. Per user rather than per deployment so a restart does not rewrite them."""
-    root = os.environ.get("COLOCATE_CACHE")
-    if root is None:
-        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "colocate"
-    return Path(root) / "presets"
-
-
-def preset_checkpoint(name: str, cache_dir: Path | None = None) -> Path:
-    """The directory of preset `name`, written on first use.
-
-    Written under a temporary name and renamed into place, so a directory that exists
-    is complete, and two supervisors writing at once simply leave one of the copies.
-    """
-    from colocate.model.tiny import write_tiny_checkpoint
-
-    final = (cache_dir or preset_cache_dir()) / name
-    if (final / "config.json").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    scratch = final.parent / f".{name}.partial-{os.getpid()}"
-    shutil.rmtree(scratch, ignore_errors=True)
-    write_tiny_checkpoint(scratch, preset=name, seed=PRESET_SEED)
-    try:
-        scratch.rename(final)
-    except OSError:                  # another process got there first: keep theirs
-        shutil.rmtree(scratch, ignore_errors=True)
-    return final
-
-
-def checkpoint_dir(model: ModelSpec, cache_dir: Path | None = None) -> Path:
-    return preset_checkpoint(model.preset, cache_dir) if model.preset else Path(model.path)
-
-
-def default_torch_threads(num_services: int, cores: int | None = None) -> int:
-    """An equal share of the cores per service, at least one."""
-    return max(1, (cores or os.cpu_count() or 1) // max(1, num_services))
+FAILED_CHECKS_BEFORE_RESTART = 3
+SHUTDOWN_GRACE_S = 10.0         # for requests in flight when a stop begins
+EVENTS_KEPT = 200
 
 
 # ---- the supervisor ------------------------------------------------------------------
-
-@dataclass
-class _Slot:
-    """One service as the supervisor tracks it."""
-    launch: ServiceLaunch
-    actor: object | None = None
-    state: str = "starting"          # starting | running | restarting | failed | stopped
-    restarts: int = 0
-    missed_pings: int = 0
-    error: str = ""
-
-    @property
-    def name(self) -> str:
-        return self.launch.spec.name
-
 
 class Supervisor:
     """The supervisor's logic; GPUSupervisor below is this class as a Ray actor."""
@@ -121,26 +66,37 @@ class Supervisor:
     def __init__(self, gpu: DeviceSpec, config: DeploymentConfig, *,
                  tenants: dict[str, dict[str, str]], host: str = "127.0.0.1",
                  torch_threads: int | None = None, health_interval_s: float = 2.0,
-                 preset_dir: str | None = None, metrics_host: str | None = None) -> None:
+                 health_timeout_s: float = PING_TIMEOUT_S,
+                 failed_checks_before_restart: int = FAILED_CHECKS_BEFORE_RESTART,
+                 preset_dir: str | None = None, metrics_host: str | None = None,
+                 ledger_dir: str | None = None, test_hooks: bool = False) -> None:
         """tenants: service name -> {token: tenant name}, resolved by the driver.
-        metrics_host: where /metrics listens; default `host`."""
+        metrics_host: where /metrics listens; default `host`. ledger_dir: where the
+        device's shared ledger lives (default /dev/shm). test_hooks: let tests
+        inject faults into the services (ServiceRuntime.inject_fault)."""
         self.gpu = gpu
         self.config = config
         self.host = host
         self.metrics_host = metrics_host or host
         self.metrics: MetricsEndpoint | None = None
-        self.health_interval_s = health_interval_s
         self.torch_threads = torch_threads or default_torch_threads(len(gpu.services))
         self.preset_dir = Path(preset_dir) if preset_dir else None
+        self.test_hooks = test_hooks
         self._tenants = tenants
-        self._lock = threading.Lock()           # guards _slots and the arbiter
-        self._slots: dict[str, _Slot] = {}
-        self._stop = threading.Event()
-        self._health_thread: threading.Thread | None = None
+        self._lock = threading.Lock()           # guards _slots, the admission and _events
+        self._slots: dict[str, ServiceSlot] = {}
+        self._events: collections.deque[dict] = collections.deque(maxlen=EVENTS_KEPT)
         self.device, capacity = self._local_device()
         self.arbiter = MemoryArbiter.for_device(gpu, config, capacity=capacity)
+        self.admission = DeviceAdmission(self.arbiter, SharedLedger(
+            self._ledger_key(), ledger_dir, label=f"supervisor of {gpu.device} "
+                                                  f"({', '.join(s.name for s in gpu.services)})"))
         self.store = WeightStore(self.device)
         self.node_id = ray.get_runtime_context().get_node_id()
+        self.monitor = HealthMonitor(
+            self._watched, self._restart, interval_s=health_interval_s,
+            timeout_s=health_timeout_s, failures_before_restart=failed_checks_before_restart,
+            name=gpu.device)
 
     def _local_device(self) -> tuple[str, int | None]:
         """The device as this process names it, and its capacity if the YAML has none.
@@ -153,6 +109,17 @@ class Supervisor:
         import torch
         return "cuda:0", self.gpu.memory or torch.cuda.mem_get_info(0)[1]
 
+    def _ledger_key(self) -> str:
+        """The physical device, as every supervisor on this host names it."""
+        if not self.gpu.is_cuda:
+            return "cpu"
+        return "cuda-" + "-".join(str(i) for i in ray.get_gpu_ids())
+
+    def _event(self, service: str, what: str, detail: str = "") -> None:
+        """Under _lock: remember a lifecycle event (status() reports them)."""
+        self._events.append(dict(time=time.time(), service=service, event=what,
+                                 detail=detail))
+
     # ---- starting ------------------------------------------------------------
     def start(self) -> None:
         """Admit every service, publish the weights, start the service actors.
@@ -161,16 +128,24 @@ class Supervisor:
         single weight is read. Raises DeploymentError with an operator's message."""
         self._start_metrics()
         try:
-            self._admit_all()
-            launches = self._prepare_launches()
+            with self._lock:
+                for service in self.gpu.services:
+                    self.admission.admit(service)
+                    self._event(service.name, "admitted")
+            demands = {d.service: d for d in self.arbiter.admitted()}
+            launches = prepare_launches(
+                self.gpu, self.config, self.store, demands, device=self.device,
+                host=self.host, torch_threads=self.torch_threads, tenants=self._tenants,
+                preset_dir=self.preset_dir, test_hooks=self.test_hooks)
         except AdmissionRefused as exc:
+            self.admission.release_all()
             raise DeploymentError(f"service {exc.demand.service} refused: {exc}") from None
         except DeploymentError:
-            self._release_all()
+            self.admission.release_all()
             raise
         with self._lock:
             for launch in launches:
-                self._slots[launch.spec.name] = _Slot(launch, actor=self._spawn(launch))
+                self._slots[launch.spec.name] = ServiceSlot(launch, actor=self._spawn(launch))
 
     def _start_metrics(self) -> None:
         port = self.gpu.metrics_port or 0
@@ -180,42 +155,6 @@ class Supervisor:
             raise DeploymentError(f"{self.gpu.device}: cannot serve metrics on "
                                   f"{self.metrics_host}:{port}: {exc}") from None
         log.info("metrics of %s at %s", self.gpu.device, self.metrics.url)
-
-    def _admit_all(self) -> None:
-        for service in self.gpu.services:
-            try:
-                self.arbiter.admit(service)
-            except AdmissionRefused:
-                self._release_all()
-                raise
-
-    def _release_all(self) -> None:
-        for demand in self.arbiter.admitted():
-            self.arbiter.release(demand.service)
-
-    def _prepare_launches(self) -> list[ServiceLaunch]:
-        demands = {d.service: d for d in self.arbiter.admitted()}
-        launches = []
-        for service in self.gpu.services:
-            model = self.config.models[service.model]
-            # Unshared: one published copy per service, under the service's own name.
-            name = model.name if self.gpu.share_weights else f"{model.name}@{service.name}"
-            try:
-                path = checkpoint_dir(model, self.preset_dir)
-                handle = self.store.publish(name, path, model.dtype,
-                                            quantization=model.quantization,
-                                            quant_group_size=model.quant_group_size)
-            except (OSError, ValueError) as exc:    # missing files, bad shapes or dtype
-                raise DeploymentError(f"service {service.name}: cannot load model "
-                                      f"{model.name} from {model.path}: {exc}") from None
-            launches.append(ServiceLaunch(
-                spec=service, weights=handle, checkpoint_dir=str(path),
-                kv_tokens=demands[service.name].kv_tokens, device=self.device,
-                host=self.host, torch_threads=self.torch_threads,
-                weights_shared=self.gpu.share_weights,
-                kv_budget_bytes=demands[service.name].kv_bytes,
-                tenants=dict(self._tenants.get(service.name, {}))))
-        return launches
 
     def _spawn(self, launch: ServiceLaunch):
         """Start one service actor on this node (it must map this node's files)."""
@@ -236,87 +175,68 @@ class Supervisor:
             if not self._await_start(slot, timeout):
                 raise DeploymentError(f"service {slot.name} on {self.gpu.device} did not "
                                       f"start: {slot.error}")
-        if self._health_thread is None:
-            self._health_thread = threading.Thread(target=self._health_loop, daemon=True,
-                                                   name=f"health-{self.gpu.device}")
-            self._health_thread.start()
+        self.monitor.start()
         return self.status()
 
-    def _await_start(self, slot: _Slot, timeout: float) -> bool:
+    def _await_start(self, slot: ServiceSlot, timeout: float) -> bool:
         try:
             ok = ray.get(slot.actor.ping.remote(), timeout=timeout)
             slot.error = "" if ok else "engine loop is not running"
         except (RayActorError, GetTimeoutError) as exc:
-            ok, slot.error = False, _summary(exc)
+            ok, slot.error = False, summary(exc)
         with self._lock:
             slot.state = "running" if ok else "failed"
-            slot.missed_pings = 0
+            slot.failed_checks = 0
         return ok
 
-    # ---- health checks and restarts ------------------------------------------
-    def _health_loop(self) -> None:
-        while not self._stop.wait(self.health_interval_s):
-            try:
-                self.check_once()
-            except Exception:        # never let one bad round end the checks
-                log.exception("health check on %s failed", self.gpu.device)
+    # ---- restarts ------------------------------------------------------------
+    def _watched(self) -> list[ServiceSlot]:
+        with self._lock:
+            return list(self._slots.values())
 
     def check_once(self) -> list[str]:
-        """Ping every service; restart those that need it. Returns their names."""
-        with self._lock:
-            slots = [s for s in self._slots.values() if s.state in ("running", "failed")]
-        pings = {s.name: (s, s.actor.ping.remote()) for s in slots if s.state == "running"}
-        doomed = [s for s in slots if s.state == "failed"]
-        for slot, ref in pings.values():
-            if not self._healthy(slot, ref):
-                doomed.append(slot)
-        for slot in doomed:
-            if not self._stop.is_set():
-                self._restart(slot)
-        return [s.name for s in doomed]
+        """One health round now (tests; the monitor's thread runs them on its own)."""
+        return self.monitor.check_once()
 
-    def _healthy(self, slot: _Slot, ref) -> bool:
-        try:
-            alive = ray.get(ref, timeout=PING_TIMEOUT_S)
-        except RayActorError as exc:
-            slot.error = f"died: {_summary(exc)}"
-            return False
-        except GetTimeoutError:
-            # A service busy with a long prefill may be slow to answer; only a
-            # run of missed pings counts as hung.
-            slot.missed_pings += 1
-            slot.error = f"missed {slot.missed_pings} pings"
-            return slot.missed_pings < MISSED_PINGS_BEFORE_RESTART
-        slot.missed_pings = 0
-        if not alive:
-            slot.error = "engine loop stopped"
-        return bool(alive)
-
-    def _restart(self, slot: _Slot) -> None:
+    def _restart(self, slot: ServiceSlot) -> None:
         log.warning("restarting service %s on %s (%s)", slot.name, self.gpu.device,
                     slot.error)
+        began = time.monotonic()
         with self._lock:
+            self._event(slot.name, "restarting", slot.error)
             slot.state = "restarting"
             ray.kill(slot.actor, no_restart=True)     # a hung one must free its port
             # Give the budget back, then book it again: the ledger never holds it twice.
             # (It was not booked if an earlier restart was refused.)
-            if any(d.service == slot.name for d in self.arbiter.admitted()):
-                self.arbiter.release(slot.name)
+            if self.admission.is_admitted(slot.name):
+                self.admission.release(slot.name)
+                self._event(slot.name, "released")
             try:
-                demand = self.arbiter.admit(slot.launch.spec)
+                demand = self.admission.admit(slot.launch.spec)
             except AdmissionRefused as exc:   # the books changed under it; retried later
                 slot.state, slot.error = "failed", str(exc)
+                self._event(slot.name, "refused", str(exc))
                 return
+            self._event(slot.name, "admitted")
             slot.launch = replace(slot.launch, kv_tokens=demand.kv_tokens)
             slot.actor = self._spawn(slot.launch)
             slot.restarts += 1
-        self._await_start(slot, STARTUP_TIMEOUT_S)
+        if self._await_start(slot, STARTUP_TIMEOUT_S):
+            with self._lock:
+                slot.last_restart_s = time.monotonic() - began
+                self._event(slot.name, "healthy", f"{slot.last_restart_s:.2f} s after "
+                                                  f"the restart began")
 
     # ---- observing -----------------------------------------------------------
     def service_actor(self, name: str):
         """The actor handle of one service (tests kill it; tools read its stats)."""
         with self._lock:
             return self._slots[name].actor
+
+    def events(self) -> list[dict]:
+        """The latest lifecycle events: admitted, released, restarting, healthy, ..."""
+        with self._lock:
+            return list(self._events)
 
     def status(self, with_stats: bool = True) -> dict:
         """Per service: state, restarts, endpoint and (if it answers) its stats;
@@ -328,7 +248,8 @@ class Supervisor:
         stats = self._ask_running(slots, "stats") if with_stats else {}
         services = [dict(name=s.name, state=s.state, restarts=s.restarts, error=s.error,
                          port=s.launch.spec.port, host=s.launch.host,
-                         kv_tokens=s.launch.kv_tokens, stats=stats.get(s.name))
+                         kv_tokens=s.launch.kv_tokens, last_restart_s=s.last_restart_s,
+                         stats=stats.get(s.name))
                     for s in slots]
         return dict(device=self.gpu.device, node_ip=get_node_ip_address(),
                     services=services, ledger=rows,
@@ -348,7 +269,7 @@ class Supervisor:
                                  self.device, {name: (report, restarts[name])
                                                for name, report in reports.items()})
 
-    def _ask_running(self, slots: list[_Slot], method: str,
+    def _ask_running(self, slots: list[ServiceSlot], method: str,
                      timeout: float = PING_TIMEOUT_S) -> dict:
         """service name -> what `method` returned, for the running services that answer."""
         refs = {s.name: getattr(s.actor, method).remote()
@@ -358,36 +279,29 @@ class Supervisor:
             try:
                 out[name] = ray.get(ref, timeout=timeout)
             except (RayActorError, GetTimeoutError):
-                pass                 # the health loop deals with it
+                pass                 # the health monitor deals with it
         return out
 
     # ---- stopping ------------------------------------------------------------
-    def shutdown(self, timeout: float = 30.0) -> None:
-        """Stop the checks, stop every service, release the budgets and the weights."""
+    def shutdown(self, grace: float = SHUTDOWN_GRACE_S) -> None:
+        """Stop the checks; let every service finish its requests in flight (up to
+        `grace` seconds, refusing new ones); stop them; release budgets and weights."""
         if self.metrics is not None:     # first, so no scrape calls a stopping service
             self.metrics.stop()
-        self._stop.set()
-        if self._health_thread is not None:
-            self._health_thread.join(timeout)
+        self.monitor.stop()
         with self._lock:
             slots = list(self._slots.values())
-        refs = [s.actor.shutdown.remote() for s in slots if s.state != "stopped"]
+        refs = [s.actor.shutdown.remote(grace) for s in slots if s.state != "stopped"]
         try:
-            ray.get(refs, timeout=timeout)
+            ray.get(refs, timeout=grace + 30.0)
         except (RayActorError, GetTimeoutError) as exc:
-            log.warning("a service did not stop cleanly: %s", _summary(exc))
+            log.warning("a service did not stop cleanly: %s", summary(exc))
         with self._lock:
             for slot in slots:
                 ray.kill(slot.actor, no_restart=True)
                 slot.state = "stopped"
-            self._release_all()
+            self.admission.close()
             self.store.close()
-
-
-def _summary(exc: BaseException) -> str:
-    """The last line of a (possibly remote) error: Ray puts the cause there."""
-    text = str(exc).strip()
-    return text.splitlines()[-1] if text else type(exc).__name__
 
 
 # No CPU reservation (it would idle a core on a 2-core host); on CUDA the driver adds

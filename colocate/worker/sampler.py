@@ -100,6 +100,7 @@ class Sampler:
         work = logits.clone()                                     # (N, V)
         _apply_penalties(work, rows)
         _mask_stop_ids_until_min_tokens(work, rows)
+        work = _tame(work)
 
         tokens = torch.empty(len(rows), dtype=torch.long, device=device)  # (N,)
         greedy = [i for i, r in enumerate(rows) if r.params.greedy]
@@ -179,6 +180,19 @@ def _mask_stop_ids_until_min_tokens(work: torch.Tensor, rows: list[SamplingRow])
              torch.tensor(tok_ids, device=work.device)] = -math.inf
 
 
+def _tame(l: torch.Tensor) -> torch.Tensor:
+    """Logits that extreme but valid parameters pushed past float32, put back in
+    the order they meant. A repetition penalty of 1e-300 divides a logit to +inf: it
+    becomes the largest finite value. A temperature of 1e300 turns a masked -inf
+    into NaN (-inf / inf): it is masked again. A row left with no possible token
+    (min_tokens with a stop list covering the whole vocabulary) becomes uniform.
+    Without this a NaN row would draw an id past the vocabulary."""
+    l = torch.nan_to_num(l, nan=-math.inf, posinf=torch.finfo(l.dtype).max,
+                         neginf=-math.inf)
+    dead = torch.isneginf(l).all(dim=-1, keepdim=True)          # (N, 1)
+    return l.masked_fill(dead, 0.0)
+
+
 # --- random draw: temperature, top-k, top-p, min-p, then one uniform per row -------
 
 def _draw(l: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -186,7 +200,7 @@ def _draw(l: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     device, vocab = l.device, l.shape[1]
     temps = torch.tensor([r.params.temperature for r in rows], dtype=l.dtype,
                          device=device).unsqueeze(1)             # (S, 1)
-    l = l / temps                                                # (S, V)
+    l = _tame(l / temps)                                         # (S, V)
 
     ks = [r.params.top_k if 0 < r.params.top_k < vocab else vocab for r in rows]
     ps = [r.params.top_p if r.params.top_p < 1.0 else _TOP_P_OFF for r in rows]

@@ -7,7 +7,8 @@ import time
 import pytest
 
 from colocate.sampling_params import SamplingParams
-from colocate.serving.async_engine import AsyncEngine
+from colocate.serving.async_engine import (MAX_CONSECUTIVE_STEP_FAILURES, AsyncEngine,
+                                            RequestFailedError)
 from colocate.serving.engine_protocol import EngineDeadError, EngineProtocol, QueueFullError
 from tests.serving.helpers import (FailingRunner, GatedRunner, SlowRunner, expected_tokens,
                                    make_llm_engine, prompts_of_lengths, run_direct,
@@ -174,8 +175,14 @@ def test_queue_full_is_refused():
 def test_engine_failure_fails_streams_and_health_and_frees_blocks(baseline_threads):
     engine = AsyncEngine(make_llm_engine(FailingRunner()))
     engine.start()
+    # A failed step fails only its requests; a run of them kills the engine.
+    for _ in range(MAX_CONSECUTIVE_STEP_FAILURES - 1):
+        stream = engine.submit([1, 2, 3], SamplingParams(max_tokens=4))
+        with pytest.raises(RequestFailedError):
+            list(stream)
+        engine.check_health()
     stream = engine.submit([1, 2, 3], SamplingParams(max_tokens=4))
-    with pytest.raises(EngineDeadError, match="simulated device failure"):
+    with pytest.raises(EngineDeadError, match="engine loop failed: StepFailedError"):
         list(stream)
     with pytest.raises(EngineDeadError, match="engine loop failed"):
         engine.check_health()

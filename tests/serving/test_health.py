@@ -4,6 +4,7 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from colocate.serving.async_engine import MAX_CONSECUTIVE_STEP_FAILURES
 from colocate.serving.proto_gen import health_pb2
 from tests.serving.helpers import FailingRunner, make_llm_engine, rpc_error
 
@@ -27,7 +28,8 @@ def test_check_of_an_unknown_service_is_not_found(make_service):
 def test_engine_failure_is_not_serving(make_service):
     service = make_service(make_llm_engine(FailingRunner()))
     client = service.client()
-    rpc_error(lambda: list(client.generate([1, 2, 3])))       # the loop dies on this step
+    for _ in range(MAX_CONSECUTIVE_STEP_FAILURES):           # the loop dies on the last
+        rpc_error(lambda: list(client.generate([1, 2, 3])))
     assert client.health() == "NOT_SERVING"
 
 

@@ -1,0 +1,48 @@
+"""TLS credentials for a service's gRPC port and for the clients that call it.
+
+Both sides read PEM files at the moment they build credentials, so a certificate
+renewed on disk is picked up by the next server start (a service restart) or the
+next client. A file that cannot be read is an error naming the file: the deployment
+YAML was checked when loaded, but a file can vanish between loading and serving.
+
+With a client CA the server requires every client to present a certificate signed
+by it (mutual TLS); the bearer token is still checked on top, so a certificate
+proves the machine and the token the tenant.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+
+from colocate.config import TLSSpec
+
+
+def _read(path: str | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return Path(path).read_bytes()
+    except OSError as exc:
+        raise ValueError(f"cannot read the TLS {what} {path}: {exc.strerror or exc}") from None
+
+
+def server_credentials(tls: TLSSpec) -> grpc.ServerCredentials:
+    """Credentials for the server's port; with tls.client_ca, clients must present a
+    certificate that CA signed, or the handshake fails."""
+    pair = (_read(tls.key, "key"), _read(tls.cert, "certificate"))
+    client_ca = _read(tls.client_ca, "client CA")
+    return grpc.ssl_server_credentials([pair], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
+
+
+def channel_credentials(ca: str | None = None, cert: str | None = None,
+                        key: str | None = None) -> grpc.ChannelCredentials:
+    """Client credentials: `ca` verifies the server (None: the system's roots);
+    `cert` and `key`, given together, are the client's certificate for mutual TLS."""
+    if (cert is None) != (key is None):
+        raise ValueError("a client certificate needs its key, and a key its certificate")
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(ca, "CA certificate"),
+        private_key=_read(key, "client key"),
+        certificate_chain=_read(cert, "client certificate"))

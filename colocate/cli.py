@@ -65,7 +65,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from colocate.serving.deploy import run_serve
 
     return run_serve(args.config, args.address, host=args.host,
-                     torch_threads=args.torch_threads, demo=args.demo)
+                     torch_threads=args.torch_threads, demo=args.demo, grace=args.grace)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch threads per service (default: cores // services)")
     p.add_argument("--demo", action="store_true",
                    help="after startup, send one request to every service and print it")
+    p.add_argument("--grace", type=float, default=10.0,
+                   help="seconds requests in flight get to finish on Ctrl-C / SIGTERM")
     p.set_defaults(func=_cmd_serve)
     return parser
 

@@ -1,4 +1,4 @@
-"""The `colocate` command: tiny-model | demo | plan | serve | generate."""
+"""The `colocate` command: tiny-model | demo | plan | serve | generate | status."""
 from __future__ import annotations
 
 import argparse
@@ -68,6 +68,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                      torch_threads=args.torch_threads, demo=args.demo, grace=args.grace)
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    from colocate.serving.cluster_status import run_status
+
+    return run_status(args.address, timeout=args.timeout)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="colocate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config", nargs="?", default=None,
                    help="deployment YAML (default: the built-in 3-service CPU demo)")
     p.add_argument("--address", default=None, help="join this Ray cluster instead of "
-                   "starting a local one (e.g. auto, or HOST:6379)")
+                   "starting a local one: auto (the cluster this host is in) or HOST:PORT")
     p.add_argument("--host", default="127.0.0.1",
                    help="interface the services bind (0.0.0.0 on a cluster)")
     p.add_argument("--torch-threads", type=int, default=None,
@@ -129,6 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, default=10.0,
                    help="seconds requests in flight get to finish on Ctrl-C / SIGTERM")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser(
+        "status", help="every deployment on a Ray cluster: devices, services, health, ledgers",
+        description="Join a Ray cluster and list each colocate deployment on it: every "
+                    "device entry and the node it runs on (or lost), every service with its "
+                    "endpoint, health, restarts and load, and each device's memory ledger.")
+    p.add_argument("--address", default="auto",
+                   help="the Ray cluster (HOST:PORT, or auto for the one this host is in)")
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds to wait for each supervisor's answer")
+    p.set_defaults(func=_cmd_status)
     return parser
 
 

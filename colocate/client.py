@@ -12,12 +12,20 @@ tls_key= (this client's certificate and key), all paths to PEM files:
 
     Client("127.0.0.1:50051", token, tls_ca="ca.pem", tls_cert="me.pem", tls_key="me.key")
 
+A replicated service (one service listed under several device entries) is
+reached through one target listing every replica, as `colocate serve` prints it:
+"ipv4:10.0.0.1:50051,10.0.0.2:50051" (or plain "host:port,host:port"). The channel
+then keeps a connection to each and spreads calls over them round-robin (gRPC's
+own client-side balancing), skipping a replica that cannot be reached.
+
 Sampling options are SamplingParams' keyword names; the service validates them
 and answers a bad one with INVALID_ARGUMENT naming it. Every failed call raises
 grpc.RpcError, whose .code() and .details() say why.
 """
 from __future__ import annotations
 
+import ipaddress
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +39,12 @@ from colocate.serving.tls import channel_credentials
 _FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
                    pb.FINISH_REASON_ABORT: "abort"}
 _SAMPLING_FIELDS = frozenset(f.name for f in pb.SamplingParams.DESCRIPTOR.fields)
+# Balance over every address of the target; gRPC's default (pick_first) would send
+# everything to the first replica that answers.
+ROUND_ROBIN_OPTIONS = (
+    ("grpc.lb_policy_name", "round_robin"),
+    ("grpc.service_config", json.dumps({"loadBalancingConfig": [{"round_robin": {}}]})),
+)
 
 
 @dataclass(frozen=True)
@@ -111,22 +125,59 @@ def _generate_request(prompt: str | Sequence[int], request_id: str | None,
     return request
 
 
+def address_list_target(addresses: Sequence[str]) -> str:
+    """Several "host:port" as one gRPC target: "ipv4:a:p,b:q" when every host is an
+    IPv4 literal, "ipv6:[a]:p,..." when every one is IPv6; otherwise plain
+    comma-joined, which only this module's Client understands."""
+    hosts = [a.rsplit(":", 1)[0].strip("[]") for a in addresses]
+    versions = set()
+    for host in hosts:
+        try:
+            versions.add(ipaddress.ip_address(host).version)
+        except ValueError:
+            return ",".join(addresses)
+    if versions == {4}:
+        return "ipv4:" + ",".join(addresses)
+    if versions == {6}:
+        return "ipv6:" + ",".join(f"[{h}]:{a.rsplit(':', 1)[1]}"
+                                  for h, a in zip(hosts, addresses))
+    return ",".join(addresses)
+
+
+def channel_target(target: str) -> tuple[str, tuple]:
+    """(what grpc dials, channel options) for a target: one "host:port" as given;
+    an address list (a comma, or an ipv4:/ipv6: scheme) with round-robin balancing.
+    gRPC has no static list of host names, so a list must give IP addresses."""
+    if "," not in target and not target.startswith(("ipv4:", "ipv6:")):
+        return target, ()
+    if not target.startswith(("ipv4:", "ipv6:")):
+        listed = address_list_target([a.strip() for a in target.split(",") if a.strip()])
+        if not listed.startswith(("ipv4:", "ipv6:")):
+            raise ValueError(f"target {target!r}: a list of replicas must give IP addresses "
+                             f"(gRPC's ipv4:/ipv6: targets); a host name may instead resolve "
+                             f"to several addresses on its own")
+        target = listed
+    return target, ROUND_ROBIN_OPTIONS
+
+
 class Client:
     def __init__(self, target: str, token: str | None, *, timeout: float | None = None,
                  tls: bool = False, tls_ca: str | None = None, tls_cert: str | None = None,
                  tls_key: str | None = None) -> None:
-        """target: "host:port". token: a tenant's bearer token (None: health only).
+        """target: "host:port", or a list of a replicated service's addresses
+        (see the module's docstring). token: a tenant's bearer token (None: health only).
         timeout: the default deadline in seconds for each call; when it passes
         the service stops the request and frees its cache. tls: connect with TLS,
         implied by any tls_* path (see the module's docstring)."""
         self.target = target
         self.timeout = timeout
         self._metadata = (("authorization", f"Bearer {token}"),) if token is not None else ()
+        dial, options = channel_target(target)
         if tls or tls_ca or tls_cert or tls_key:
             creds = channel_credentials(tls_ca, tls_cert, tls_key)
-            self._channel = grpc.secure_channel(target, creds)
+            self._channel = grpc.secure_channel(dial, creds, options=options)
         else:
-            self._channel = grpc.insecure_channel(target)
+            self._channel = grpc.insecure_channel(dial, options=options)
         self._stub = pb_grpc.GenerationStub(self._channel)
         self._health = health_pb2_grpc.HealthStub(self._channel)
 

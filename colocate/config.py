@@ -16,6 +16,7 @@ from typing import Any, Iterator, Mapping
 
 import yaml
 
+from colocate.config_topology import Topology
 from colocate.config_values import ConfigError, ValueReader, kind
 from colocate.model.model_config import LlamaConfig
 
@@ -23,6 +24,7 @@ PRESET_PREFIX = "preset:"
 MODEL_DTYPES = ("auto", "float16", "bfloat16", "float32")
 QUANTIZATIONS = (None, "int8", "int4")
 KV_DTYPES = ("auto", "int8")
+RESTART_POLICIES = ("never", "anywhere")   # what to do with an entry whose node is lost
 DEFAULT_QUANT_GROUP_SIZE = 128
 # gRPC's own default receive limit; 4 MiB of prompt is already ~1M tokens, far
 # beyond any max_model_len, so a bigger message is a mistake or an attack.
@@ -115,10 +117,21 @@ class DeviceSpec:
     share_weights: bool = True
     metrics_port: int | None = None
     tls: TLSSpec | None = None       # what its services inherit unless they set their own
+    name: str | None = None          # None: see entry_name
+    node: str | None = None          # a Ray node id, an IP or a label `key=value`; None: any
+    restart: str = "never"           # "anywhere": re-place it on another node if its node dies
 
     @property
     def is_cuda(self) -> bool:
         return self.device.startswith("cuda")
+
+    @property
+    def entry_name(self) -> str:
+        """How the deployment names this entry (and its supervisor actor): `name`,
+        else the device, qualified by the node pin when there is one."""
+        if self.name:
+            return self.name
+        return self.device if self.node is None else f"{self.device}@{self.node}"
 
 
 @dataclass(frozen=True)
@@ -126,11 +139,20 @@ class DeploymentConfig:
     source: str                      # the YAML file, for messages
     models: Mapping[str, ModelSpec]  # read-only view
     gpus: tuple[DeviceSpec, ...]
+    name: str | None = None          # the deployment's name on a cluster; None: from the file
 
     def services(self) -> Iterator[tuple[DeviceSpec, ServiceSpec]]:
+        """Every (entry, service) pair: a replicated service once per replica."""
         for gpu in self.gpus:
             for service in gpu.services:
                 yield gpu, service
+
+    def replicas(self) -> dict[str, list[tuple[DeviceSpec, ServiceSpec]]]:
+        """service name -> its copies, one per device entry that lists it."""
+        out: dict[str, list[tuple[DeviceSpec, ServiceSpec]]] = {}
+        for gpu, service in self.services():
+            out.setdefault(service.name, []).append((gpu, service))
+        return out
 
 
 # ---- presets ---------------------------------------------------------------------
@@ -185,33 +207,27 @@ class _Reader(ValueReader):
         super().__init__(file, check_paths)
         self.env = env
         self.check_env = check_env
-        self.ports: dict[int, str] = {}          # port -> key path that took it
-        self.service_names: dict[str, str] = {}  # name -> key path that took it
+        self.topology = Topology(self.error)     # ports and names across device entries
 
     def port(self, value: Any, key: str) -> int:
         port = self.integer(value, key, minimum=1, maximum=65535)
-        if port in self.ports:
-            raise self.error(key, f"duplicate port {port}, already used by {self.ports[port]}")
-        self.ports[port] = key
+        self.topology.claim_port(port, key)
         return port
 
     # -- the schema --
     def deployment(self, data: Any) -> DeploymentConfig:
-        top = self.mapping(data, "", required=("models", "gpus"))
+        top = self.mapping(data, "", required=("models", "gpus"), optional=("name",))
+        name = self.string(top["name"], "name") if "name" in top else None
+        if name is not None and not re.fullmatch(r"[A-Za-z0-9_.-]+", name):
+            raise self.error("name", f"{name!r} may hold only letters, digits, '_', '.', '-'")
         models = self.models(top["models"])
         gpus_raw = top["gpus"]
         if not isinstance(gpus_raw, list) or not gpus_raw:
             raise self.error("gpus", f"expected a non-empty list, got {kind(gpus_raw)}")
-        gpus, devices = [], {}
-        for i, raw in enumerate(gpus_raw):
-            gpu = self.device(raw, f"gpus[{i}]", models)
-            if gpu.device in devices:
-                raise self.error(f"gpus[{i}].device",
-                                 f"{gpu.device} is already listed at {devices[gpu.device]}")
-            devices[gpu.device] = f"gpus[{i}]"
-            gpus.append(gpu)
+        gpus = [self.device(raw, f"gpus[{i}]", models, index=i)
+                for i, raw in enumerate(gpus_raw)]
         return DeploymentConfig(source=str(self.file), models=MappingProxyType(models),
-                                gpus=tuple(gpus))
+                                gpus=tuple(gpus), name=name)
 
     def models(self, raw: Any) -> dict[str, ModelSpec]:
         if not isinstance(raw, dict) or not raw:
@@ -256,13 +272,21 @@ class _Reader(ValueReader):
         return TLSSpec(cert=self.existing_file(t["cert"], f"{key}.cert"),
                        key=self.existing_file(t["key"], f"{key}.key"), client_ca=ca)
 
-    def device(self, raw: Any, key: str, models: Mapping[str, ModelSpec]) -> DeviceSpec:
+    def device(self, raw: Any, key: str, models: Mapping[str, ModelSpec],
+               index: int = 0) -> DeviceSpec:
         d = self.mapping(raw, key, required=("device", "services"),
                          optional=("memory", "headroom", "share_weights", "metrics_port",
-                                   "tls"))
+                                   "tls", "name", "node", "restart"))
         device = self.string(d["device"], f"{key}.device")
         if not _DEVICE_RE.match(device):
             raise self.error(f"{key}.device", f"{device!r} is not 'cpu' or 'cuda:N'")
+        # The pin first: which ports may repeat depends on it.
+        node = self.string(str(d["node"]), f"{key}.node") if "node" in d else None
+        self.topology.begin_entry(index, node)
+        name = self.string(d["name"], f"{key}.name") if "name" in d else None
+        if name is not None and not re.fullmatch(r"[A-Za-z0-9_.:@-]+", name):
+            raise self.error(f"{key}.name", f"{name!r} may hold only letters, digits and _.:@-")
+        restart = self.choice(d.get("restart", "never"), f"{key}.restart", RESTART_POLICIES)
         memory = self.size(d["memory"], f"{key}.memory") if "memory" in d else None
         headroom = (self.size(d["headroom"], f"{key}.headroom", allow_zero=True)
                     if "headroom" in d else None)
@@ -276,8 +300,15 @@ class _Reader(ValueReader):
                              f"expected a non-empty list, got {kind(raw_services)}")
         services = tuple(self.service(s, f"{key}.services[{i}]", models, tls)
                          for i, s in enumerate(raw_services))
-        return DeviceSpec(device=device, services=services, memory=memory, headroom=headroom,
-                          share_weights=share, metrics_port=metrics_port, tls=tls)
+        spec = DeviceSpec(device=device, services=services, memory=memory, headroom=headroom,
+                          share_weights=share, metrics_port=metrics_port, tls=tls, name=name,
+                          node=node, restart=restart)
+        if name is not None:
+            self.topology.claim_entry(name, key, f"{key}.name")
+        else:
+            self.topology.claim_entry(spec.entry_name, key, f"{key}.device",
+                                      "; give each a distinct node or name")
+        return spec
 
     def service(self, raw: Any, key: str, models: Mapping[str, ModelSpec],
                 device_tls: TLSSpec | None = None) -> ServiceSpec:
@@ -288,10 +319,6 @@ class _Reader(ValueReader):
                                    "max_queued_requests", "tls", "max_request_bytes",
                                    "max_concurrent_rpcs"))
         name = self.string(s["name"], f"{key}.name")
-        if name in self.service_names:
-            raise self.error(f"{key}.name", f"duplicate service name {name!r}, "
-                                            f"already used by {self.service_names[name]}")
-        self.service_names[name] = key
         model = self.string(s["model"], f"{key}.model")
         if model not in models:
             raise self.error(f"{key}.model", f"model {model!r} is not defined under models "
@@ -303,7 +330,7 @@ class _Reader(ValueReader):
         if max_tokens < max_seqs:  # every running sequence needs a token slot per step
             raise self.error(f"{key}.max_num_batched_tokens",
                              f"{max_tokens} is less than max_num_seqs ({max_seqs})")
-        return ServiceSpec(
+        spec = ServiceSpec(
             name=name, model=model, port=port,
             max_model_len=self.integer(s["max_model_len"], f"{key}.max_model_len"),
             kv_cache=self.kv_cache(s["kv_cache"], f"{key}.kv_cache"),
@@ -319,6 +346,9 @@ class _Reader(ValueReader):
                                               f"{key}.max_concurrent_rpcs")
                                  if "max_concurrent_rpcs" in s else None),
         )
+        # Checked once whole: a replica must equal its first copy but for the port.
+        self.topology.claim_service(spec, key)
+        return spec
 
     def kv_cache(self, raw: Any, key: str) -> KVCacheSpec:
         kv = self.mapping(raw, key, required=(), optional=("dtype", "budget", "tokens"))

@@ -2,8 +2,11 @@
 
 Deployment is the driver's side: it reads the YAML (tokens from the driver's own
 environment, since Ray workers may not share it), starts Ray locally or joins a
-cluster, places one supervisor per `gpus[]` entry, and waits until every service
-answers. `colocate serve` (run_serve) wraps it with printing and signal handling.
+cluster, places one supervisor per `gpus[]` entry on a node with room for it (all
+of them or none; fleet.py, placement.py), and waits until every service answers.
+A service listed under several entries runs once per entry; targets() gives each
+service the one address list its tenants dial. `colocate serve` (run_serve) wraps
+it with printing and signal handling.
 """
 from __future__ import annotations
 
@@ -19,9 +22,12 @@ from pathlib import Path
 from typing import Mapping, TextIO
 
 import ray
-from ray.exceptions import RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from colocate.config import DeploymentConfig, DeviceSpec, load_config
+from colocate.serving.fleet import Fleet, Placed
+from colocate.serving.placement import (CPU_DEVICE_RESOURCE, LOCAL_CPU_DEVICE_SLOTS,
+                                        PLACEMENT_TIMEOUT_S, PlacementError)  # noqa: F401
 from colocate.serving.supervisor import (SHUTDOWN_GRACE_S, STARTUP_TIMEOUT_S, DeploymentError,
                                          GPUSupervisor)
 
@@ -29,6 +35,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CONFIG_NAME = "cpu-3x-small.yaml"
 OBJECT_STORE_BYTES = 512 * 2**20     # only small control messages travel through Ray
+STATUS_TIMEOUT_S = 30.0
 
 # The built-in default, used when the repository's deploy/examples/ is not there (an
 # installed wheel has no deploy/ folder). Kept equal to that file by a test.
@@ -90,6 +97,7 @@ class Endpoint:
     token_envs: tuple[str, ...]   # the variables holding its tenants' tokens
     state: str
     restarts: int
+    entry: str = ""               # the device entry (one per replica of a service)
 
 
 class Deployment:
@@ -99,37 +107,68 @@ class Deployment:
                  host: str = "127.0.0.1", torch_threads: int | None = None,
                  health_interval_s: float = 2.0, preset_dir: str | None = None,
                  metrics_host: str | None = None, shutdown_grace_s: float = SHUTDOWN_GRACE_S,
+                 name: str | None = None, placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
                  **supervisor_options) -> None:
         """host: where the services' gRPC servers listen; metrics_host: where each
         device's /metrics listens (default: host). shutdown_grace_s: how long requests
-        in flight may run on once shutdown() begins. supervisor_options: the rest of
-        Supervisor's keywords (health_timeout_s, failed_checks_before_restart,
-        ledger_dir, test_hooks)."""
+        in flight may run on once shutdown() begins. name: the deployment's name on
+        the cluster (default: the YAML's `name`, else its file name and a random
+        suffix). supervisor_options: the rest of Supervisor's keywords
+        (health_timeout_s, failed_checks_before_restart, ledger_dir, test_hooks).
+
+        Raises DeploymentError (PlacementError when an entry has no node) before any
+        service starts if the deployment cannot be placed whole."""
         self.config = config
+        self.host = host
         self.shutdown_grace_s = shutdown_grace_s
+        self.health_interval_s = health_interval_s
+        self.name = name or config.name or f"{Path(config.source).stem}-{secrets.token_hex(3)}"
         self._owns_ray = init_ray(address)
-        self.supervisors: dict[str, object] = {}
+
+        def make_supervisor(gpu: DeviceSpec, options: dict):
+            # Supervisors take no CPU (see supervisor.py); options hold the bundle,
+            # the name, and the GPU or custom resource the entry took.
+            return GPUSupervisor.options(**options).remote(
+                gpu, config, tenants=tenant_tokens(gpu), host=host,
+                torch_threads=torch_threads, health_interval_s=health_interval_s,
+                preset_dir=preset_dir, metrics_host=metrics_host, **supervisor_options)
+
+        self.fleet = Fleet(config, self.name, make_supervisor, host=host,
+                           placement_timeout_s=placement_timeout_s)
         try:
-            for gpu in config.gpus:
-                # CPU entries reserve nothing; a CUDA entry takes one whole GPU, which
-                # its services then share without reserving more.
-                actor = GPUSupervisor.options(num_gpus=1 if gpu.is_cuda else 0).remote(
-                    gpu, config, tenants=tenant_tokens(gpu), host=host,
-                    torch_threads=torch_threads, health_interval_s=health_interval_s,
-                    preset_dir=preset_dir, metrics_host=metrics_host, **supervisor_options)
-                self.supervisors[gpu.device] = actor
+            self.fleet.place()
             _unwrap(lambda: ray.get([s.start.remote() for s in self.supervisors.values()]))
         except BaseException:
             self.shutdown()
             raise
 
+    @property
+    def supervisors(self) -> dict[str, object]:
+        """entry name (the device, unless named or pinned) -> its running supervisor."""
+        return self.fleet.actors()
+
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> list[Endpoint]:
         _unwrap(lambda: ray.get([s.wait_ready.remote(timeout)
                                  for s in self.supervisors.values()]))
+        # From here on, a lost node is noticed (and, if allowed, its entries re-placed).
+        self.fleet.watch(self.health_interval_s, timeout)
         return self.endpoints()
 
     def status(self, with_stats: bool = True) -> list[dict]:
-        return ray.get([s.status.remote(with_stats) for s in self.supervisors.values()])
+        """One row per device entry, in YAML order: a running supervisor's status(),
+        or, for an entry whose node is gone, a row whose services are all `lost`."""
+        refs = {name: actor.status.remote(with_stats)
+                for name, actor in self.supervisors.items()}
+        rows = []
+        for placed in self.fleet.placed():
+            row = None
+            if placed.entry in refs:
+                try:
+                    row = ray.get(refs[placed.entry], timeout=STATUS_TIMEOUT_S)
+                except (RayActorError, GetTimeoutError) as exc:   # its node just went
+                    placed.error = placed.error or f"supervisor unreachable: {exc}"
+            rows.append(row or lost_row(placed, self.host))
+        return rows
 
     def endpoints(self) -> list[Endpoint]:
         envs = {s.name: tuple(t.token_env for t in s.tenants)
@@ -140,33 +179,45 @@ class Deployment:
                 # A server bound to every interface is reached at its node's address.
                 host = dev["node_ip"] if s["host"] in ("0.0.0.0", "::") else s["host"]
                 out.append(Endpoint(s["name"], dev["device"], f"{host}:{s['port']}",
-                                    envs[s["name"]], s["state"], s["restarts"]))
+                                    envs[s["name"]], s["state"], s["restarts"],
+                                    dev["entry"]))
         return out
 
+    def targets(self) -> dict[str, str]:
+        """service -> the one gRPC target its tenants dial: host:port, or for a
+        replicated service every replica's address, balanced by the client."""
+        by_service: dict[str, list[str]] = {}
+        for e in self.endpoints():
+            by_service.setdefault(e.service, []).append(e.target)
+        return {name: replica_target(addresses) for name, addresses in by_service.items()}
+
     def metrics_urls(self) -> dict[str, str]:
-        """device -> the URL Prometheus scrapes for it and all its services."""
+        """entry (the device, unless named or pinned) -> the URL Prometheus scrapes
+        for it and all its services."""
         out = {}
         for dev in self.status(with_stats=False):
             url = dev["metrics_url"]
+            if url is None:          # lost with its node
+                continue
             for wildcard in ("0.0.0.0", "[::]"):   # reached at the node's address
                 url = url.replace(f"//{wildcard}:", f"//{dev['node_ip']}:")
-            out[dev["device"]] = url
+            out[dev["entry"]] = url
         return out
 
-    def supervisor(self, device: str):
-        return self.supervisors[device]
+    def supervisor(self, entry: str):
+        return self.supervisors[entry]
 
     def shutdown(self) -> None:
         """Stop every service and supervisor, letting requests in flight finish first
         (up to shutdown_grace_s); stop Ray if this deployment started it."""
-        supervisors, self.supervisors = list(self.supervisors.values()), {}
+        self.fleet.stop_watch()
+        supervisors = list(self.supervisors.values())
         grace = self.shutdown_grace_s
         try:
             ray.get([s.shutdown.remote(grace) for s in supervisors], timeout=grace + 60)
         except Exception as exc:        # a supervisor already gone: its services went too
             log.warning("shutdown: %s", exc)
-        for s in supervisors:
-            ray.kill(s, no_restart=True)
+        self.fleet.release()
         if self._owns_ray:
             ray.shutdown()
             self._owns_ray = False
@@ -178,17 +229,42 @@ class Deployment:
         self.shutdown()
 
 
+def lost_row(placed: Placed, host: str) -> dict:
+    """A status row for an entry with no supervisor to ask: its services, all lost."""
+    services = [dict(name=s.name, state="lost", restarts=0, error=placed.error, port=s.port,
+                     host=host, kv_tokens=None, last_restart_s=None, stats=None)
+                for s in placed.slot.gpu.services]
+    return dict(entry=placed.entry, device=placed.slot.gpu.device,
+                node_id=placed.slot.node.node_id, node_ip=placed.slot.node.ip,
+                state=placed.state, services=services, ledger=[], reserved_bytes=0,
+                capacity_bytes=None, weight_store_bytes=0, weight_copies=0, metrics_url=None)
+
+
+def replica_target(addresses: list[str]) -> str:
+    """One address as is; several as a gRPC `ipv4:`/`ipv6:` list when every host is
+    an IP literal (what any gRPC client accepts), else comma-joined (colocate's
+    Client resolves those)."""
+    if len(addresses) == 1:
+        return addresses[0]
+    from colocate.client import address_list_target
+    return address_list_target(addresses)
+
+
 def init_ray(address: str | None) -> bool:
-    """Join `address`, or start a small local Ray; True if this call started it."""
+    """Join `address` (`auto`: the cluster this host belongs to), or start a small
+    local Ray; True if this call started it."""
     if ray.is_initialized():
         return False
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        # Requests go over gRPC, not through Ray, so its object store only carries
-        # small control messages; the dashboard would cost a core's worth at startup.
-        ray.init(object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
-                 logging_level=logging.WARNING, log_to_driver=True)
+        # "local": a new Ray even if this host runs a cluster (`--address auto` joins
+        # that). Requests go over gRPC, not through Ray, so its object store only
+        # carries small control messages; the dashboard would cost a core's worth at
+        # startup. The custom resource lets CPU entries be placed like on a cluster.
+        ray.init(address="local", object_store_memory=OBJECT_STORE_BYTES,
+                 include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True,
+                 resources={CPU_DEVICE_RESOURCE: LOCAL_CPU_DEVICE_SLOTS})
     return True
 
 
@@ -224,7 +300,7 @@ def run_serve(config: str | None, address: str | None = None, *, host: str = "12
         print(f"colocate serve: {exc}", file=sys.stderr)
         return 2
     print(f"starting {sum(1 for _ in cfg.services())} service(s) on "
-          f"{', '.join(g.device for g in cfg.gpus)} ...", file=out, flush=True)
+          f"{', '.join(g.entry_name for g in cfg.gpus)} ...", file=out, flush=True)
     try:
         deployment = Deployment(cfg, address=address, host=host, torch_threads=torch_threads,
                                 shutdown_grace_s=grace)
@@ -238,7 +314,8 @@ def run_serve(config: str | None, address: str | None = None, *, host: str = "12
         except DeploymentError as exc:
             print(f"colocate serve: {exc}", file=sys.stderr)
             return 1
-        print_endpoints(endpoints, generated, out, deployment.metrics_urls())
+        print_endpoints(endpoints, generated, out, deployment.metrics_urls(),
+                        deployment.targets())
         if demo:
             send_demo_requests(cfg, endpoints, out)
         print("serving; Ctrl-C to stop", file=out, flush=True)
@@ -263,12 +340,22 @@ def _stop_on_signals() -> threading.Event:
 
 
 def print_endpoints(endpoints: list[Endpoint], generated: Mapping[str, str],
-                    out: TextIO, metrics_urls: Mapping[str, str] | None = None) -> None:
+                    out: TextIO, metrics_urls: Mapping[str, str] | None = None,
+                    targets: Mapping[str, str] | None = None) -> None:
+    """targets: service -> its one target (see Deployment.targets); printed for the
+    services with several replicas."""
     width = max(len(e.service) for e in endpoints)
     print("\nready:", file=out)
     for e in endpoints:
-        print(f"  {e.service:<{width}}  {e.target}  ({e.device}; tokens in "
+        print(f"  {e.service:<{width}}  {e.target}  ({e.entry or e.device}; tokens in "
               f"{', '.join('$' + v for v in e.token_envs)})", file=out)
+    replicated = {name: t for name, t in (targets or {}).items()
+                  if sum(e.service == name for e in endpoints) > 1}
+    if replicated:
+        print("\nreplicated services (one target, balanced round-robin by the client):",
+              file=out)
+        for name, target in replicated.items():
+            print(f"  {name:<{width}}  {target}", file=out)
     if metrics_urls:
         print("\nmetrics (one Prometheus target per device):", file=out)
         for device, url in metrics_urls.items():
@@ -280,7 +367,8 @@ def print_endpoints(endpoints: list[Endpoint], generated: Mapping[str, str],
         for var, token in generated.items():
             print(f"  export {var}={token}", file=out)
     first = endpoints[0]
-    print(f"\ntry:\n  colocate generate --target {first.target} "
+    target = (targets or {}).get(first.service, first.target)
+    print(f"\ntry:\n  colocate generate --target {target} "
           f"--token \"${first.token_envs[0]}\" \"Hello\"\n", file=out, flush=True)
 
 

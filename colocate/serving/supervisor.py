@@ -1,6 +1,7 @@
 """GPUSupervisor: one device's weights, its ledger, and the services running on it.
 
-One supervisor per `gpus[]` entry. It books every service with the MemoryArbiter
+One supervisor per `gpus[]` entry, placed by the driver (fleet.py) on a node with
+room for it, as the named actor `colocate/<deployment>/<entry>`. It books every service with the MemoryArbiter
 before anything is loaded (a refusal names the service and the shortfall), publishes
 each model once in the WeightStore (once per service with share_weights: false, so
 unshared really means separate copies), starts one ServiceActor per service with its
@@ -251,7 +252,8 @@ class Supervisor:
                          kv_tokens=s.launch.kv_tokens, last_restart_s=s.last_restart_s,
                          stats=stats.get(s.name))
                     for s in slots]
-        return dict(device=self.gpu.device, node_ip=get_node_ip_address(),
+        return dict(device=self.gpu.device, entry=self.gpu.entry_name, state="running",
+                    node_id=self.node_id, node_ip=get_node_ip_address(),
                     services=services, ledger=rows,
                     reserved_bytes=reserved, capacity_bytes=capacity,
                     weight_store_bytes=self.store.total_bytes(),
@@ -304,6 +306,6 @@ class Supervisor:
             self.store.close()
 
 
-# No CPU reservation (it would idle a core on a 2-core host); on CUDA the driver adds
-# num_gpus=1. Threaded, so status() answers while wait_ready() or a restart waits.
+# No CPU reservation (it would idle a core on a 2-core host); the driver adds the
+# entry's placement bundle: num_gpus=1 on CUDA, a colocate_cpu_device on CPU. Threaded, so status() answers while wait_ready() or a restart waits.
 GPUSupervisor = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=8)(Supervisor)

@@ -3,6 +3,7 @@ every test that every KV block pool got all its blocks back."""
 from __future__ import annotations
 
 import gc
+import os
 
 import pytest
 
@@ -21,6 +22,15 @@ def tiny_gqa_model_dir(tmp_path_factory):
     from colocate.model.tiny import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny-gqa"), preset="tiny-gqa", seed=0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_device_ledger(tmp_path_factory):
+    """Deployments under test book memory in a ledger of their own, not the host's
+    /dev/shm one that real deployments on this machine share. Set before any Ray
+    starts, so supervisors (Ray workers) and `colocate serve` subprocesses inherit it."""
+    os.environ["COLOCATE_LEDGER_DIR"] = str(tmp_path_factory.mktemp("ledger"))
+    yield
 
 
 @pytest.fixture(autouse=True)

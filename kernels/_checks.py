@@ -76,5 +76,22 @@ def check_kv_cache(key_cache: torch.Tensor, value_cache: torch.Tensor,
     return quantized
 
 
+def check_queries_against_cache(q: torch.Tensor, key_cache: torch.Tensor,
+                                value_cache: torch.Tensor, key_scale: torch.Tensor | None,
+                                value_scale: torch.Tensor | None) -> bool:
+    """q (tokens, nh, hd) against a paged cache: a float cache must share q's dtype and
+    the query heads must split evenly over the KV heads (GQA). True when int8."""
+    check_tensor("q", q, (None, None, None), FLOAT_DTYPES)
+    nh, hd = q.shape[1], q.shape[2]
+    quant = check_kv_cache(key_cache, value_cache, key_scale, value_scale, None, hd)
+    nkv = key_cache.shape[2]
+    if not quant and key_cache.dtype != q.dtype:
+        raise ValueError(f"key_cache dtype {key_cache.dtype} must equal q dtype {q.dtype} "
+                         "(or be int8)")
+    if nkv == 0 or nh % nkv:
+        raise ValueError(f"q has {nh} heads, not a multiple of key_cache's {nkv} KV heads")
+    return quant
+
+
 def next_pow2(n: int, at_least: int = 1) -> int:
     return max(at_least, 1 << max(0, n - 1).bit_length())

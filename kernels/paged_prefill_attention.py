@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from colocate.kernels._checks import (FLOAT_DTYPES, INDEX_DTYPES, check_device, check_kv_cache,
+from colocate.kernels._checks import (INDEX_DTYPES, check_device, check_queries_against_cache,
                                       check_tensor, interpreting, next_pow2)
 from colocate.kernels._paged_tile import LOG2E, load_kv_tile, paged_token_slots
 
@@ -110,15 +110,9 @@ def paged_prefill_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cach
     check_device(q=q, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
                  query_start_loc=query_start_loc, seq_lens=seq_lens, key_scale=key_scale,
                  value_scale=value_scale, out=out)
-    check_tensor("q", q, (None, None, None), FLOAT_DTYPES)
+    quant = check_queries_against_cache(q, key_cache, value_cache, key_scale, value_scale)
     T, nh, hd = q.shape
-    quant = check_kv_cache(key_cache, value_cache, key_scale, value_scale, None, hd)
     nkv, block_size = key_cache.shape[2], key_cache.shape[1]
-    if not quant and key_cache.dtype != q.dtype:
-        raise ValueError(f"key_cache dtype {key_cache.dtype} must equal q dtype {q.dtype} "
-                         "(or be int8)")
-    if nkv == 0 or nh % nkv:
-        raise ValueError(f"q has {nh} heads, not a multiple of key_cache's {nkv} KV heads")
     check_tensor("seq_lens", seq_lens, (None,), INDEX_DTYPES)
     S = seq_lens.shape[0]
     check_tensor("query_start_loc", query_start_loc, (S + 1,), INDEX_DTYPES)

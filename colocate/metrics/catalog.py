@@ -71,6 +71,9 @@ CATALOG: tuple[MetricSpec, ...] = (
           "Prompt tokens found in the prefix cache at admission."),
     _spec("colocate_service_restarts_total", "counter",
           "Times the supervisor restarted the service."),
+    _spec("colocate_device_replacements_total", "counter",
+          "Times this device entry was re-placed on another node after its node was lost "
+          "(restart: anywhere); service=\"_device\"."),
     # ---- memory, per device ----
     _spec("colocate_device_memory_capacity_bytes", "gauge",
           "Device memory the arbiter plans with (the YAML's, else what the device reports)."),

@@ -73,7 +73,8 @@ def measured_memory(device: str, pids: list[int]) -> dict[int, int]:
 
 def device_sample(gpu: DeviceSpec, config: DeploymentConfig, arbiter: MemoryArbiter,
                   store: WeightStore, local_device: str,
-                  reports: dict[str, tuple[ServiceReport, int]]) -> DeviceSample:
+                  reports: dict[str, tuple[ServiceReport, int]],
+                  replacements: int = 0) -> DeviceSample:
     """reports: service name -> (its report, its restarts), for the services that
     answered; the others are simply absent from this scrape."""
     demands = {d.service: d for d in arbiter.admitted()}
@@ -94,4 +95,5 @@ def device_sample(gpu: DeviceSpec, config: DeploymentConfig, arbiter: MemoryArbi
     return DeviceSample(
         gpu=gpu.device, version=__version__, capacity_bytes=arbiter.capacity,
         supervisor_memory_bytes=memory.get(os.getpid(), 0), services=tuple(services),
-        reservations=ledger_reservations(arbiter), weights=weight_copies(store))
+        reservations=ledger_reservations(arbiter), weights=weight_copies(store),
+        replacements=replacements)

@@ -62,6 +62,7 @@ def families(sample: DeviceSample) -> list[Metric]:
     out.add("colocate_build_info", (gpu, DEVICE, sample.version), 1)
     out.add("colocate_device_memory_capacity_bytes", (gpu, DEVICE), sample.capacity_bytes)
     out.add("colocate_memory_used_bytes", (gpu, DEVICE), sample.supervisor_memory_bytes)
+    out.add("colocate_device_replacements_total", (gpu, DEVICE), sample.replacements)
     for w in sample.weights:
         out.add("colocate_weight_store_bytes", (gpu, w.service, w.model), w.bytes)
     for r in sample.reservations:

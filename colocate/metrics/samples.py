@@ -63,3 +63,4 @@ class DeviceSample:
     services: tuple[ServiceSample, ...] = ()
     reservations: tuple[Reservation, ...] = ()
     weights: tuple[WeightCopy, ...] = ()
+    replacements: int = 0          # times this device entry was re-placed after a lost node

@@ -125,13 +125,14 @@ class Deployment:
         self.name = name or config.name or f"{Path(config.source).stem}-{secrets.token_hex(3)}"
         self._owns_ray = init_ray(address)
 
-        def make_supervisor(gpu: DeviceSpec, options: dict):
+        def make_supervisor(gpu: DeviceSpec, options: dict, replacement: int = 0):
             # Supervisors take no CPU (see supervisor.py); options hold the bundle,
             # the name, and the GPU or custom resource the entry took.
             return GPUSupervisor.options(**options).remote(
                 gpu, config, tenants=tenant_tokens(gpu), host=host,
                 torch_threads=torch_threads, health_interval_s=health_interval_s,
-                preset_dir=preset_dir, metrics_host=metrics_host, **supervisor_options)
+                preset_dir=preset_dir, metrics_host=metrics_host, replacement=replacement,
+                **supervisor_options)
 
         self.fleet = Fleet(config, self.name, make_supervisor, host=host,
                            placement_timeout_s=placement_timeout_s)

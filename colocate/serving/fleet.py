@@ -108,11 +108,13 @@ class Fleet:
             self._placed[placed.entry] = placed
             self._publish(placed, "placed", f"on node {slot.node.short}")
 
-    def _spawn(self, placed: Placed):
+    def _spawn(self, placed: Placed, replacement: int = 0):
+        """Start the entry's supervisor; `replacement` counts re-placements so far,
+        this one included, for the supervisor's metrics."""
         options = dict(name=placed.actor_name, namespace=NAMESPACE,
                        scheduling_strategy=placement.in_bundle(placed.group, placed.bundle),
                        **placed.slot.actor_resources)
-        return self._make(placed.slot.gpu, options)
+        return self._make(placed.slot.gpu, options, replacement)
 
     def _publish(self, placed: Placed, what: str, detail: str = "") -> None:
         """Log-worthy change of one entry: remember it and tell the record."""
@@ -205,7 +207,7 @@ class Fleet:
         except Exception:
             pass
         try:
-            p.actor = self._spawn(p)
+            p.actor = self._spawn(p, replacement=p.replacements + 1)
             ray.get(p.actor.start.remote(), timeout=self._ready_timeout_s)
             ray.get(p.actor.wait_ready.remote(self._ready_timeout_s),
                     timeout=self._ready_timeout_s + 10)

@@ -70,12 +70,15 @@ class Supervisor:
                  health_timeout_s: float = PING_TIMEOUT_S,
                  failed_checks_before_restart: int = FAILED_CHECKS_BEFORE_RESTART,
                  preset_dir: str | None = None, metrics_host: str | None = None,
-                 ledger_dir: str | None = None, test_hooks: bool = False) -> None:
+                 ledger_dir: str | None = None, test_hooks: bool = False,
+                 replacement: int = 0) -> None:
         """tenants: service name -> {token: tenant name}, resolved by the driver.
         metrics_host: where /metrics listens; default `host`. ledger_dir: where the
         device's shared ledger lives (default /dev/shm). test_hooks: let tests
-        inject faults into the services (ServiceRuntime.inject_fault)."""
+        inject faults into the services (ServiceRuntime.inject_fault). replacement:
+        how many times this entry has been re-placed after a lost node (metrics)."""
         self.gpu = gpu
+        self.replacement = replacement
         self.config = config
         self.host = host
         self.metrics_host = metrics_host or host
@@ -269,7 +272,8 @@ class Supervisor:
         with self._lock:
             return device_sample(self.gpu, self.config, self.arbiter, self.store,
                                  self.device, {name: (report, restarts[name])
-                                               for name, report in reports.items()})
+                                               for name, report in reports.items()},
+                                 replacements=self.replacement)
 
     def _ask_running(self, slots: list[ServiceSlot], method: str,
                      timeout: float = PING_TIMEOUT_S) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 import ray
@@ -163,6 +164,11 @@ def test_a_lost_entry_that_may_move_is_replaced_on_a_new_node(deployment, ray_cl
     assert rows(deployment)["cpu-b"]["node_id"] == ray_cluster.node_id("c")
     assert deployment.fleet.replacements == 1
     assert [e["event"] for e in deployment.fleet.events][-2:] == ["replacing", "replaced"]
+    # ... and the re-placed entry's own /metrics says so.
+    with urllib.request.urlopen(deployment.metrics_urls()["cpu-b"], timeout=30) as resp:
+        scraped = resp.read().decode()
+    assert any(line.startswith("colocate_device_replacements_total{")
+               and line.rstrip().endswith(" 1.0") for line in scraped.splitlines())
     before = finished_requests(deployment, "cpu-b")
     with Client(deployment.targets()[SERVICE], token_of(SERVICE), timeout=120) as client:
         got = [client.complete(p, **SAMPLING).token_ids for p in PROMPTS[:4]]

@@ -1,6 +1,7 @@
 """The exporter against hand-made samples: names, labels, values, the endpoint."""
 from __future__ import annotations
 
+import dataclasses
 import socket
 import urllib.request
 
@@ -77,6 +78,7 @@ def test_device_series():
     assert value(s, "colocate_build_info", version="9.9.9", **dev) == 1
     assert value(s, "colocate_device_memory_capacity_bytes", **dev) == 2**34
     assert value(s, "colocate_memory_used_bytes", **dev) == 77
+    assert value(s, "colocate_device_replacements_total", **dev) == 0
     assert value(s, "colocate_weight_store_bytes", model="m", **dev) == 100
     assert value(s, "colocate_memory_reserved_bytes", kind="headroom", **dev) == 10
     assert value(s, "colocate_memory_reserved_bytes", gpu="cpu", service="a",
@@ -122,3 +124,9 @@ def test_endpoint_serves_and_frees_its_port():
     with socket.socket() as s:            # the port is free again (no listener on it)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         s.bind(("127.0.0.1", endpoint.port))
+
+
+def test_a_replaced_device_entry_says_so():
+    sample = dataclasses.replace(fixtures.device("a"), replacements=2)
+    assert value(scrape(sample), "colocate_device_replacements_total",
+                 gpu="cpu", service=DEVICE) == 2

@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install clean prometheus
+.PHONY: run test install clean system-deps
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,18 +20,21 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/colocate serve --demo
 
-test: $(STAMP) prometheus
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q tests
 
-# The metrics integration test runs a real Prometheus server: Debian's package,
+# Tests need two programs beyond Python: a real Prometheus server (the metrics
+# integration test) and openssl (certificates for the TLS tests). Debian's packages,
 # installed when missing (apt-get directly as root, as CI runs; else through sudo).
-prometheus:
-	@command -v prometheus >/dev/null || { \
+SYSTEM_PACKAGES := prometheus openssl
+system-deps:
+	@missing=""; for p in $(SYSTEM_PACKAGES); do command -v $$p >/dev/null || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" -eq 0 ]; then SUDO=; else SUDO=sudo; fi; \
-	  echo "installing the Prometheus server (apt-get install prometheus) ..."; \
+	  echo "installing$$missing (apt-get) ..."; \
 	  $$SUDO apt-get update -qq && \
 	  $$SUDO env DEBIAN_FRONTEND=noninteractive \
-	    apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+	    apt-get install -y -qq --no-install-recommends $$missing >/dev/null; fi
 
 clean:
 	rm -rf $(VENV) models

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("transformers")
-
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "decode.py"
 sys.path.insert(0, str(SCRIPT.parent))
 import decode  # noqa: E402

@@ -8,10 +8,10 @@ import random
 
 import pytest
 import torch
+import transformers
 
 from colocate import LLM, SamplingParams
 
-transformers = pytest.importorskip("transformers")
 
 PROMPT_LENGTHS = [1, 2, 7, 16, 33, 100, 177, 300]
 NEW_TOKENS = 12

@@ -2,47 +2,22 @@
 settings (TLS, message and concurrency limits), and stops it after the test."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import pytest
 
 from colocate.engine.engine import LLMEngine
-from colocate.serving.async_engine import AsyncEngine
-from colocate.serving.grpc_server import ColocateServer, model_info_from_engine, serve
-from tests.serving.helpers import make_llm_engine
-
-TENANTS = {"token-team-a": "team-a", "token-team-b": "team-b"}
-TOKEN = "token-team-a"
-
-
-@dataclass
-class Served:
-    llm_engine: LLMEngine
-    engine: AsyncEngine
-    server: ColocateServer
-
-    @property
-    def target(self) -> str:
-        return self.server.target
+from tests.serving.served import TENANTS, TOKEN, Service, ServiceStarter  # noqa: F401
 
 
 @pytest.fixture
 def start_server():
-    started: list[Served] = []
+    starter = ServiceStarter("secure")
 
     def start(llm_engine: LLMEngine | None = None, tenants=TENANTS, name: str = "secure",
-              **serve_kwargs) -> Served:
-        llm_engine = llm_engine or make_llm_engine()
-        engine = AsyncEngine(llm_engine)
-        server = serve(engine, 0, tenants, name,
-                       model_info_from_engine(llm_engine, model_name="fake"), **serve_kwargs)
-        started.append(Served(llm_engine, engine, server))
-        return started[-1]
+              **serve_kwargs) -> Service:
+        return starter.start(llm_engine, tenants=tenants, name=name, serve_kwargs=serve_kwargs)
 
     yield start
-    for s in started:
-        s.server.stop()
-        s.engine.shutdown()
+    starter.stop_all()
 
 
 def engine_with_tokenizer(model_dir, max_model_len: int = 128) -> LLMEngine:

@@ -70,10 +70,12 @@ class ModelRunner:
                 if last > start:
                     prompt_rows.append((idx, base, last - start))
 
+        # Padded with the null block 0 in Python, so the table is one tensor
+        # construction per step rather than one per sequence.
         max_blocks = max(len(s.block_ids) for s in sched.scheduled)
-        block_tables = torch.zeros(len(sched.scheduled), max_blocks, dtype=torch.long)
-        for i, s in enumerate(sched.scheduled):
-            block_tables[i, :len(s.block_ids)] = torch.tensor(s.block_ids, dtype=torch.long)
+        block_tables = torch.tensor(
+            [s.block_ids + [0] * (max_blocks - len(s.block_ids)) for s in sched.scheduled],
+            dtype=torch.long)                                                   # (S, max_blocks)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.long, device=self.device),
             query_start_loc=query_start_loc,

@@ -4,6 +4,8 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
+import yaml
+
 from colocate.config import DeploymentConfig, load_config
 
 
@@ -26,31 +28,32 @@ def token_of(service: str) -> str:
 def cpu_deployment(tmp_path: Path, model_path: str, names: list[str], *,
                    share_weights: bool = True, kv_tokens: int = 256,
                    max_model_len: int = 256, max_num_seqs: int = 8,
-                   quantization: str | None = None, kv_dtype: str = "auto") -> DeploymentConfig:
-    """Write and load a one-device deployment; service X's tenant uses token_of(X)."""
-    services = "".join(f"""
-      - name: {name}
-        model: m
-        port: {port}
-        max_model_len: {max_model_len}
-        kv_cache: {{dtype: {kv_dtype}, tokens: {kv_tokens}}}
-        max_num_seqs: {max_num_seqs}
-        max_num_batched_tokens: 128
-        tenants: [{{name: tenant-{name}, token_env: TOKEN_{i}}}]""" for i, (name, port)
-                       in enumerate(zip(names, free_ports(len(names)))))
+                   quantization: str | None = None, kv_dtype: str = "auto",
+                   memory: str = "16GiB", per_service: dict[str, dict] | None = None,
+                   device_extra: dict | None = None, tokens: dict[str, str] | None = None,
+                   file_name: str = "deployment.yaml") -> DeploymentConfig:
+    """Write and load a one-device deployment of one model. Service X's tenant uses
+    tokens[X], else token_of(X); per_service[X] adds or overrides X's YAML keys and
+    device_extra the device's (e.g. `tls`)."""
+    per_service, tokens = per_service or {}, tokens or {}
+    services = [{
+        "name": name, "model": "m", "port": port, "max_model_len": max_model_len,
+        "kv_cache": {"dtype": kv_dtype, "tokens": kv_tokens},
+        "max_num_seqs": max_num_seqs, "max_num_batched_tokens": 128,
+        "tenants": [{"name": f"tenant-{name}", "token_env": f"TOKEN_{i}"}],
+        **per_service.get(name, {}),
+    } for i, (name, port) in enumerate(zip(names, free_ports(len(names))))]
+    device = {"device": "cpu",
+              "memory": memory,     # fixed, so admission does not depend on the test machine
+              "headroom": 0, "share_weights": share_weights, **(device_extra or {}),
+              "services": services}
+    doc = {"models": {"m": {"path": str(model_path), "dtype": "float32",
+                            "quantization": quantization}},
+           "gpus": [device]}
     tmp_path.mkdir(parents=True, exist_ok=True)
-    path = tmp_path / "deployment.yaml"
-    path.write_text(f"""
-models:
-  m: {{path: "{model_path}", dtype: float32, quantization: {quantization or "null"}}}
-gpus:
-  - device: cpu
-    memory: 16GiB        # fixed, so admission does not depend on the test machine
-    headroom: 0
-    share_weights: {str(share_weights).lower()}
-    services:{services}
-""")
-    env = {f"TOKEN_{i}": token_of(name) for i, name in enumerate(names)}
+    path = tmp_path / file_name
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    env = {f"TOKEN_{i}": tokens.get(name, token_of(name)) for i, name in enumerate(names)}
     return load_config(path, env)
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import grpc
 
 from colocate.client import Client
-from colocate.config import DeploymentConfig, load_config
-from tests.deployment.helpers import free_ports, token_of
+from colocate.config import DeploymentConfig
+from tests.deployment.helpers import cpu_deployment, token_of
 
 # Every streamed call gets a deadline: a hang shows as DEADLINE_EXCEEDED, never
 # as a stuck test.
@@ -20,34 +20,19 @@ CALL_TIMEOUT_S = 60.0
 def reliability_deployment(directory: Path, model_path: str, services: dict[str, dict], *,
                            memory: str = "16GiB") -> DeploymentConfig:
     """One CPU device; `services` maps a name to keys that override the defaults
-    below (kv_tokens, max_model_len, max_num_seqs, max_queued_requests)."""
+    (kv_tokens, max_model_len, max_num_seqs, max_num_batched_tokens, max_queued_requests)."""
     defaults = dict(kv_tokens=512, max_model_len=512, max_num_seqs=4,
                     max_num_batched_tokens=128, max_queued_requests=8)
-    body = ""
-    for i, ((name, extra), port) in enumerate(zip(services.items(), free_ports(len(services)))):
+    per_service = {}
+    for name, extra in services.items():
         o = {**defaults, **extra}
-        body += f"""
-      - name: {name}
-        model: m
-        port: {port}
-        max_model_len: {o['max_model_len']}
-        kv_cache: {{dtype: auto, tokens: {o['kv_tokens']}}}
-        max_num_seqs: {o['max_num_seqs']}
-        max_num_batched_tokens: {o['max_num_batched_tokens']}
-        max_queued_requests: {o['max_queued_requests']}
-        tenants: [{{name: tenant-{name}, token_env: TOKEN_{i}}}]"""
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "reliability.yaml"
-    path.write_text(f"""
-models:
-  m: {{path: "{model_path}", dtype: float32}}
-gpus:
-  - device: cpu
-    memory: {memory}
-    headroom: 0
-    services:{body}
-""")
-    return load_config(path, {f"TOKEN_{i}": token_of(n) for i, n in enumerate(services)})
+        per_service[name] = {"max_model_len": o["max_model_len"],
+                             "kv_cache": {"dtype": "auto", "tokens": o["kv_tokens"]},
+                             "max_num_seqs": o["max_num_seqs"],
+                             "max_num_batched_tokens": o["max_num_batched_tokens"],
+                             "max_queued_requests": o["max_queued_requests"]}
+    return cpu_deployment(directory, model_path, list(services), memory=memory,
+                          per_service=per_service, file_name="reliability.yaml")
 
 
 def timed_stream(target: str, service: str, prompt, **sampling) -> tuple[list[int], float]:

@@ -7,9 +7,8 @@ import grpc
 import pytest
 
 from colocate.client import Client
-from colocate.config import load_config
 from colocate.serving.deploy import Deployment
-from tests.deployment.helpers import free_ports
+from tests.deployment.helpers import cpu_deployment
 from tests.reliability.security_certs import pki  # noqa: F401  (fixture)
 from tests.serving.helpers import rpc_error
 
@@ -21,29 +20,11 @@ TOKEN = "token-of-the-secure-service"
 @pytest.fixture(scope="module")
 def target(ray_session, tiny_model_dir, pki):
     folder = pki.ca.parent            # relative paths: the YAML sits beside the PEMs
-    (port,) = free_ports(1)
-    path = folder / "secure.yaml"
-    path.write_text(f"""
-models:
-  m: {{path: "{tiny_model_dir}", dtype: float32}}
-gpus:
-  - device: cpu
-    memory: 16GiB
-    headroom: 0
-    tls: {{cert: server.pem, key: server.key, client_ca: ca.pem}}
-    services:
-      - name: secure
-        model: m
-        port: {port}
-        max_model_len: 128
-        kv_cache: {{tokens: 256}}
-        max_num_seqs: 4
-        max_num_batched_tokens: 128
-        max_request_bytes: 32KiB
-        max_concurrent_rpcs: 8
-        tenants: [{{name: team, token_env: SECURE_TOKEN}}]
-""")
-    config = load_config(path, {"SECURE_TOKEN": TOKEN})
+    config = cpu_deployment(
+        folder, str(tiny_model_dir), ["secure"], max_model_len=128, max_num_seqs=4,
+        device_extra={"tls": {"cert": "server.pem", "key": "server.key", "client_ca": "ca.pem"}},
+        per_service={"secure": {"max_request_bytes": "32KiB", "max_concurrent_rpcs": 8}},
+        tokens={"secure": TOKEN}, file_name="secure.yaml")
     with Deployment(config, torch_threads=1, health_interval_s=1.0) as dep:
         (endpoint,) = dep.wait_ready(timeout=180)
         yield endpoint.target

@@ -20,7 +20,19 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/colocate serve --demo
 
+# The tests whose outcome depends on how torch lays out or computes data for one CPU
+# capability (int4 packing, bf16/int8 ops, int8 KV rounding) run once more under each
+# other ATen capability this CPU has (ATEN_CPU_CAPABILITY=default, avx2), so one
+# machine checks every layout it can execute. The full suite runs last so its summary
+# line closes the log.
+CAPABILITY_TESTS := tests/quant tests/test_kv_cache_int8.py tests/kernels/test_model_through_kernels.py
+
 test: $(STAMP) system-deps
+	$(PY) -m colocate.cpu_features
+	@for cap in $$($(PY) -m colocate.cpu_features --other-capabilities); do \
+	  echo "== ATEN_CPU_CAPABILITY=$$cap: $(CAPABILITY_TESTS)"; \
+	  ATEN_CPU_CAPABILITY=$$cap $(PY) -m pytest -q -p no:cacheprovider $(CAPABILITY_TESTS) || exit 1; \
+	done
 	$(PY) -m pytest -q tests
 
 # Tests need two programs beyond Python: a real Prometheus server (the metrics

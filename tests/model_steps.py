@@ -6,6 +6,8 @@ prefilling while another decodes) and pure decode steps.
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from colocate.model.attention_metadata import AttentionMetadata
@@ -18,9 +20,10 @@ SCHEDULE = [(9, 5), (4, 1), (1, 1), (1, 1)]
 BLOCKS = [[3, 1, 6], [2, 5, 4]]
 
 
-def run_schedule(model, kv_dtype: torch.dtype, seed: int = 0,
-                 schedule=SCHEDULE) -> list[torch.Tensor]:
-    """Logits (new tokens, vocab) of every step, token ids drawn from `seed`."""
+def run_schedule(model, kv_dtype: torch.dtype, seed: int = 0, schedule=SCHEDULE,
+                 caches_after: list | None = None) -> list[torch.Tensor]:
+    """Logits (new tokens, vocab) of every step, token ids drawn from `seed`. With
+    `caches_after`, a copy of every layer's cache is appended to it after each step."""
     config = model.config
     gen = torch.Generator().manual_seed(seed)
     total = [sum(step[i] for step in schedule) for i in range(2)]
@@ -48,4 +51,6 @@ def run_schedule(model, kv_dtype: torch.dtype, seed: int = 0,
                                  block_size=BLOCK_SIZE, all_decode=qsl[-1] == len(seq_lens))
         hidden = model(torch.cat(ids), torch.cat(pos), caches, meta)     # (T, H)
         logits.append(model.compute_logits(hidden))
+        if caches_after is not None:
+            caches_after.append(copy.deepcopy(caches))
     return logits

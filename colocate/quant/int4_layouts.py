@@ -18,6 +18,8 @@ per process). Both layouts hold the integers of Int4Weight, two per byte.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from colocate.quant.qtensors import Int4Weight
@@ -64,30 +66,45 @@ def pack_tinygemm(w: Int4Weight, dtype: torch.dtype) -> Buffers:
     return {"qweight": qweight, "scale_zero": scale_zero.to(TINYGEMM_DTYPE).contiguous()}
 
 
-def _tinygemm_order(N: int, K: int) -> torch.Tensor:
-    """(N, K) -> flat nibble index in the packed buffer, as the CPU op lays it out.
+def _nibbles(packed: torch.Tensor) -> torch.Tensor:
+    """A uint8 buffer -> its nibbles in memory order, low nibble of each byte first."""
+    flat = packed.reshape(-1)
+    return torch.stack([flat & 15, flat >> 4], dim=1).view(-1)
 
-    Measured on torch 2.13 by packing one-hot matrices: rows go in blocks of 32; in a
-    block, channel k of row 16h + j sits in byte 16k + j, nibble h (low = 0). A last
-    block of 16 rows (N % 32 == 16) puts row j of channel k in byte 8k + j // 2,
-    nibble j % 2. The round-trip test catches a torch that packs differently.
+
+@functools.lru_cache(maxsize=8)
+def _tinygemm_order(N: int, K: int, capability: str) -> torch.Tensor:
+    """(N, K) -> flat nibble index in the packed buffer, as the CPU op lays it out here.
+
+    torch writes a different order under each ATen CPU capability (DEFAULT, AVX2 and
+    AVX512 all differ), so the order is asked of torch rather than written down: pack
+    probe matrices whose entries are the base-16 digits of each entry's position, read
+    the digits back out of every nibble, and invert. ceil(log2(N*K) / 4) packs of the
+    real shape, once per shape and process; only dequantize() needs it (the matmul
+    reads the packed buffer as it is). `capability` is the cache key: the layout can
+    differ between processes, never within one.
     """
-    n = torch.arange(N)[:, None]
-    k = torch.arange(K)[None, :]
-    base = (n // 32) * 32 * K // 2                                           # block start byte
-    j = n % 32
-    full = (n // 32) * 32 + 32 <= N
-    byte = torch.where(full, base + 16 * k + j % 16, base + 8 * k + j // 2)
-    nibble = torch.where(full, j // 16, j % 2)
-    return byte * 2 + nibble                                                 # (N, K)
+    count = N * K
+    position = torch.arange(count, dtype=torch.int64)                        # (N*K,)
+    held = torch.zeros(count, dtype=torch.int64)                             # position per nibble
+    for shift in range(0, max(count - 1, 1).bit_length(), 4):
+        digit = ((position >> shift) & 15).to(torch.int32).view(N, K)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(digit, 1)
+        held |= _nibbles(packed).to(torch.int64) << shift
+    order = torch.full((count,), -1, dtype=torch.int64)
+    order[held] = torch.arange(count)
+    if (order < 0).any():
+        raise RuntimeError(f"torch's int4 CPU packing of a {N}x{K} weight is not a "
+                           "permutation of its nibbles; this layout cannot be read back")
+    return order.view(N, K)                                                  # (N, K)
 
 
 def unpack_tinygemm(buffers: Buffers) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> q (N, K) uint8, scale (N, G) float32, offset (N, G) float32 (the float zero)."""
     p = buffers["qweight"]
     N, K = p.shape[0], p.shape[1] * 2
-    nibbles = torch.stack([p.reshape(-1) & 15, p.reshape(-1) >> 4], dim=1).view(-1)
-    q = nibbles[_tinygemm_order(N, K)]                                       # (N, K)
+    capability = torch.backends.cpu.get_cpu_capability()
+    q = _nibbles(p)[_tinygemm_order(N, K, capability)]                       # (N, K)
     sz = buffers["scale_zero"].float()                                       # (G, N, 2)
     return q, sz[..., 0].t(), sz[..., 1].t()
 

@@ -1,0 +1,91 @@
+"""What this CPU can do, read at run time: its model, the vector flags that matter to
+torch's CPU kernels, and the ATen capabilities it can run.
+
+The machines this project meets differ (AVX2-only Zen 3, AVX-512 + BF16 + VNNI Zen 4,
+AMX on recent Xeons), so nothing may assume the developer's. torch dispatches its
+vectorized kernels by capability (DEFAULT < AVX2 < AVX512), and the environment
+variable ATEN_CPU_CAPABILITY lowers it for one process; torch does not check that the
+CPU has what the variable asks for, so only capabilities listed by `runnable()` are
+safe to set. `python -m colocate.cpu_features` prints the report (CI logs start with
+it); `--other-capabilities` prints the runnable capabilities other than the native
+one, which `make test` runs the layout-sensitive tests under.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+# The flags reported, in the order printed. amx_* appear on Sapphire Rapids and later.
+REPORTED_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq",
+                  "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_tile", "amx_bf16",
+                  "amx_int8")
+# What torch's AVX512 kernels are compiled for (its cmake: -mavx512f -mavx512bw
+# -mavx512vl -mavx512dq); AVX2's are built with -mavx2 -mfma.
+_CAPABILITY_FLAGS = {"default": (), "avx2": ("avx2", "fma"),
+                     "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq")}
+CAPABILITY_ENV = "ATEN_CPU_CAPABILITY"
+
+
+@dataclass(frozen=True)
+class CpuFeatures:
+    model: str
+    flags: frozenset[str]
+
+    def has(self, flag: str) -> bool:
+        return flag in self.flags
+
+    def runnable(self) -> list[str]:
+        """ATen capabilities this CPU can execute, lowest first."""
+        return [cap for cap, needs in _CAPABILITY_FLAGS.items()
+                if all(f in self.flags for f in needs)]
+
+
+def read(cpuinfo: str | Path = "/proc/cpuinfo") -> CpuFeatures:
+    """The first processor's model name and flags (all cores of a VM report the same)."""
+    fields: dict[str, str] = {}
+    try:
+        for line in Path(cpuinfo).read_text().splitlines():
+            key, _, value = line.partition(":")
+            fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    return CpuFeatures(fields.get("model name") or platform.processor() or "unknown",
+                       frozenset(fields.get("flags", "").split()))
+
+
+def torch_capability() -> str:
+    """The capability torch dispatches to in this process ('DEFAULT', 'AVX2', 'AVX512')."""
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
+
+
+def report(features: CpuFeatures) -> str:
+    present = " ".join(f"{f}={'yes' if features.has(f) else 'no'}" for f in REPORTED_FLAGS)
+    return (f"cpu: {features.model}\n"
+            f"cpu flags: {present}\n"
+            f"torch capability: {torch_capability()} "
+            f"(runnable here: {', '.join(features.runnable())})")
+
+
+def other_capabilities(features: CpuFeatures) -> list[str]:
+    native = torch_capability().lower()
+    return [cap for cap in features.runnable() if cap != native]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m colocate.cpu_features")
+    parser.add_argument("--other-capabilities", action="store_true",
+                        help="print the runnable ATen capabilities other than the native one")
+    args = parser.parse_args(argv)
+    features = read()
+    if args.other_capabilities:
+        print(" ".join(other_capabilities(features)))
+    else:
+        print(report(features))
+
+
+if __name__ == "__main__":
+    main()

@@ -10,20 +10,13 @@ from colocate.engine.engine import EngineLimits, LLMEngine
 from colocate.engine.kv_cache_manager import cdiv
 from colocate.engine.outputs import RequestOutput
 from colocate.model.kv_cache import resolve_kv_cache_dtype
-from colocate.model.loader import load_model
+from colocate.model.loader import load_model, parse_dtype
 from colocate.model.model_config import LlamaConfig
 from colocate.model.tokenizer import Tokenizer
 from colocate.sampling_params import SamplingParams
 from colocate.worker.model_runner import ModelRunner
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_KV_CACHE_TOKENS = 8192
-
-
-def resolve_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
-    return DTYPES[name]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -73,11 +66,11 @@ class LLM:
                                  ("max_num_batched_tokens", max_num_batched_tokens, 1)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-        torch_dtype = resolve_dtype(dtype)
         torch_device = resolve_device(device)
-        resolve_kv_cache_dtype(kv_cache_dtype, torch_dtype, torch_device)   # fail before loading
         path = Path(model)
         self.config = LlamaConfig.from_pretrained(path)
+        torch_dtype = parse_dtype(dtype, self.config)                       # "auto": the checkpoint's
+        resolve_kv_cache_dtype(kv_cache_dtype, torch_dtype, torch_device)   # fail before loading
         if max_model_len is None:
             max_model_len = self.config.max_position_embeddings
         if max_model_len < 1:
@@ -87,7 +80,7 @@ class LLM:
             raise ValueError(f"kv_cache_tokens must be >= block_size ({block_size}), got {kv_tokens}")
         num_blocks = cdiv(kv_tokens, block_size) + 1      # + the null block
 
-        self.model = load_model(path, dtype=dtype, device=str(torch_device),
+        self.model = load_model(path, dtype=torch_dtype, device=str(torch_device),
                                 quantization=quantization, quant_group_size=quant_group_size)
         self.tokenizer = load_tokenizer(path)
         self.engine = build_engine(

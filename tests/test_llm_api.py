@@ -103,3 +103,26 @@ def test_bad_prompts_leave_engine_unchanged(llm, prompt, params, match):
 def test_bad_engine_arguments(tiny_model_dir, kwargs, match):
     with pytest.raises(ValueError, match=match):
         LLM(str(tiny_model_dir), **kwargs)
+
+
+@pytest.mark.parametrize("stored", ["bfloat16", "float32"])
+def test_auto_dtype_is_the_checkpoints(tiny_model_dir, tmp_path, stored):
+    """dtype="auto" (as in the README) takes config.json's torch_dtype, for the model
+    and the engine's KV cache alike."""
+    import json
+    import shutil
+
+    import torch
+
+    path = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, path)
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "torch_dtype": stored}))
+    auto = LLM(str(path), dtype="auto", kv_cache_tokens=256)
+    want = getattr(torch, stored)
+    assert {p.dtype for p in auto.model.parameters()} == {want}
+    assert auto.engine.runner.kv_caches[0].key.dtype == want
+    explicit = LLM(str(path), dtype=stored, kv_cache_tokens=256)
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    assert (auto.generate([[1, 5, 9]], params)[0].token_ids
+            == explicit.generate([[1, 5, 9]], params)[0].token_ids)

@@ -336,8 +336,11 @@ class _Reader(ValueReader):
             kv_cache=self.kv_cache(s["kv_cache"], f"{key}.kv_cache"),
             tenants=self.tenants(s["tenants"], f"{key}.tenants"),
             max_num_seqs=max_seqs, max_num_batched_tokens=max_tokens,
+            # At least 1: a queue of 0 would refuse every request that arrives while
+            # the previous one is still being scheduled, and "unlimited" is not offered
+            # (an unbounded queue is how a flood takes a service's memory).
             max_queued_requests=self.integer(s.get("max_queued_requests", 256),
-                                             f"{key}.max_queued_requests", minimum=0),
+                                             f"{key}.max_queued_requests"),
             tls=self.tls(s["tls"], f"{key}.tls") if "tls" in s else device_tls,
             max_request_bytes=self.size(s.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES),
                                         f"{key}.max_request_bytes",

@@ -180,6 +180,8 @@ ERRORS = [
     ("models.m.path", None, "models.m.path", "missing required key"),
     (f"{S0}.port", "50051", "gpus[0].services[0].port", "expected an integer"),
     (f"{S0}.port", 70000, "gpus[0].services[0].port", "out of range"),
+    (f"{S0}.max_queued_requests", 0, "gpus[0].services[0].max_queued_requests",
+     "0 is out of range; must be >= 1"),
     (f"{S0}.max_model_len", True, "gpus[0].services[0].max_model_len", "expected an integer"),
     ("gpus.1.share_weights", "yes", "gpus[1].share_weights", "expected true or false"),
     ("gpus.0.services", {}, "gpus[0].services", "expected a non-empty list"),

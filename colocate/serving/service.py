@@ -101,10 +101,7 @@ class ServiceRuntime:
         self.faults = FaultInjector(launch.test_hooks)
         if launch.test_hooks:
             self.llm_engine.runner = FaultyRunner(self.llm_engine.runner, self.faults)
-        # The YAML allows 0 but AsyncEngine takes >= 1 or None (no limit); 0 is read
-        # as no limit until config.py says what it means.
-        self.engine = AsyncEngine(self.llm_engine,
-                                  max_queued_requests=spec.max_queued_requests or None)
+        self.engine = AsyncEngine(self.llm_engine, max_queued_requests=spec.max_queued_requests)
         quant = launch.weights.quantization or {}
         info = model_info_from_engine(
             self.llm_engine, model_name=spec.model, dtype=launch.weights.dtype,

@@ -15,7 +15,6 @@ GENERATED = Path(pb.__file__).parent
 
 
 def test_checked_in_code_matches_the_proto(tmp_path):
-    pytest.importorskip("grpc_tools")
     from colocate.serving.proto_gen.build import build
 
     written = build(tmp_path)

@@ -1,21 +1,15 @@
-"""W8A16 / W4A16 Triton kernels under TRITON_INTERPRET=1 against torch, at toy sizes."""
+"""W8A16 / W4A16 Triton kernels under TRITON_INTERPRET=1 (set by this folder's
+conftest) against torch, at toy sizes."""
 from __future__ import annotations
 
-import os
+import pytest
+import torch
+import torch.nn.functional as F
 
-os.environ.setdefault("TRITON_INTERPRET", "1")     # before the kernels are decorated
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from colocate.kernels.w4a16_matmul import w4a16_matmul  # noqa: E402
-from colocate.kernels.w8a16_matmul import w8a16_matmul  # noqa: E402
-from colocate.quant import int4_layouts  # noqa: E402
-from colocate.quant.rtn import quantize_int4, quantize_int8  # noqa: E402
-
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                reason="the kernels run on CPU only in the interpreter")
+from colocate.kernels.w4a16_matmul import w4a16_matmul
+from colocate.kernels.w8a16_matmul import w8a16_matmul
+from colocate.quant import int4_layouts
+from colocate.quant.rtn import quantize_int4, quantize_int8
 
 
 def _x(m: int, k: int, dtype: torch.dtype) -> torch.Tensor:

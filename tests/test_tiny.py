@@ -1,8 +1,6 @@
 """write_tiny_checkpoint: deterministic bytes, preset sizes, and a layout HF transformers accepts."""
 from __future__ import annotations
 
-import time
-
 import pytest
 import torch
 import transformers
@@ -38,10 +36,8 @@ def test_unknown_preset_is_named(tmp_path):
         write_tiny_checkpoint(tmp_path, "huge")
 
 
-def test_small_tokenizer_is_exact_and_fast():
-    start = time.perf_counter()
+def test_small_tokenizer_is_exact():
     tok = build_tokenizer(PRESETS["small"]["vocab_size"], seed=0)
-    assert time.perf_counter() - start < 10
     assert tok.get_vocab_size(with_added_tokens=True) == 32000
     assert [tok.token_to_id(t) for t in ("<unk>", "<s>", "</s>")] == [0, 1, 2]
 

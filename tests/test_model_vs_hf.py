@@ -176,3 +176,25 @@ def test_half_precision_rounds_like_hf(models, dtype):
         hf_rounding = rel(h, f)
         assert rel(g, h) <= 1.5 * hf_rounding, (i, rel(g, h), hf_rounding)
         assert rel(g, f) <= 1.5 * hf_rounding, (i, rel(g, f), hf_rounding)
+
+
+def test_linear_rope_scaling_matches_hf(tmp_path):
+    """rope_scaling {"rope_type": "linear"} (positions divided by the factor, as in
+    LLaMA-2-based long-context fine-tunes) against HF on prompts past the original
+    context, chunked."""
+    import json
+
+    path = write_tiny_checkpoint(tmp_path / "linear", preset="tiny")
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["rope_scaling"] = {"rope_type": "linear", "factor": 4.0}
+    (path / "config.json").write_text(json.dumps(cfg))
+    ours = load_model(path, dtype="float32")
+    hf = transformers.LlamaForCausalLM.from_pretrained(
+        path, dtype=torch.float32, attn_implementation="eager").eval()
+    plain = load_model(write_tiny_checkpoint(tmp_path / "plain", preset="tiny"))
+    prompts = make_prompts([17, 129], ours.config.vocab_size, seed=3)
+    steps = chunked_schedule([len(p) for p in prompts])
+    got = run_schedule(ours, prompts, steps)
+    assert_matches(got, hf_logits(hf, prompts))
+    # The scaling took effect: the same weights without it give other logits.
+    assert not torch.allclose(got[1], run_schedule(plain, prompts, steps)[1], atol=1e-2)

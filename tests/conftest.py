@@ -41,3 +41,19 @@ def block_pools_whole():
     gc.collect(0)
     for pool in list(LIVE_POOLS):
         pool.check_whole()
+
+
+@pytest.fixture(autouse=True)
+def service_pools_whole(request):
+    """After each test that uses a module's running `deployment`: every service
+    process's pool is empty again (read through GetStats), so a leak in a service
+    shows in the test that caused it."""
+    yield
+    if "deployment" not in request.fixturenames:
+        return
+    from colocate.serving.deploy import Deployment
+    from tests.deployment.helpers import wait_service_pools_empty
+
+    deployment = request.getfixturevalue("deployment")
+    if isinstance(deployment, Deployment):
+        wait_service_pools_empty(deployment)

@@ -62,3 +62,44 @@ def stream_tokens(target: str, token: str, prompt, **sampling) -> list[int]:
 
     with Client(target, token, timeout=120) as client:
         return [t for delta in client.generate(prompt, **sampling) for t in delta.token_ids]
+
+
+def scrape_by_service(url: str, name: str) -> dict[str, float]:
+    """One series of a device's /metrics endpoint, by its `service` label."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=30) as resp:
+        text = resp.read().decode()
+    return {s.labels["service"]: s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name == name}
+
+
+def wait_service_pools_empty(deployment, timeout: float = 20.0) -> None:
+    """Every running service process of `deployment` (each replica on its own) reports,
+    through GetStats, no request running or waiting and no KV block held: the check
+    tests/conftest.py makes of the pools in the pytest process, made of the pools in
+    service processes. A request aborted at the end of a test frees its blocks within
+    an engine step, so this waits a little before failing."""
+    import os
+    import time
+
+    from colocate.client import Client
+
+    deadline = time.monotonic() + timeout
+    for endpoint in deployment.endpoints():
+        if endpoint.state != "running":
+            continue
+        # cpu_deployment passes tokens to load_config, not through the environment.
+        token = os.environ.get(endpoint.token_envs[0]) or token_of(endpoint.service)
+        with Client(endpoint.target, token) as client:
+            while True:
+                stats = client.stats()
+                held = (stats.num_running, stats.num_waiting, stats.kv_blocks_used)
+                if held == (0, 0, 0):
+                    break
+                assert time.monotonic() < deadline, (
+                    f"{endpoint.service} at {endpoint.target} still holds "
+                    f"(running, waiting, kv blocks) = {held}")
+                time.sleep(0.1)

@@ -16,7 +16,7 @@ import torch
 from colocate.memory.sizing import KV_BLOCK_SIZE
 from colocate.sampling_params import SamplingParams
 from colocate.serving.deploy import Deployment
-from tests.deployment.helpers import cpu_deployment, stream_tokens, token_of
+from tests.deployment.helpers import cpu_deployment, scrape_by_service, stream_tokens, token_of
 
 NAMES = ["svc-a", "svc-b", "svc-c"]
 KV_TOKENS = 256                               # 16 blocks per service
@@ -87,8 +87,11 @@ def test_another_services_token_is_unauthenticated(targets):
 
 
 def test_kv_pool_never_exceeds_its_budget(deployment, targets):
-    """Twelve long requests against a 16-block pool: the engine preempts, the pool
-    stays within its blocks, and the other services' pools stay empty."""
+    """Twelve long requests against a 16-block pool: the engine preempts (counted by
+    the service's metrics), the pool stays within its blocks, and the other services'
+    pools stay empty and see no preemption."""
+    metrics_url = deployment.metrics_urls()["cpu"]
+    preempted_before = scrape_by_service(metrics_url, "colocate_preemptions_total")
     budget_blocks = KV_TOKENS // KV_BLOCK_SIZE
     prompts = [[1] + [10 + 7 * i + j for j in range(40)] for i in range(12)]
     finished = []
@@ -113,6 +116,10 @@ def test_kv_pool_never_exceeds_its_budget(deployment, targets):
     assert all(s.kv_blocks_total == budget_blocks for s in loaded)
     assert all(s.kv_blocks_used <= s.kv_blocks_total for s in loaded)
     assert max(s.kv_blocks_used for s in loaded) > budget_blocks // 2   # it was under pressure
+    # 12 x 191 tokens want 144 blocks of a 16-block pool: only preemption finished them.
+    preempted = scrape_by_service(metrics_url, "colocate_preemptions_total")
+    assert preempted["svc-a"] > preempted_before.get("svc-a", 0)
+    assert all(preempted.get(o, 0) == preempted_before.get(o, 0) for o in ("svc-b", "svc-c"))
     for other in ("svc-b", "svc-c"):
         assert all(s[other].kv_blocks_used == 0 for s in samples if s[other] is not None)
         assert all(s[other].kv_blocks_total == budget_blocks

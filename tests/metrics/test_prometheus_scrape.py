@@ -1,12 +1,14 @@
 """A real Prometheus server scrapes a running CPU deployment: after known traffic,
 its HTTP API holds every service's TTFT histogram, KV usage and memory series, with
-request counts exactly as sent. Also runs every dashboard query against it.
+request counts exactly as sent. Also runs every dashboard query against it and
+checks each panel shows a series for every service.
 
 Not skipped without the `prometheus` binary: it fails saying how to install it.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -135,12 +137,25 @@ def test_prometheus_sees_every_service(deployment, prometheus):
     assert q("up", by="job") == {"colocate": 1.0}
 
 
-def test_every_dashboard_query_runs(prometheus):
+def test_every_dashboard_panel_shows_every_service(prometheus):
+    """Each panel's queries, as Grafana would send them with "All" selected, return
+    series: one per service where the panel is per service (its query filters or
+    groups by service), else one for the device. Runs after the traffic above."""
+    names = set(PROMPTS)
+    # rate() needs two scrapes inside its window: wait for them (1 s apart) first.
+    ready = wait_for(prometheus, "count_over_time(up[1m]) >= bool 3", {"": 1.0})
+    assert ready == {"": 1.0}, f"Prometheus has not scraped 3 times in a minute: {ready}"
     for title, expr in panel_queries(DASHBOARD):
+        per_service = 'service=~"$service"' in expr or re.search(r"by \([^)]*service", expr)
         # Grafana's variables, as "All" and a default rate window would expand them.
         expr = (expr.replace("$__rate_interval", "1m").replace("$gpu", ".*")
                 .replace("$service", ".*"))
-        prometheus.query(expr)            # raises, naming the expression, if invalid
+        rows = prometheus.query(expr)     # raises, naming the expression, if invalid
+        if per_service:
+            shown = {r["metric"].get("service") for r in rows}
+            assert names <= shown, (title, expr, shown)
+        else:
+            assert {r["metric"].get("gpu") for r in rows} == {"cpu"}, (title, expr, rows)
 
 
 def test_the_example_prometheus_config_is_valid(prometheus_path):

@@ -61,7 +61,11 @@ def test_sigterm_drains_then_leaves_nothing_behind(tiny_model_dir, tmp_path):
     target = f"127.0.0.1:{service.port}"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["TOKEN_0"] = token_of("svc-s")
-    proc = subprocess.Popen([*_colocate_command(), "serve", str(tmp_path / "reliability.yaml")],
+    # A grace far longer than the 900 tokens take, so the in-flight request finishes
+    # inside it however loaded the machine is (at 10 s, the default, a busy 2-core
+    # box sometimes cut it off: a timing dependency, not a drain fault).
+    proc = subprocess.Popen([*_colocate_command(), "serve", str(tmp_path / "reliability.yaml"),
+                             "--grace", "120"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)
     try:

@@ -4,10 +4,25 @@ from __future__ import annotations
 
 import gc
 import os
+import weakref
 
 import pytest
 
-from colocate.engine.block_pool import LIVE_POOLS
+from colocate.engine.block_pool import BlockPool
+
+# Every pool made in this process, so each test can be checked to have given all its
+# blocks back. Recorded by wrapping the constructor here rather than by a registry in
+# the engine: production code carries nothing for the tests.
+LIVE_POOLS: "weakref.WeakSet[BlockPool]" = weakref.WeakSet()
+_untracked_init = BlockPool.__init__
+
+
+def _tracked_init(self, *args, **kwargs):
+    _untracked_init(self, *args, **kwargs)
+    LIVE_POOLS.add(self)
+
+
+BlockPool.__init__ = _tracked_init
 
 
 @pytest.fixture(scope="session")

@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
-
-# Every live pool, so tests can check after each case that all were given back.
-LIVE_POOLS: "weakref.WeakSet[BlockPool]" = weakref.WeakSet()
 
 NULL_BLOCK_ID = 0
 
@@ -81,7 +77,6 @@ class BlockPool:
         self.null_block = self.blocks[NULL_BLOCK_ID]
         self.free_queue = FreeBlockQueue(self.blocks[1:])
         self.cached: dict[bytes, KVCacheBlock] = {}
-        LIVE_POOLS.add(self)
 
     @property
     def num_usable_blocks(self) -> int:

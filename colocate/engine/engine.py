@@ -57,8 +57,9 @@ class LLMEngine:
         self.eos_token_ids = tuple(eos_token_ids)
         self.kv = KVCacheManager(limits.num_blocks, limits.block_size,
                                  limits.enable_prefix_caching)
-        self.scheduler = Scheduler(self.kv, limits.max_num_seqs, limits.max_num_batched_tokens)
-        self.output_processor = OutputProcessor(tokenizer, limits.max_model_len)
+        self.scheduler = Scheduler(self.kv, limits.max_num_seqs, limits.max_num_batched_tokens,
+                                   limits.max_model_len)
+        self.output_processor = OutputProcessor(tokenizer)
         self._ids = itertools.count()
         self.num_steps = 0
         self.stats = EngineStatistics()
@@ -115,15 +116,17 @@ class LLMEngine:
             return None
         request.finish(FinishReason.ABORT)
         output = self.output_processor.make_output(request)
-        self._retire(request)
+        self.scheduler.finish_request(request)
+        self._release(request)
         return output
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished()
 
-    def _retire(self, request: Request) -> None:
+    def _release(self, request: Request) -> None:
+        """What is left of a request the scheduler has finished: statistics, text
+        state, the runner's per-request state."""
         self.stats.on_finish(request, time.monotonic())
-        self.scheduler.finish_request(request)
         self.output_processor.remove(request.request_id)
         self.runner.release(request.request_id)
 
@@ -144,37 +147,22 @@ class LLMEngine:
     def _update(self, sched: SchedulerOutput, results) -> list[RequestOutput]:
         outputs = []
         now = time.monotonic()           # one clock read per step, not per request
-        for s in sched.scheduled:
-            request = s.request
-            result = results[request.request_id]
-            if result.prompt_logprobs is not None:
-                # After a preemption the prompt is recomputed: keep the first values.
-                have = len(request.prompt_logprobs)
-                first = request.num_computed_tokens + 1
-                fresh = result.prompt_logprobs[max(0, have - first):]
-                request.prompt_logprobs.extend(fresh)
-            request.num_computed_tokens += s.num_new_tokens
-            self.kv.cache_blocks(request)
-            if result.sample is None:
-                continue
-            sample = result.sample
-            request.append_output_token(sample.token_id)
+        for request in self.scheduler.update_from_output(sched, results):
             self.stats.on_token(request, now)
-            if request.sampling_params.logprobs is not None:
-                request.logprobs.append(sample.top_logprobs or {sample.token_id: sample.logprob})
-            self.output_processor.on_token(request, sample.token_id)
+            if self.output_processor.on_token(request):
+                self.scheduler.finish_request(request)               # a stop string ended it
             outputs.append(self.output_processor.make_output(request))
             if request.is_finished:
-                self._retire(request)
+                self._release(request)
         return outputs
 
     def statistics(self) -> StatisticsSnapshot:
         """Counters, latency histograms and load, as of now. Safe from any thread
         (see colocate/engine/stats.py for why no lock is needed)."""
-        st, pool = self.stats, self.kv.pool
+        st, kv = self.stats, self.kv
         return StatisticsSnapshot(
             num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
-            kv_blocks_used=pool.num_used_blocks, kv_blocks_total=pool.num_usable_blocks,
+            kv_blocks_used=kv.num_used_blocks, kv_blocks_total=kv.num_usable_blocks,
             block_size=self.limits.block_size, prompt_tokens=st.prompt_tokens,
             generation_tokens=st.generation_tokens,
             preemptions=self.scheduler.num_preemptions,

@@ -1,7 +1,9 @@
 """KVCacheManager: which blocks each request holds; the scheduler sees only this.
 
-It hides the block pool from the scheduler: the scheduler asks in tokens
-("can this request grow by n tokens?") and gets blocks or a refusal.
+It hides the block pool from the scheduler and the engine: the scheduler asks in
+tokens ("can this request grow by n tokens?") and gets blocks or a refusal; the
+engine reads the block counts it reports. `pool` is kept for the manager's own
+tests, which check the pool's invariants directly.
 """
 from __future__ import annotations
 
@@ -28,18 +30,18 @@ class KVCacheManager:
 
     @property
     def num_free_blocks(self) -> int:
+        """Blocks a request could take now (cached ones with no holder included)."""
         return self.pool.num_free_blocks
 
     @property
-    def num_usable_blocks(self) -> int:
-        return self.pool.num_usable_blocks
+    def num_used_blocks(self) -> int:
+        """Blocks held by at least one request."""
+        return self.pool.num_used_blocks
 
     @property
-    def capacity_tokens(self) -> int:
-        return self.pool.num_usable_blocks * self.block_size
-
-    def blocks_for_tokens(self, num_tokens: int) -> int:
-        return cdiv(num_tokens, self.block_size)
+    def num_usable_blocks(self) -> int:
+        """The pool's size, less the null block."""
+        return self.pool.num_usable_blocks
 
     def get_block_ids(self, request_id: str) -> list[int]:
         return [b.block_id for b in self.req_to_blocks.get(request_id, ())]
@@ -79,10 +81,6 @@ class KVCacheManager:
             self.prefix_hits += num_hit_tokens
 
     # ---- allocation ------------------------------------------------------------
-    def can_allocate(self, request: Request, num_new_tokens: int,
-                     new_computed_blocks: list[KVCacheBlock] = ()) -> bool:
-        return self._blocks_needed(request, num_new_tokens, new_computed_blocks) is not None
-
     def _blocks_needed(self, request: Request, num_new_tokens: int,
                        new_computed_blocks) -> int | None:
         held = len(self.req_to_blocks.get(request.request_id, ()))

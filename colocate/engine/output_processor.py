@@ -1,8 +1,11 @@
-"""Turns sampled tokens into text and decides when a request stops.
+"""Turns sampled tokens into text, and stops a request on a stop string.
 
 Per request it keeps an incremental detokenizer and how much text has been
 handed out. While stop strings are armed, the last few characters are held back:
 they might turn out to be the start of a stop string that must not be shown.
+Token state and the other ways to stop (stop ids, length) belong to the scheduler
+(Scheduler.update_from_output); a stop string, being text, is decided here and
+takes precedence over them, as in vLLM: the text ends where the string does.
 """
 from __future__ import annotations
 
@@ -27,9 +30,8 @@ class RequestTextState:
 
 
 class OutputProcessor:
-    def __init__(self, tokenizer, max_model_len: int) -> None:
+    def __init__(self, tokenizer) -> None:
         self.tokenizer = tokenizer
-        self.max_model_len = max_model_len
         self.states: dict[str, RequestTextState] = {}
 
     def add(self, request: Request) -> None:
@@ -38,25 +40,21 @@ class OutputProcessor:
     def remove(self, request_id: str) -> None:
         self.states.pop(request_id, None)
 
-    def on_token(self, request: Request, token_id: int) -> None:
-        """Record one sampled token (already appended to the request) and finish
-        the request if it stops here."""
+    def on_token(self, request: Request) -> bool:
+        """Add the text of the request's newest token (the scheduler appended it).
+        True when a stop string ends a request that was still running, which the
+        caller must then finish in the scheduler."""
         state = self.states[request.request_id]
         params = request.sampling_params
+        was_finished = request.is_finished
+        token_id = request.output_token_ids[-1]
         new_text = state.detokenizer.push(token_id) if state.detokenizer else ""
-        n_out = request.num_output_tokens
-        past_min = n_out >= params.min_tokens
-        if past_min and params.stop_strings and new_text:
+        if request.num_output_tokens >= params.min_tokens and params.stop_strings and new_text:
             self._check_stop_strings(request, state, new_text)
         else:
             # A stop token's text stays (vLLM's rule); EOS, being special, decodes to "".
             state.text += new_text
-        if request.is_finished:
-            return
-        if past_min and token_id in request.stop_token_ids:
-            request.finish(FinishReason.STOP, stop_reason=token_id)
-        elif n_out >= params.max_tokens or request.num_tokens >= self.max_model_len:
-            request.finish(FinishReason.LENGTH)
+        return request.is_finished and not was_finished
 
     def _check_stop_strings(self, request: Request, state: RequestTextState,
                             new_text: str) -> None:

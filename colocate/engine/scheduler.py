@@ -6,6 +6,12 @@ token behind, a prefill chunk is a request many tokens behind, and both share a
 step. Running requests go first; when blocks run out the newest running request
 is preempted (its blocks freed, to be recomputed later); waiting requests are
 admitted only with what budget and blocks are left.
+
+After the step the scheduler owns what changed (update_from_output): computed
+tokens, newly filled blocks into the prefix cache, the sampled token and its
+log-probabilities, and stopping on a stop token id or on length, which frees the
+request's blocks at once. Only stop strings are decided elsewhere, by the output
+processor, because they are text.
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from colocate.engine.kv_cache_manager import KVCacheManager
-from colocate.engine.request import Request, RequestStatus
+from colocate.engine.request import FinishReason, Request, RequestStatus
 
 
 @dataclass
@@ -46,10 +52,11 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int,
-                 max_num_batched_tokens: int) -> None:
+                 max_num_batched_tokens: int, max_model_len: int) -> None:
         self.kv = kv_cache_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
@@ -131,6 +138,44 @@ class Scheduler:
             if victim is request:
                 return False
         return True
+
+    # ---- after the step ------------------------------------------------------
+    def update_from_output(self, out: SchedulerOutput, results) -> list[Request]:
+        """Apply a step's results (request_id -> StepResult) to the requests it ran.
+        Returns the requests that sampled a token, in schedule order; any of them
+        that stopped on a stop token id or on length is finished and freed."""
+        sampled = []
+        for s in out.scheduled:
+            request = s.request
+            result = results[request.request_id]
+            if result.prompt_logprobs is not None:
+                # After a preemption the prompt is recomputed: keep the first values.
+                have = len(request.prompt_logprobs)
+                first = request.num_computed_tokens + 1
+                request.prompt_logprobs.extend(result.prompt_logprobs[max(0, have - first):])
+            request.num_computed_tokens += s.num_new_tokens
+            self.kv.cache_blocks(request)
+            if result.sample is None:
+                continue
+            sample = result.sample
+            request.append_output_token(sample.token_id)
+            if request.sampling_params.logprobs is not None:
+                request.logprobs.append(sample.top_logprobs or {sample.token_id: sample.logprob})
+            if self._stops(request, sample.token_id):
+                self.finish_request(request)
+            sampled.append(request)
+        return sampled
+
+    def _stops(self, request: Request, token_id: int) -> bool:
+        """Finish the request if this token ends it: a stop id (once min_tokens are
+        out), max_tokens, or max_model_len."""
+        params = request.sampling_params
+        n_out = request.num_output_tokens
+        if n_out >= params.min_tokens and token_id in request.stop_token_ids:
+            request.finish(FinishReason.STOP, stop_reason=token_id)
+        elif n_out >= params.max_tokens or request.num_tokens >= self.max_model_len:
+            request.finish(FinishReason.LENGTH)
+        return request.is_finished
 
     def _preempt(self, request: Request) -> None:
         # Recompute rather than swap: free the blocks, go back to the queue's front.

@@ -356,8 +356,8 @@ class AsyncEngine:
             self._stats = self._snapshot()
 
     def _snapshot(self) -> EngineStats:
-        pool = self.engine.kv.pool
+        kv = self.engine.kv
         return EngineStats(num_running=self.engine.scheduler.num_running,
                            num_waiting=self.engine.scheduler.num_waiting,
-                           kv_blocks_used=pool.num_used_blocks,
-                           kv_blocks_total=pool.num_usable_blocks)
+                           kv_blocks_used=kv.num_used_blocks,
+                           kv_blocks_total=kv.num_usable_blocks)

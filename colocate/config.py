@@ -18,12 +18,10 @@ import yaml
 
 from colocate.config_topology import Topology
 from colocate.config_values import ConfigError, ValueReader, kind
-from colocate.model.model_config import LlamaConfig
+from colocate.model.model_config import KV_CACHE_DTYPES, MODEL_DTYPES, LlamaConfig
 
 PRESET_PREFIX = "preset:"
-MODEL_DTYPES = ("auto", "float16", "bfloat16", "float32")
 QUANTIZATIONS = (None, "int8", "int4")
-KV_DTYPES = ("auto", "int8")
 RESTART_POLICIES = ("never", "anywhere")   # what to do with an entry whose node is lost
 DEFAULT_QUANT_GROUP_SIZE = 128
 # gRPC's own default receive limit; 4 MiB of prompt is already ~1M tokens, far
@@ -238,7 +236,7 @@ class _Reader(ValueReader):
     def model(self, name: str, raw: Any, key: str) -> ModelSpec:
         m = self.mapping(raw, key, required=("path",),
                          optional=("dtype", "quantization", "quant_group_size"))
-        dtype = self.choice(m.get("dtype", "auto"), f"{key}.dtype", MODEL_DTYPES)
+        dtype = self.choice(m.get("dtype", "auto"), f"{key}.dtype", ("auto",) + MODEL_DTYPES)
         quant = self.choice(m.get("quantization"), f"{key}.quantization", QUANTIZATIONS)
         group = DEFAULT_QUANT_GROUP_SIZE
         if "quant_group_size" in m:
@@ -355,7 +353,7 @@ class _Reader(ValueReader):
 
     def kv_cache(self, raw: Any, key: str) -> KVCacheSpec:
         kv = self.mapping(raw, key, required=(), optional=("dtype", "budget", "tokens"))
-        dtype = self.choice(kv.get("dtype", "auto"), f"{key}.dtype", KV_DTYPES)
+        dtype = self.choice(kv.get("dtype", "auto"), f"{key}.dtype", KV_CACHE_DTYPES)
         if ("budget" in kv) == ("tokens" in kv):
             raise self.error(key, "give exactly one of budget (a size like 20GiB) or tokens")
         if "budget" in kv:

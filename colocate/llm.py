@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from colocate.engine.engine import EngineLimits, LLMEngine
-from colocate.engine.kv_cache_manager import cdiv
+from colocate.engine.block_pool import KV_BLOCK_SIZE, pool_blocks
 from colocate.engine.outputs import RequestOutput
 from colocate.model.kv_cache import resolve_kv_cache_dtype
 from colocate.model.loader import load_model, parse_dtype
@@ -55,7 +55,7 @@ def build_engine(model: torch.nn.Module, config: LlamaConfig, tokenizer: Tokeniz
 
 class LLM:
     def __init__(self, model: str, dtype: str = "float32", quantization: str | None = None,
-                 kv_cache_dtype: str = "auto", device: str = "cpu", block_size: int = 16,
+                 kv_cache_dtype: str = "auto", device: str = "cpu", block_size: int = KV_BLOCK_SIZE,
                  kv_cache_tokens: int | None = None, max_model_len: int | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  enable_prefix_caching: bool = True,
@@ -78,7 +78,7 @@ class LLM:
         kv_tokens = kv_cache_tokens if kv_cache_tokens is not None else DEFAULT_KV_CACHE_TOKENS
         if kv_tokens < block_size:
             raise ValueError(f"kv_cache_tokens must be >= block_size ({block_size}), got {kv_tokens}")
-        num_blocks = cdiv(kv_tokens, block_size) + 1      # + the null block
+        num_blocks = pool_blocks(kv_tokens, block_size)
 
         self.model = load_model(path, dtype=torch_dtype, device=str(torch_device),
                                 quantization=quantization, quant_group_size=quant_group_size)

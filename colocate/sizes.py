@@ -17,6 +17,11 @@ _UNITS = {
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([A-Za-z]*)\s*$")
 
 
+def cdiv(a: int, b: int) -> int:
+    """How many b-sized pieces hold a: blocks for tokens, groups for channels."""
+    return -(-a // b)
+
+
 def parse_size(value: object) -> int:
     """Bytes in `value`; raises ValueError saying what is wrong.
 

@@ -14,7 +14,17 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
+from colocate.sizes import cdiv
+
 NULL_BLOCK_ID = 0
+# Tokens per KV block, for every service and for LLM by default. The memory plan
+# carves a byte budget into whole blocks of this size (colocate/memory/sizing.py).
+KV_BLOCK_SIZE = 16
+
+
+def pool_blocks(kv_tokens: int, block_size: int = KV_BLOCK_SIZE) -> int:
+    """A pool's size for kv_tokens: the blocks that hold them plus the null block."""
+    return cdiv(kv_tokens, block_size) + 1
 
 
 class KVCacheBlock:

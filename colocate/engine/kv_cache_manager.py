@@ -9,10 +9,7 @@ from __future__ import annotations
 
 from colocate.engine.block_pool import BlockPool, KVCacheBlock, hash_block
 from colocate.engine.request import Request
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
+from colocate.sizes import cdiv
 
 
 class KVCacheManager:

@@ -9,11 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from colocate.config import ModelSpec, ServiceSpec
+from colocate.engine.block_pool import KV_BLOCK_SIZE
 from colocate.model.model_config import DTYPE_BYTES, LlamaConfig
+from colocate.sizes import cdiv
 
-# Tokens per KV block. The KV pool is carved into whole blocks, so a byte budget
-# buys a whole number of blocks. Keep equal to the engine's block size.
-KV_BLOCK_SIZE = 16
+# The KV pool is carved into whole blocks of KV_BLOCK_SIZE tokens, so a byte budget
+# buys a whole number of blocks.
 
 # int8 KV stores one scale per token, per KV head, per layer, for K and for V.
 # fp32 rather than fp16: the scale is 3% of a 128-wide head either way, and fp32 keeps
@@ -35,10 +36,6 @@ RUNTIME_OVERHEAD_CPU = 256 * 2**20
 
 def runtime_overhead(is_cuda: bool) -> int:
     return RUNTIME_OVERHEAD_CUDA if is_cuda else RUNTIME_OVERHEAD_CPU
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @dataclass(frozen=True)
@@ -100,7 +97,7 @@ class ModelFootprint:
             # Two weights per byte + a scale and a zero point per group of in_features
             # in each output row.
             g = self.spec.quant_group_size
-            per_layer = sum(_ceil_div(i * o, 2) + o * _ceil_div(i, g) * 2 * b
+            per_layer = sum(cdiv(i * o, 2) + o * cdiv(i, g) * 2 * b
                             for i, o in shapes)
         else:
             raise ValueError(f"model {self.spec.name}: unknown quantization {q!r}")
@@ -177,7 +174,7 @@ def kv_budget(footprint: ModelFootprint, service: ServiceSpec) -> tuple[int, int
     if service.kv_cache.budget_bytes is not None:
         blocks = service.kv_cache.budget_bytes // block_bytes
         return per_token, blocks * KV_BLOCK_SIZE, service.kv_cache.budget_bytes
-    blocks = _ceil_div(service.kv_cache.tokens, KV_BLOCK_SIZE)
+    blocks = cdiv(service.kv_cache.tokens, KV_BLOCK_SIZE)
     return per_token, blocks * KV_BLOCK_SIZE, blocks * block_bytes
 
 

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
-KV_CACHE_DTYPES = ("auto", "int8")
+from colocate.model.model_config import KV_CACHE_DTYPES
+
 KV_SCALE_DTYPE = torch.float32
 _QMAX = 127.0
 _AMAX_FLOOR = 1e-30

@@ -14,9 +14,9 @@ import torch
 from safetensors import safe_open
 
 from colocate.model.llama import LlamaForCausalLM
-from colocate.model.model_config import LlamaConfig
+from colocate.model.model_config import MODEL_DTYPES, LlamaConfig
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}
 
 # model parameter suffix -> the HF tensors concatenated (along dim 0) to make it
 FUSED = {

@@ -12,7 +12,13 @@ from typing import Any
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
 
+# The dtypes a model computes in (config.json's torch_dtype names), and the bytes of
+# one element of each dtype weights or KV may be stored in.
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
+# KV cache formats: "auto" keeps K/V in the model dtype, "int8" quantizes them
+# (colocate/model/kv_cache.py).
+KV_CACHE_DTYPES = ("auto", "int8")
 
 
 @dataclass(frozen=True)

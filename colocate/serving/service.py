@@ -27,9 +27,8 @@ import ray
 import torch
 
 from colocate.config import ServiceSpec
-from colocate.engine.kv_cache_manager import cdiv
+from colocate.engine.block_pool import KV_BLOCK_SIZE, pool_blocks
 from colocate.llm import build_engine, load_tokenizer
-from colocate.memory.sizing import KV_BLOCK_SIZE
 from colocate.memory.weight_store import WeightHandle, attach, detach
 from colocate.metrics.rejections import RejectionCounter
 from colocate.metrics.samples import ServiceReport
@@ -61,7 +60,7 @@ class ServiceLaunch:
     @property
     def num_blocks(self) -> int:
         """The pool's size: the budget's blocks plus the null block (block 0)."""
-        return cdiv(self.kv_tokens, KV_BLOCK_SIZE) + 1
+        return pool_blocks(self.kv_tokens)
 
 
 @dataclass(frozen=True)

@@ -75,16 +75,25 @@ class FreeBlockQueue:
 
 class BlockPool:
     """All KV blocks of one service. Block 0 is the null block: it pads block
-    tables and is never handed out, so `num_usable_blocks` is one less than the
-    number of blocks the KV tensors hold."""
+    tables and is never handed out, so `num_usable_blocks` is one less than
+    `num_blocks`.
 
-    def __init__(self, num_blocks: int, enable_caching: bool = True) -> None:
+    The usable blocks are ids first_block_id .. first_block_id + num_blocks - 2 of
+    the KV tensors. A service alone has them all from 1; services fused into one
+    engine group share one set of tensors and one null block, each pool owning its
+    own range, so no pool can hand out (or prefix-hit) another's blocks."""
+
+    def __init__(self, num_blocks: int, enable_caching: bool = True,
+                 first_block_id: int = NULL_BLOCK_ID + 1) -> None:
         if num_blocks < 2:
             raise ValueError(f"num_blocks must be >= 2 (one is the null block), got {num_blocks}")
+        if first_block_id <= NULL_BLOCK_ID:
+            raise ValueError(f"first_block_id must be > {NULL_BLOCK_ID}, got {first_block_id}")
         self.num_blocks = num_blocks
         self.enable_caching = enable_caching
-        self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
-        self.null_block = self.blocks[NULL_BLOCK_ID]
+        self.blocks = [KVCacheBlock(NULL_BLOCK_ID)] + [
+            KVCacheBlock(first_block_id + i) for i in range(num_blocks - 1)]
+        self.null_block = self.blocks[0]
         self.free_queue = FreeBlockQueue(self.blocks[1:])
         self.cached: dict[bytes, KVCacheBlock] = {}
 

@@ -46,17 +46,21 @@ class EngineLimits:
     max_num_seqs: int
     max_num_batched_tokens: int
     enable_prefix_caching: bool = True
+    # Where this engine's blocks start in the KV tensors it writes: 1 alone; in an
+    # engine group each member owns its own range of one shared cache.
+    first_block_id: int = 1
 
 
 class LLMEngine:
     def __init__(self, runner, limits: EngineLimits, tokenizer=None,
-                 eos_token_ids: tuple[int, ...] = ()) -> None:
+                 eos_token_ids: tuple[int, ...] = (), request_id_prefix: str = "req-") -> None:
         self.runner = runner
         self.limits = limits
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(eos_token_ids)
+        self.request_id_prefix = request_id_prefix
         self.kv = KVCacheManager(limits.num_blocks, limits.block_size,
-                                 limits.enable_prefix_caching)
+                                 limits.enable_prefix_caching, limits.first_block_id)
         self.scheduler = Scheduler(self.kv, limits.max_num_seqs, limits.max_num_batched_tokens,
                                    limits.max_model_len)
         self.output_processor = OutputProcessor(tokenizer)
@@ -101,7 +105,8 @@ class LLMEngine:
             raise ValueError(f"sampling_params must be SamplingParams, got {type(params).__name__}")
         prompt_ids = self.tokenize(prompt)
         self.validate(prompt_ids, params)
-        rid = request_id if request_id is not None else f"req-{next(self._ids)}"
+        rid = (request_id if request_id is not None
+               else f"{self.request_id_prefix}{next(self._ids)}")
         if rid in self.scheduler.requests:
             raise ValueError(f"request_id {rid!r} is already in use")
         request = Request(rid, prompt_ids, params, self.eos_token_ids)
@@ -141,10 +146,12 @@ class LLMEngine:
             results = self.runner.execute(sched)
         except Exception as exc:
             raise StepFailedError([s.request.request_id for s in sched.scheduled]) from exc
-        self.num_steps += 1
-        return self._update(sched, results)
+        return self.apply_step(sched, results)
 
-    def _update(self, sched: SchedulerOutput, results) -> list[RequestOutput]:
+    def apply_step(self, sched: SchedulerOutput, results) -> list[RequestOutput]:
+        """The second half of a step whose batch someone else ran (an engine group
+        runs its members' batches as one): results is request_id -> StepResult."""
+        self.num_steps += 1
         outputs = []
         now = time.monotonic()           # one clock read per step, not per request
         for request in self.scheduler.update_from_output(sched, results):

@@ -88,9 +88,21 @@ class Scheduler:
         self.requests.pop(request.request_id, None)
 
     # ---- the step ----------------------------------------------------------
-    def schedule(self) -> SchedulerOutput:
+    def pending_tokens(self) -> int:
+        """What one step could use at most: every running request's backlog plus the
+        prompts of the waiting requests that max_num_seqs would admit, capped at the
+        token budget. An upper bound (prefix hits may need fewer); engine groups
+        split a shared budget by it."""
+        running = sum(r.num_tokens - r.num_computed_tokens for r in self.running)
+        room = max(0, self.max_num_seqs - len(self.running))
+        waiting = sum(r.num_tokens for r in list(self.waiting)[:room])
+        return min(running + waiting, self.max_num_batched_tokens)
+
+    def schedule(self, budget: int | None = None) -> SchedulerOutput:
+        """This step's work within `budget` tokens (at most max_num_batched_tokens)."""
         out = SchedulerOutput()
-        budget = self.max_num_batched_tokens
+        budget = (self.max_num_batched_tokens if budget is None
+                  else min(budget, self.max_num_batched_tokens))
 
         # 1. Running requests keep their place; each asks for what it is behind.
         i = 0

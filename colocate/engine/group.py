@@ -1,0 +1,133 @@
+"""EngineGroup: the services of one model on one device, stepped as one batch.
+
+Each member is a whole LLMEngine of its own: its scheduler, queue, max_num_seqs,
+preemption among its own requests, prefix cache, statistics and its own range of
+blocks in the one KV cache the shared runner holds (EngineLimits.first_block_id),
+so a member's budget holds by construction and no block, and so no prompt, is ever
+shared across services. What the group adds is the step: every member schedules
+within its share of one token budget, the union runs as ONE forward and one
+sampler call over one copy of the weights, and each member applies its own results.
+
+Fairness. When several members have work, the step's budget is split max-min fair
+by weight (water-filling): a member that wants less than its share gets what it
+wants, the rest is divided again among the others, so each backlogged member gets
+at least min(its demand, budget * weight / total weight) every step, and a flood on
+one member cannot take another's share. Tokens left by rounding go to the members
+that have been served least per unit of weight so far, which keeps long-run shares
+exact, in the spirit of VTC (Sheng et al., OSDI'24).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from colocate.engine.engine import LLMEngine
+from colocate.sampling_params import SamplingParams
+from colocate.engine.outputs import RequestOutput
+from colocate.engine.scheduler import SchedulerOutput
+
+
+class GroupStepFailedError(RuntimeError):
+    """The shared runner raised during a group step: every request it had scheduled,
+    by member, must be aborted; the members' other requests are as they were."""
+
+    def __init__(self, request_ids: Mapping[str, list[str]]) -> None:
+        total = sum(len(v) for v in request_ids.values())
+        super().__init__(f"group step failed for {total} request(s)")
+        self.request_ids = dict(request_ids)
+
+
+def fair_shares(demands: Mapping[str, int], weights: Mapping[str, float], budget: int,
+                served: Mapping[str, float] | None = None) -> dict[str, int]:
+    """Split `budget` tokens max-min fair by weight among members with demand.
+    `served` (tokens so far / weight) orders who gets the tokens rounding leaves."""
+    shares = dict.fromkeys(demands, 0)
+    want = {m: d for m, d in demands.items() if d > 0}
+    left = budget
+    while want and left > 0:
+        total = sum(weights[m] for m in want)
+        quota = {m: left * weights[m] / total for m in want}
+        satisfied = [m for m in want if want[m] <= quota[m]]
+        if satisfied:                      # they take what they want; split the rest again
+            for m in satisfied:
+                shares[m] += want.pop(m)
+            left = budget - sum(shares.values())
+            continue
+        for m in want:                     # everyone wants more than its quota
+            shares[m] += int(quota[m])
+        left = budget - sum(shares.values())
+        order = sorted(want, key=lambda m: ((served or {}).get(m, 0.0), m))
+        for m in order[:left]:
+            shares[m] += 1
+        break
+    return shares
+
+
+@dataclass
+class GroupStep:
+    """One member's part of a group step."""
+    member: str
+    sched: SchedulerOutput
+
+
+class EngineGroup:
+    def __init__(self, runner, members: Mapping[str, LLMEngine], max_num_batched_tokens: int,
+                 weights: Mapping[str, float] | None = None) -> None:
+        if not members:
+            raise ValueError("an engine group needs at least one member")
+        for name, engine in members.items():
+            if engine.runner is not runner:
+                raise ValueError(f"member {name!r} does not share the group's runner")
+        prefixes = [e.request_id_prefix for e in members.values()]
+        if len(set(prefixes)) != len(prefixes):
+            raise ValueError(f"members need distinct request_id_prefix values, got {prefixes}")
+        self.runner = runner
+        self.members = dict(members)
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.weights = {m: float((weights or {}).get(m, 1.0)) for m in self.members}
+        bad = [m for m, w in self.weights.items() if not w > 0]
+        if bad:
+            raise ValueError(f"weight of {bad[0]!r} must be > 0, got {self.weights[bad[0]]}")
+        self.scheduled_tokens = dict.fromkeys(self.members, 0)   # per member, ever
+        self.num_steps = 0
+
+    def add_request(self, member: str, prompt, params: SamplingParams,
+                    request_id: str | None = None) -> str:
+        """Add to one member. Request ids are unique across the group (the runner
+        keys its per-request state by them); a member's own ids carry its name."""
+        if member not in self.members:
+            raise ValueError(f"no member {member!r} in this group; have {sorted(self.members)}")
+        if request_id is not None and any(request_id in e.scheduler.requests
+                                          for e in self.members.values()):
+            raise ValueError(f"request_id {request_id!r} is already in use in this group")
+        return self.members[member].add_request(prompt, params, request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return any(e.has_unfinished_requests() for e in self.members.values())
+
+    def step(self) -> dict[str, list[RequestOutput]]:
+        """One forward for every member's scheduled work; outputs per member."""
+        demands = {m: e.scheduler.pending_tokens() for m, e in self.members.items()}
+        served = {m: self.scheduled_tokens[m] / self.weights[m] for m in self.members}
+        shares = fair_shares(demands, self.weights, self.max_num_batched_tokens, served)
+        parts = [GroupStep(m, self.members[m].scheduler.schedule(shares[m]))
+                 for m in self.members if shares[m] > 0]
+        parts = [p for p in parts if not p.sched.empty]
+        if not parts:
+            return {}
+        batch = SchedulerOutput(
+            scheduled=[s for p in parts for s in p.sched.scheduled],
+            preempted=[r for p in parts for r in p.sched.preempted])
+        try:
+            results = self.runner.execute(batch)
+        except Exception as exc:
+            raise GroupStepFailedError(
+                {p.member: [s.request.request_id for s in p.sched.scheduled] for p in parts}
+            ) from exc
+        self.num_steps += 1
+        outputs = {}
+        for p in parts:
+            self.scheduled_tokens[p.member] += p.sched.num_batched_tokens
+            outputs[p.member] = self.members[p.member].apply_step(p.sched, results)
+        return outputs
+

@@ -1,0 +1,40 @@
+"""Three services of the tiny model fused into one engine group: one forward per
+step, each member's greedy tokens what the offline engine gives the same prompt."""
+from __future__ import annotations
+
+import torch
+
+from colocate import LLM, SamplingParams
+from colocate.model.loader import load_model
+from colocate.worker.group_factory import GroupMember, build_engine_group
+
+PROMPTS = {
+    "svc-a": [[1, 15, 200, 33, 7], [1] + list(range(40, 90))],
+    "svc-b": [[1, 99, 1000, 4, 5, 6], [1, 15, 200, 33, 7]],      # a's prompt again
+    "svc-c": [[1, 2047], list(range(3, 40))],
+}
+
+
+def test_fused_members_decode_what_the_offline_engine_does(tiny_model_dir):
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    offline = LLM(str(tiny_model_dir), kv_cache_tokens=1024)
+    want = {m: [o.token_ids for o in offline.generate(ps, params)] for m, ps in PROMPTS.items()}
+
+    model = load_model(tiny_model_dir)
+    group = build_engine_group(
+        model, model.config, None,
+        [GroupMember(m, kv_tokens=256, max_model_len=256, max_num_seqs=4) for m in PROMPTS],
+        dtype=torch.float32, device=torch.device("cpu"), max_num_batched_tokens=96)
+    ids = {m: [group.add_request(m, p, params) for p in ps] for m, ps in PROMPTS.items()}
+    final, batched = {}, 0
+    while group.has_unfinished_requests():
+        outputs = group.step()
+        batched = max(batched, len(outputs))
+        for outs in outputs.values():
+            final.update({o.request_id: o.token_ids for o in outs if o.finished})
+    assert {m: [final[i] for i in ids[m]] for m in PROMPTS} == want
+    assert batched == 3                     # some steps ran all three services together
+    # One cache, three disjoint ranges of 16 blocks after the null block.
+    assert group.runner.kv_caches[0].key.shape[0] == 1 + 3 * 16
+    ranges = [sorted(b.block_id for b in e.kv.pool.blocks[1:]) for e in group.members.values()]
+    assert ranges == [list(range(1, 17)), list(range(17, 33)), list(range(33, 49))]

@@ -1,4 +1,4 @@
-"""The `colocate` command: tiny-model | demo | plan | serve | generate | status."""
+"""The `colocate` command: tiny-model | demo | plan | serve | generate | status | top."""
 from __future__ import annotations
 
 import argparse
@@ -74,6 +74,17 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return run_status(args.address, timeout=args.timeout)
 
 
+def _cmd_top(args: argparse.Namespace) -> int:
+    from colocate.top import run_top, urls_from_config
+
+    try:
+        urls = list(args.url or []) + (urls_from_config(args.config) if args.config else [])
+        return run_top(urls, interval=args.interval, once=args.once)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="colocate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -146,6 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=10.0,
                    help="seconds to wait for each supervisor's answer")
     p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser(
+        "top", help="a live view of a running deployment's devices and services",
+        description="Refresh every second from each device's metrics endpoint: memory per "
+                    "device; per service requests running and waiting, KV blocks used, "
+                    "tokens/s in and out, TTFT and ITL p50/p99 over the last minute, "
+                    "requests finished and refused. Keys: s sorts, q quits.")
+    p.add_argument("config", nargs="?", default=None,
+                   help="deployment YAML: watch every device's metrics_port on this host")
+    p.add_argument("--url", action="append",
+                   help="a device's /metrics URL (as `colocate serve` prints); repeatable")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    p.add_argument("--once", action="store_true", help="print one frame and exit")
+    p.set_defaults(func=_cmd_top)
     return parser
 
 

@@ -1,22 +1,20 @@
-"""AsyncEngine: one LLMEngine driven by one background thread, fed from many.
+"""AsyncEngine: one service's front to an engine that a loop thread drives.
 
-LLMEngine is not thread-safe, so only the loop thread ever calls add_request,
-abort_request or step. Other threads (gRPC handlers) talk to it through an
-inbox guarded by one lock: submit() validates the request under that lock and
-queues it; abort() queues the stream to stop. The loop drains the inbox before
-every step, so an abort takes effect, and frees the request's blocks, before
-the next step runs. Outputs go back through one queue per request.
+LLMEngine is not thread-safe, so only the loop thread (colocate/serving/
+engine_loop.py) ever calls add_request, abort_request or step. Other threads (gRPC
+handlers) talk to it through this front's inbox, guarded by the loop's lock:
+submit() validates the request under that lock and queues it; abort() queues the
+stream to stop. Outputs go back through one queue per request.
 
-The loop never spins: with no request in the engine and nothing in the inbox it
-sleeps on the lock's condition variable until submit, abort or shutdown wakes it.
+A service alone owns its loop (AsyncEngine(engine) builds one). Services fused
+into one engine group share one loop, each with its own front: its own queue
+limit, streams, statistics, drain and health, over its own member engine.
 
 A step whose model run raises fails only the requests that step held (their
 consumers get RequestFailedError, which carries no detail of the cause); the
-others carry on. Only a run of failed steps in a row declares the engine dead,
-since then the fault is in the engine, not in one batch.
-
-drain() is the first half of a graceful stop: new requests are refused and the
-health check fails at once, while the requests already in flight run to the end.
+others carry on. drain() is the first half of a graceful stop: new requests are
+refused and the health check fails at once, while the requests already in flight
+run to the end.
 """
 from __future__ import annotations
 
@@ -27,20 +25,15 @@ import threading
 import time
 from collections.abc import Sequence
 
-from colocate.engine.engine import LLMEngine, StepFailedError
+from colocate.engine.engine import LLMEngine
 from colocate.engine.outputs import RequestOutput
 from colocate.sampling_params import SamplingParams
+from colocate.serving.engine_loop import MAX_CONSECUTIVE_STEP_FAILURES, EngineLoop, SingleEngine
 from colocate.serving.engine_protocol import EngineDeadError, EngineStats, QueueFullError
 
 log = logging.getLogger(__name__)
-
-# If the engine holds requests but schedules nothing (it should not happen: every
-# admitted request fits the pool), wait this long before trying again rather
-# than spinning on an empty step.
-_STALL_WAIT_S = 0.005
-# Failed steps in a row after which the engine is declared dead (and its service
-# restarted by its supervisor): one bad batch is not a broken engine, three are.
-MAX_CONSECUTIVE_STEP_FAILURES = 3
+__all__ = ["AsyncEngine", "AsyncRequestStream", "RequestFailedError",
+           "MAX_CONSECUTIVE_STEP_FAILURES"]
 
 
 class RequestFailedError(RuntimeError):
@@ -95,52 +88,48 @@ class AsyncRequestStream:
 
 class AsyncEngine:
     """Implements EngineProtocol over an LLMEngine. Use as a context manager, or
-    call start() and shutdown()."""
+    call start() and shutdown(). With `loop`, the engine is a member of a group
+    that loop steps (the group's owner starts and shuts down the loop)."""
 
-    def __init__(self, engine: LLMEngine, max_queued_requests: int | None = None) -> None:
+    def __init__(self, engine: LLMEngine, max_queued_requests: int | None = None,
+                 loop: EngineLoop | None = None) -> None:
         if max_queued_requests is not None and max_queued_requests < 1:
             raise ValueError(f"max_queued_requests must be >= 1, got {max_queued_requests}")
         self.engine = engine
         self.max_queued_requests = max_queued_requests
-        self._cond = threading.Condition()
+        self._owns_loop = loop is None
+        self._loop = loop if loop is not None else EngineLoop(SingleEngine(engine))
+        self._cond = self._loop.cond
         # Everything below is guarded by _cond.
         self._streams: dict[str, AsyncRequestStream] = {}    # live: submitted, not ended
         self._to_add: list[tuple[AsyncRequestStream, SamplingParams]] = []
         self._to_abort: list[AsyncRequestStream] = []
-        self._stopping = False
         self._draining = False
-        self._dead_reason: str | None = "engine not started"
+        self._closed: str | None = None      # a member front shut down on its own
         self._stats = self._snapshot()
         self._ids = itertools.count()
-        self._thread: threading.Thread | None = None
+        self._loop.attach(self)
 
     # ---- lifecycle -----------------------------------------------------------
     def start(self) -> None:
-        with self._cond:
-            if self._stopping:
-                raise EngineDeadError("engine shut down; build a new one to serve again")
-            if self._thread is not None:
-                return
-            self._dead_reason = None
-            self._thread = threading.Thread(target=self._run, name="colocate-engine-loop",
-                                            daemon=True)
-            self._thread.start()
+        self._loop.start()
 
     def shutdown(self, timeout: float | None = 30.0) -> None:
         """Abort every request (consumers get a final "abort" output), free every
-        block and join the loop thread. Idempotent."""
+        block; a front that owns its loop also joins the loop thread. Idempotent."""
+        if self._owns_loop:
+            self._loop.shutdown(timeout)
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
-            thread = self._thread
-            self._stopping = True
-            if self._dead_reason is None:
-                self._dead_reason = "engine shut down"
+            self._closed = "service shut down"
+            self._to_abort.extend(self._streams.values())
             self._cond.notify_all()
-        if thread is not None:
-            thread.join(timeout)
-            if thread.is_alive():
-                raise RuntimeError(f"engine loop did not stop within {timeout} s")
-        else:
-            self._abort_everything(error=None)    # never started: nothing else owns the engine
+            while self._streams and self._loop.thread is not None and not self._loop.stopping:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise RuntimeError(f"requests not aborted within {timeout} s")
+                self._cond.wait(left)
 
     def __enter__(self) -> "AsyncEngine":
         self.start()
@@ -156,20 +145,22 @@ class AsyncEngine:
         deadline = time.monotonic() + timeout
         with self._cond:
             self._draining = True
-            while self._streams and not self._stopping:
+            while self._streams and not self._loop.stopping:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
                 self._cond.wait(left)
             return not self._streams
 
+    def _problem(self) -> str | None:
+        """Under _cond: why this front cannot take a request, or None."""
+        return self._loop.health_problem() or self._closed
+
     def check_health(self) -> None:
         with self._cond:
-            reason = self._dead_reason
+            reason = self._problem()
             if reason is None and self._draining:
                 reason = "shutting down: not accepting new requests"
-            if reason is None and self._thread is not None and not self._thread.is_alive():
-                reason = "engine loop thread exited"
         if reason is not None:
             raise EngineDeadError(reason)
 
@@ -187,15 +178,17 @@ class AsyncEngine:
         if request_id is not None and (not isinstance(request_id, str) or not request_id):
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
         with self._cond:
-            if self._dead_reason is not None:
-                raise EngineDeadError(self._dead_reason)
+            reason = self._loop.dead_reason or self._closed
+            if reason is not None:
+                raise EngineDeadError(reason)
             if self._draining:
                 raise EngineDeadError("the service is shutting down; retry elsewhere")
             # tokenize and validate read only the tokenizer and the frozen limits,
             # never scheduler state, so they are safe beside a running step.
             prompt_ids = self.engine.tokenize(prompt)
             self.engine.validate(prompt_ids, params)
-            rid = request_id if request_id is not None else f"async-{next(self._ids)}"
+            rid = (request_id if request_id is not None
+                   else f"{self.engine.request_id_prefix}async-{next(self._ids)}")
             if rid in self._streams:
                 raise ValueError(f"request_id {rid!r} is already in use")
             queued = self._stats.num_waiting + len(self._to_add)
@@ -205,7 +198,7 @@ class AsyncEngine:
             stream = AsyncRequestStream(rid, prompt_ids, self)
             self._streams[rid] = stream
             self._to_add.append((stream, params))
-            self._cond.notify()
+            self._cond.notify_all()
         return stream
 
     # The protocol's name for submit (Ray Serve LLM calls it generate).
@@ -242,54 +235,21 @@ class AsyncEngine:
         with self._cond:
             if self._streams.get(stream.request_id) is stream:
                 self._to_abort.append(stream)
-                self._cond.notify()
+                self._cond.notify_all()
 
-    # ---- the loop thread -----------------------------------------------------
-    def _run(self) -> None:
-        error: BaseException | None = None
-        wait: float | None = None          # None: sleep until notified
-        failed_in_a_row = 0
-        try:
-            while True:
-                with self._cond:
-                    while not (self._stopping or self._to_add or self._to_abort
-                               or wait is not None):
-                        self._cond.wait()
-                    if self._stopping:
-                        break
-                    if wait:
-                        self._cond.wait(wait)
-                    adds, self._to_add = self._to_add, []
-                    aborts = [s for s in self._to_abort if self._streams.get(s.request_id) is s]
-                    self._to_abort = []
-                outputs = self._apply(adds, aborts)
-                steps_before = self.engine.num_steps
-                if self.engine.has_unfinished_requests():
-                    try:
-                        outputs += self.engine.step()
-                        failed_in_a_row = 0
-                    except StepFailedError as exc:
-                        failed_in_a_row += 1
-                        if failed_in_a_row >= MAX_CONSECUTIVE_STEP_FAILURES:
-                            raise
-                        log.error("engine step failed (%d in a row); failing its %d "
-                                  "request(s)", failed_in_a_row, len(exc.request_ids),
-                                  exc_info=exc.__cause__)
-                        self._fail_requests(exc.request_ids)
-                with self._cond:
-                    self._deliver(outputs)
-                    self._stats = self._snapshot()
-                if not self.engine.has_unfinished_requests():
-                    wait = None
-                else:
-                    wait = 0.0 if self.engine.num_steps > steps_before else _STALL_WAIT_S
-        except Exception as exc:     # the engine is broken: fail every request
-            log.exception("engine loop failed; aborting every request")
-            error = exc
-        finally:
-            self._abort_everything(error)
+    # ---- called by the loop ----------------------------------------------------
+    def has_inbox(self) -> bool:
+        """Under _cond."""
+        return bool(self._to_add or self._to_abort)
 
-    def _apply(self, adds, aborts) -> list[RequestOutput]:
+    def take_inbox(self):
+        """Under _cond: the adds and the aborts still meant for live streams."""
+        adds, self._to_add = self._to_add, []
+        aborts = [s for s in self._to_abort if self._streams.get(s.request_id) is s]
+        self._to_abort = []
+        return adds, aborts
+
+    def apply_inbox(self, adds, aborts) -> list[RequestOutput]:
         """Loop thread only: move the inbox into the engine."""
         outputs = []
         for stream, params in adds:
@@ -305,7 +265,7 @@ class AsyncEngine:
                 outputs.append(final)
         return outputs
 
-    def _fail_requests(self, request_ids: list[str]) -> None:
+    def fail_requests(self, request_ids: list[str]) -> None:
         """Loop thread only: abort requests a failed step held (freeing their
         blocks) and end their streams with RequestFailedError."""
         for rid in request_ids:
@@ -317,7 +277,7 @@ class AsyncEngine:
                 stream._put(RequestFailedError("the engine failed while running this "
                                                "request; it was aborted"))
 
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
+    def deliver(self, outputs: list[RequestOutput]) -> None:
         """Under _cond: hand each output to its stream; forget ended streams."""
         for out in outputs:
             stream = self._streams.get(out.request_id)
@@ -327,21 +287,16 @@ class AsyncEngine:
             if out.finished:
                 del self._streams[out.request_id]
                 self._cond.notify_all()          # drain() may be waiting for this
+        self._stats = self._snapshot()
 
-    def _abort_everything(self, error: BaseException | None) -> None:
-        """The loop is over: abort what the engine holds (freeing every block)
-        and end every stream, with a final abort output, or the error."""
+    def end_everything(self, dead: EngineDeadError | None) -> None:
+        """The loop is over: abort what the engine holds (freeing every block) and
+        end every stream, with a final abort output, or `dead`."""
         with self._cond:
-            if error is not None:
-                # The type only: this text reaches clients (UNAVAILABLE), and an
-                # exception's message may hold addresses or data; the log has it all.
-                self._dead_reason = f"engine loop failed: {type(error).__name__}"
-            self._stopping = True
             streams = list(self._streams.values())
             self._streams.clear()
             self._cond.notify_all()              # drain() may be waiting for this
             self._to_add, self._to_abort = [], []
-        dead = EngineDeadError(self._dead_reason) if error is not None else None
         for stream in streams:
             try:
                 final = self.engine.abort_request(stream.request_id)

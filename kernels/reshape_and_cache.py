@@ -61,8 +61,12 @@ def _reshape_and_cache_kernel(
     head_mask = (h < NKV) & (h * 0 + slot >= 0)
     mask = head_mask[:, None] & (d[None, :] < HD)                           # (nkv, hd)
 
-    k = tl.load(key_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
-    v = tl.load(value_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
+    # other=0: a masked lane is undefined on a GPU (only the interpreter zero-fills), and
+    # the int8 path takes max|x| over the whole padded row, head dims past HD included.
+    k = tl.load(key_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask,
+                other=0.0)                                                  # (NKV_P2, HD_P2)
+    v = tl.load(value_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask,
+                other=0.0)
     cache_off = block * stride_cb + offset * stride_cs + h[:, None] * stride_ch + d[None, :]
     scale_off = block * stride_sb + offset * stride_ss + h
     _store_head_tile(k, key_cache_ptr, key_scale_ptr, cache_off, scale_off, mask, head_mask,

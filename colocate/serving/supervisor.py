@@ -222,7 +222,10 @@ class Supervisor:
                 self._event(slot.name, "refused", str(exc))
                 return
             self._event(slot.name, "admitted")
-            slot.launch = replace(slot.launch, kv_tokens=demand.kv_tokens)
+            # The killed process's IPC lease ends; the new one gets its own (cuda_ipc.py).
+            self.store.end_share(slot.launch.weights)
+            slot.launch = replace(slot.launch, kv_tokens=demand.kv_tokens,
+                                  weights=self.store.share(slot.launch.weights.model_name))
             slot.actor = self._spawn(slot.launch)
             slot.restarts += 1
         if self._await_start(slot, STARTUP_TIMEOUT_S):
@@ -305,6 +308,7 @@ class Supervisor:
         with self._lock:
             for slot in slots:
                 ray.kill(slot.actor, no_restart=True)
+                self.store.end_share(slot.launch.weights)
                 slot.state = "stopped"
             self.admission.close()
             self.store.close()

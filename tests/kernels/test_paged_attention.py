@@ -129,3 +129,19 @@ def test_merge_walks_many_partitions():
     want = (part_out * w[..., None]).sum(2) / (w * part_sum).sum(-1)[..., None]
     out = merge_attention_partitions(part_out, part_max, part_sum, torch.empty(S, nh, hd))
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8"])
+def test_prefill_mixed_batch_with_an_odd_group(kind):
+    """One 33-token chunk after a prefix, three decodes, an empty chunk and a fresh
+    prefill, with a GQA group of 3 (padded to 4 rows per query)."""
+    dtype, kv_int8, atol = KINDS[kind]
+    batch = make_batch([45, 9, 1, 17, 6, 5], [33, 1, 1, 1, 0, 5], 6, 2, HEAD_DIM, 8, dtype,
+                       kv_int8, seed=7)
+    check(run_prefill(batch), batch, atol)
+
+
+def test_prefill_group_wider_than_block_m():
+    """A group of 32 heads per KV head: one query per program, 32 rows."""
+    batch = make_batch([20, 3], [4, 3], 32, 1, HEAD_DIM, 8, seed=8)
+    check(run_prefill(batch, block_m=16), batch, 2e-5)

@@ -48,7 +48,7 @@ from colocate.serving.health_monitor import HealthMonitor, ServiceSlot, summary
 from colocate.serving.launch import (DeploymentError, checkpoint_dir,  # noqa: F401
                                      default_torch_threads, preset_checkpoint,
                                      prepare_launches)
-from colocate.serving.service import ServiceActor, ServiceLaunch
+from colocate.serving.service import ServiceLaunch, ServiceRuntime
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,14 @@ def service_cuda_env(visible: str) -> dict[str, str]:
     environment says. The PCI order makes the ids mean what NVML's do."""
     return {"CUDA_VISIBLE_DEVICES": visible, ORDER_ENV: PCI_ORDER,
             "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+
+
+# No CPU reservation: the services of a device share its cores (the torch thread
+# count is the real limit), and a 2-core machine must host three of them plus the
+# supervisor. No restarts by Ray either: the supervisor restarts a dead service itself,
+# after returning its budget to the ledger. max_concurrency lets ping and stats answer
+# while shutdown waits for in-flight calls to drain.
+ServiceActor = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=4)(ServiceRuntime)
 
 
 # ---- the supervisor ------------------------------------------------------------------

@@ -117,12 +117,13 @@ class WeightStore:
 
     def publish(self, model_name: str, model_path: str | Path,
                 dtype: str | torch.dtype = "float32", quantization: str | None = None,
-                quant_group_size: int | None = None) -> WeightHandle:
+                quant_group_size: int | None = None, read_float=None) -> WeightHandle:
         """Load `model_path` once and share it as `model_name`; a repeat returns the same handle.
 
         quantization / quant_group_size as for LLM: the weights are quantized here, once
         per device, in the layout this device's kernels read, and services map the
-        quantized buffers. An AWQ / GPTQ checkpoint is published as int4.
+        quantized buffers. An AWQ / GPTQ checkpoint is published as int4. read_float
+        replaces the safetensors reader (bench/gpu_check.py makes random weights with it).
         """
         model_path = Path(model_path).resolve()
         config = LlamaConfig.from_pretrained(model_path)
@@ -136,7 +137,7 @@ class WeightStore:
             return self._handles[model_name]
         # Always read into host memory: on CUDA this keeps the device peak at one copy.
         state = read_model_state(model_path, config, torch_dtype, "cpu", qc,
-                                 read_float=read_hf_tensors)
+                                 read_float=read_float or read_hf_tensors)
         specs, size = plan_layout(state)
         common = dict(model_name=model_name, device=self.device,
                       dtype=str(torch_dtype).removeprefix("torch."), config=config.raw,

@@ -40,7 +40,9 @@ if DRY_RUN:
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from source_tree import use_source_tree  # noqa: E402
+
+use_source_tree()
 
 
 class NotAvailable(Exception):

@@ -16,7 +16,10 @@ import pickle
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from source_tree import use_source_tree  # noqa: E402
+
+use_source_tree()
 
 
 def checksum(model) -> float:

@@ -178,6 +178,10 @@ def layout_check(ctx: Ctx, share: bool, scrape: dict) -> dict:
         # Published here with random weights; prepare_launches' publish is then a repeat.
         store.publish(name, model.path, model.dtype, quantization=model.quantization,
                       quant_group_size=model.quant_group_size, read_float=reader)
+    if ctx.cuda:
+        # The float tensors the random weights were made from sit in this process's
+        # caching allocator; hand them back before the services allocate their pools.
+        torch.cuda.empty_cache()
     launches = prepare_launches(gpu, config, store, demands, device=str(ctx.device),
                                 host="127.0.0.1", torch_threads=1,
                                 tenants={n: {TOKEN: f"team-{n}"} for n in NAMES})

@@ -203,6 +203,7 @@ def _w4a16(m: int, n: int, k: int, group: int = 128):
 # name -> launcher call. g = GQA group (query heads per KV head); hd 128 throughout.
 CASES: dict[str, Callable[[], None]] = {
     "decode-fp16-g1": _decode(40, 40, 128, 4096, "auto"),        # LLaMA-2-13B
+    "decode-int8-g1": _decode(40, 40, 128, 4096, "int8"),
     "decode-fp16-g4": _decode(32, 8, 128, 2048, "auto"),         # Llama-3-8B
     "decode-fp16-g8": _decode(64, 8, 128, 32768, "auto"),        # Llama-3-70B, 32k context
     "decode-int8-g8": _decode(64, 8, 128, 32768, "int8"),
@@ -258,5 +259,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from source_tree import use_source_tree
+    use_source_tree()
     raise SystemExit(main())

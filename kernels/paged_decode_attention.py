@@ -11,10 +11,10 @@ kernel normalizes and writes the output itself and no merge runs.
 The group's heads are padded to at least 16 rows (MIN_DOT_ROWS) so both products,
 QK^T and PV, are tl.dot calls on tensor cores. The broadcast multiply-and-sum this
 replaces kept (GROUP, BLOCK_N, HD) fp32 products live: compiled for sm_90 at hd 128
-with a GQA group of 8 it used 255 registers and spilled. With an int8 cache the dots
-read the codes as exact fp16/bf16 integers and the per-token scales are applied
-outside them (to the scores, and to the weights before PV), so no dequantized tile is
-rounded to the dot's dtype.
+with a GQA group of 8 it used 255 registers and spilled. With an int8 cache QK reads
+the key codes as exact fp16/bf16 integers and applies the per-token key scales to the
+fp32 scores; values are dequantized in fp32 and rounded once to the dot's dtype, as
+the prefill kernel does.
 
 The number of partitions is capped (MAX_PARTITIONS): a longer context gets longer
 partitions rather than more of them, which bounds the merge's work and the fp32
@@ -79,8 +79,8 @@ def _paged_decode_kernel(
         n = n0 + tl.arange(0, BLOCK_N)
         valid = n < end
         block, offset = paged_token_slots(table, n, valid, block_size)
-        # QUANT=False here: the codes stay integers (exact in q's dtype) and the
-        # per-token scales are applied around the dots below.
+        # QUANT=False here: the key codes stay integers (exact in q's dtype) and their
+        # per-token scales multiply the fp32 scores below.
         k = load_kv_tile(key_cache_ptr, key_scale_ptr, block, offset, valid, kv_head, d, d_mask,
                          stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, False)
         scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)  # (G, N)
@@ -94,12 +94,10 @@ def _paged_decode_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])                                  # (G, N)
         l_i = l_i * alpha + tl.sum(p, axis=1)
+        # V is dequantized before the dot (unlike K): folding its scales into p instead
+        # would push p * scale (often below 1e-5 at long contexts) into fp16 subnormals.
         v = load_kv_tile(value_cache_ptr, value_scale_ptr, block, offset, valid, kv_head, d,
-                         d_mask, stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, False)
-        if QUANT:
-            v_scale = tl.load(value_scale_ptr + block * stride_sb + offset * stride_ss
-                              + kv_head, mask=valid, other=0.0)               # (N,)
-            p = p * v_scale[None, :]
+                         d_mask, stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, QUANT)
         pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)  # (G, HD_P2)
         acc = acc * alpha[:, None] + pv
         m_i = m_new

@@ -2,6 +2,7 @@
 
     python bench/gpu_check_child.py service LAUNCH.pkl    # serve; stdin: metrics | stop
     python bench/gpu_check_child.py weights HANDLE.pkl    # map; stdin: sum | stop
+    python bench/gpu_check_child.py hf SPEC.pkl           # HF peer; stdin: run L N | stop
 
 It prints one JSON line when ready ({"pid", "port"} or {"pid", "checksum"}) and one per
 command, so the parent drives it over pipes. A service's metrics come back pickled
@@ -52,6 +53,39 @@ def map_weights(handle_file: str) -> None:
             break
 
 
+def hf_peer(spec_file: str) -> None:
+    """HF transformers as one service's peer: the same config, random weights, on the
+    given device; stdin "run PROMPT_LEN NEW_TOKENS" -> {"ttft_ms", "e2e_ms"}."""
+    import time
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    spec = pickle.loads(Path(spec_file).read_bytes())
+    device, dtype = torch.device(spec["device"]), getattr(torch, spec["dtype"])
+    config = AutoConfig.from_pretrained(spec["config_dir"])
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    print(json.dumps({"pid": os.getpid()}), flush=True)
+
+    def timed(ids, n):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return (time.perf_counter() - t0) * 1e3
+    for line in sys.stdin:
+        words = line.split()
+        if words[:1] == ["run"]:
+            plen, new = int(words[1]), int(words[2])
+            ids = torch.arange(2, 2 + plen, device=device)[None]
+            ttft = timed(ids, 1)
+            print(json.dumps({"ttft_ms": ttft, "e2e_ms": timed(ids, new)}), flush=True)
+        elif words[:1] == ["stop"]:
+            break
+
+
 if __name__ == "__main__":
     mode, arg = sys.argv[1], sys.argv[2]
-    {"service": serve, "weights": map_weights}[mode](arg)
+    {"service": serve, "weights": map_weights, "hf": hf_peer}[mode](arg)

@@ -93,7 +93,7 @@ def hf_check(ctx: Ctx, preset: str) -> dict:
     path = ctx.out / "models" / preset
     prompt = list(range(5, 5 + (12 if ctx.dry else 40)))
     n = 6 if ctx.dry else 24
-    hf = AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).to(ctx.device)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(ctx.device)
     ids = torch.tensor([prompt], device=ctx.device)
     out = hf.generate(ids, max_new_tokens=n, do_sample=False, min_new_tokens=n)
     theirs = out[0, len(prompt):].tolist()

@@ -235,6 +235,43 @@ def scrape_metrics(ctx: Ctx, gpu, config, arbiter, store, children) -> dict:
             "ok": all(used.get(n, 0) > 0 for n in NAMES) or used.get("_device", 0) > 0}
 
 
+def hf_peer_check(ctx: Ctx) -> dict:
+    """HF transformers on the same device, one process per service, one request in
+    flight each: TTFT from a one-token generate, ITL from the rest of a longer one."""
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise NotAvailable("transformers is not installed here") from None
+    spec = {"device": str(ctx.device), "dtype": "float32" if ctx.dry else "float16",
+            "config_dir": str(llama13b_config(ctx))}
+    plen, new, reps = (8, 4, 1) if ctx.dry else (128, 64, 2)
+    # A dry run starts one peer: three transformers imports cost 40 s on two cores.
+    children = [Child("hf", spec, ctx.out, f"hf-{n}") for n in NAMES[:1 if ctx.dry else 3]]
+    try:
+        pids = [c.ready["pid"] for c in children]                 # waits for all three
+
+        def measure(group):
+            rows = []
+            for _ in range(reps):
+                for c in group:
+                    c.proc.stdin.write(f"run {plen} {new}\n")
+                    c.proc.stdin.flush()
+                rows += [c.read() for c in group]                 # all in flight at once
+            ttft = statistics.mean(r["ttft_ms"] for r in rows)
+            e2e = statistics.mean(r["e2e_ms"] for r in rows)
+            return {"ttft_ms": ttft, "itl_ms": (e2e - ttft) / max(1, new - 1), "e2e_ms": e2e,
+                    "requests": len(rows)}
+        alone = measure(children[:1])
+        together = measure(children)
+        return {"one_process_alone": alone, "all_processes": together,
+                "processes": len(children),
+                "memory": measured_memory(ctx, pids), "weights": "fp16, unquantized"
+                if not ctx.dry else "fp32"}
+    finally:
+        for c in children:
+            c.stop()
+
+
 def run(ctx: Ctx) -> None:
     scrape: dict = {}
     ctx.check("services", "three-shared-one-copy", lambda: layout_check(ctx, True, scrape))
@@ -245,14 +282,7 @@ def run(ctx: Ctx) -> None:
     ctx.check("services", "three-fused-one-process", fused)
     ctx.check("services", "three-unshared", lambda: layout_check(ctx, False, None))
 
-    def hf_peer():
-        try:
-            import transformers  # noqa: F401
-        except ImportError:
-            raise NotAvailable("transformers is not installed here") from None
-        raise NotAvailable("HF transformers as three service processes is not written in "
-                           "this version of gpu_check")
-    ctx.check("services", "hf-transformers-peer", hf_peer)
+    ctx.check("services", "hf-transformers-peer", lambda: hf_peer_check(ctx))
 
     def metrics():
         if not scrape:

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = {"kernels", "model", "llama13b", "services", "metrics", "traps"}
 # What a CPU-only checkout cannot have, each with the reason the script gives.
 NOT_AVAILABLE = {"smollm2-gguf": "--gguf", "three-fused-one-process": "fused",
-                 "hf-transformers-peer": "not written", "nvml-after-1gib": "GPU"}
+                 "nvml-after-1gib": "GPU"}
 
 
 def test_dry_run_runs_every_step(tmp_path):
@@ -56,6 +56,9 @@ def test_dry_run_runs_every_step(tmp_path):
     shared, unshared = by_name["three-shared-one-copy"], by_name["three-unshared"]
     assert shared["three_services"]["requests"] == 3 * shared["one_service_alone"]["requests"]
     assert unshared["store_bytes"] == 3 * shared["store_bytes"]
+    hf = by_name["hf-transformers-peer"]
+    assert hf["processes"] == 1                            # three on a GPU
+    assert hf["all_processes"]["requests"] == hf["one_process_alone"]["requests"] == 1
     assert all(r["spill_store_bytes"] == 0 for r in by_name["decode-registers-spills"]["rows"])
 
     md = (tmp_path / "gpu_check.md").read_text()

@@ -14,7 +14,8 @@ Steps, in order (docs/gpu.md lists every check in them):
 Every check is independent: an exception is recorded with its traceback and the next
 check runs. A check needing what this checkout or machine lacks (the fused-batching
 group, transformers, a GGUF loader) is recorded as not_available, never faked. Results
-go to <out>/gpu_check.json and <out>/gpu_check.md. No Ray: services are processes.
+go to <out>/gpu_check.json and <out>/gpu_check.md, and nothing else goes there (scratch
+files live in a temporary folder). No Ray: services are processes.
 
 --dry-run runs the same steps at toy sizes on the CPU (the Triton interpreter, the CPU
 paths), so the script itself is tested without a GPU (tests/test_gpu_check.py).
@@ -25,7 +26,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -54,7 +57,8 @@ class Ctx:
     """What every check gets: where it runs, how big, and the timing helpers."""
     device: torch.device
     dry: bool
-    out: Path
+    out: Path                    # the report alone: the device tool returns few files
+    work: Path                   # scratch: checkpoints, YAML, launch files
     gguf: Path | None = None
     results: list[dict] = field(default_factory=list)
 
@@ -174,8 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if not args.dry_run and not torch.cuda.is_available():
         sys.exit("no CUDA device here: run with --dry-run, or on a GPU machine")
+    work = Path(tempfile.mkdtemp(prefix="gpu_check-"))
     ctx = Ctx(torch.device("cpu" if args.dry_run else "cuda:0"), args.dry_run, args.out,
-              args.gguf)
+              work, args.gguf)
     info = machine()
     began = time.perf_counter()
     for name in args.steps.split(","):
@@ -187,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         write_report(ctx, info)         # after every step: a killed run keeps what it had
     info["total_seconds"] = round(time.perf_counter() - began, 1)
     write_report(ctx, info)
+    shutil.rmtree(work, ignore_errors=True)
     print(f"wrote {ctx.out / 'gpu_check.json'} and gpu_check.md "
           f"({info['total_seconds']} s)")
     return 0

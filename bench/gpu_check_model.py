@@ -53,7 +53,7 @@ def preset_check(ctx: Ctx, preset: str, quantization: str | None, dtype: str) ->
     from colocate.model.attention import ATTENTION_BACKEND_ENV
     from colocate.model.tiny import write_tiny_checkpoint
 
-    path = write_tiny_checkpoint(ctx.out / "models" / preset, preset=preset, seed=0)
+    path = write_tiny_checkpoint(ctx.work / "models" / preset, preset=preset, seed=0)
     prompt = list(range(5, 5 + (12 if ctx.dry else 40)))
     n = 6 if ctx.dry else 24
     want = greedy(path, "cpu", "float32", prompt, n, quantization)
@@ -90,7 +90,7 @@ def hf_check(ctx: Ctx, preset: str) -> dict:
         from transformers import AutoModelForCausalLM
     except ImportError:
         raise NotAvailable("transformers is not installed here") from None
-    path = ctx.out / "models" / preset
+    path = ctx.work / "models" / preset
     prompt = list(range(5, 5 + (12 if ctx.dry else 40)))
     n = 6 if ctx.dry else 24
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(ctx.device)
@@ -124,7 +124,7 @@ def llama13b_config(ctx: Ctx) -> Path:
     raw.update(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                num_attention_heads=4, num_key_value_heads=4, vocab_size=256,
                torch_dtype="float32")
-    out = ctx.out / "models" / "llama13b-toy"
+    out = ctx.work / "models" / "llama13b-toy"
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(raw))
     return out
@@ -200,7 +200,7 @@ def planned(path: Path, ctx: Ctx, dtype: str, quantization: str | None, group: i
     from colocate.config import load_config
     from colocate.memory.arbiter import MemoryArbiter
 
-    yaml = ctx.out / f"plan-{quantization or dtype}.yaml"
+    yaml = ctx.work / f"plan-{quantization or dtype}.yaml"
     quant = f", quantization: {quantization}" if quantization else ""
     quant += f", quant_group_size: {group}" if quantization == "int4" else ""
     yaml.write_text(f"models:\n  m: {{path: {path}, dtype: {dtype}{quant}}}\n"

@@ -48,7 +48,7 @@ def deployment_yaml(ctx: Ctx, share: bool) -> Path:
         f"      - name: {n}\n        model: llama2-13b\n        port: {free_port()}\n"
         f"        max_model_len: 4096\n        kv_cache: {{dtype: int8, budget: {budget}}}\n"
         f"        tenants: [{{name: team-{n}, token_env: {TOKEN_ENV}}}]\n" for n in NAMES)
-    yaml = ctx.out / f"services-{'shared' if share else 'unshared'}.yaml"
+    yaml = ctx.work / f"services-{'shared' if share else 'unshared'}.yaml"
     yaml.write_text(f"models:\n  llama2-13b: {{path: {path}, dtype: {dtype}, {quant}}}\n"
                     f"gpus:\n  - device: {device}\n{memory}    share_weights: {str(share).lower()}\n"
                     f"    headroom: 0\n    services:\n{services}")
@@ -188,7 +188,7 @@ def layout_check(ctx: Ctx, share: bool, scrape: dict) -> dict:
     children = []
     try:
         for launch in launches:
-            children.append(Child("service", launch, ctx.out, f"launch-{launch.spec.name}"))
+            children.append(Child("service", launch, ctx.work, f"launch-{launch.spec.name}"))
         ports = [c.ready["port"] for c in children]            # waits for all three
         plen, new, reps = (8, 4, 1) if ctx.dry else (128, 64, 3)
         alone = one_request_each(ports[:1], plen, new, reps)
@@ -246,7 +246,7 @@ def hf_peer_check(ctx: Ctx) -> dict:
             "config_dir": str(llama13b_config(ctx))}
     plen, new, reps = (8, 4, 1) if ctx.dry else (128, 64, 2)
     # A dry run starts one peer: three transformers imports cost 40 s on two cores.
-    children = [Child("hf", spec, ctx.out, f"hf-{n}") for n in NAMES[:1 if ctx.dry else 3]]
+    children = [Child("hf", spec, ctx.work, f"hf-{n}") for n in NAMES[:1 if ctx.dry else 3]]
     try:
         pids = [c.ready["pid"] for c in children]                 # waits for all three
 

@@ -35,14 +35,14 @@ def ipc_survivor_check(ctx: Ctx) -> dict:
     from colocate.memory.weight_store import WeightStore
     from colocate.model.tiny import write_tiny_checkpoint
 
-    path = write_tiny_checkpoint(ctx.out / "models" / "tiny-ipc", preset="tiny", seed=1)
+    path = write_tiny_checkpoint(ctx.work / "models" / "tiny-ipc", preset="tiny", seed=1)
     store = WeightStore(str(ctx.device) if ctx.cuda else "cpu")
     a = b = None
     try:
         store.publish("tiny", path)
         shares = [store.share("tiny"), store.share("tiny")]
-        a = Child("weights", shares[0], ctx.out, "ipc-a")
-        b = Child("weights", shares[1], ctx.out, "ipc-b")
+        a = Child("weights", shares[0], ctx.work, "ipc-a")
+        b = Child("weights", shares[1], ctx.work, "ipc-b")
         before = b.ready["checksum"]
         assert a.ready["checksum"] == before
         os.kill(a.pid, signal.SIGKILL)
@@ -70,7 +70,7 @@ def registers_check(ctx: Ctx) -> dict:
     compiled in a process of its own (the kernels must be compiled, not interpreted)."""
     arch = "".join(map(str, torch.cuda.get_device_capability())) if ctx.cuda else "90"
     cases = "decode-fp16-g4,decode-fp16-g8,decode-int8-g8" if not ctx.dry else "decode-fp16-g8"
-    out = ctx.out / "kernel_resources.json"
+    out = ctx.work / "kernel_resources.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     subprocess.run([sys.executable, str(HERE / "kernel_resources.py"), "--arch", arch,
                     "--cases", cases, "--out", str(out)], check=True, env=env,
@@ -134,7 +134,7 @@ def launch_overhead_check(ctx: Ctx) -> dict:
            "num_key_value_heads": 2, "vocab_size": 1024, "max_position_embeddings": 2048,
            "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
            "torch_dtype": "float16"}
-    path = ctx.out / "models" / "overhead"
+    path = ctx.work / "models" / "overhead"
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(raw))
     dtype = torch.float32 if ctx.dry else torch.float16

@@ -61,5 +61,7 @@ def test_dry_run_runs_every_step(tmp_path):
     assert hf["all_processes"]["requests"] == hf["one_process_alone"]["requests"] == 1
     assert all(r["spill_store_bytes"] == 0 for r in by_name["decode-registers-spills"]["rows"])
 
+    # The device tool returns at most 8 files: the report is all that goes in --out.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.json", "gpu_check.md"]
     md = (tmp_path / "gpu_check.md").read_text()
     assert "dry run" in md and all(r["check"] in md for r in results)

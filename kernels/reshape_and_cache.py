@@ -29,11 +29,15 @@ def _store_head_tile(x, cache_ptr, scale_ptr, cache_off, scale_off, mask, head_m
     if QUANT:
         xf = x.to(tl.float32)
         amax = tl.max(tl.abs(xf), axis=1)                                   # (nkv,)
-        inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, AMAX_FLOOR), 0.0)
+        # div_rn, not `/`: fp32 `/` compiles to an approximate division on NVIDIA GPUs,
+        # and one ulp off in inv moves a code across its rounding boundary, so the
+        # codes would no longer equal quantize_kv's (IEEE) ones.
+        inv = tl.where(amax > 0, tl.math.div_rn(127.0, tl.maximum(amax, AMAX_FLOOR)),
+                       0.0)
         codes = tl.floor(xf * inv[:, None] + 0.5)
         codes = tl.minimum(tl.maximum(codes, -127.0), 127.0)
         tl.store(cache_ptr + cache_off, codes.to(tl.int8), mask=mask)
-        tl.store(scale_ptr + scale_off, amax / 127.0, mask=head_mask)
+        tl.store(scale_ptr + scale_off, tl.math.div_rn(amax, 127.0), mask=head_mask)
     else:
         tl.store(cache_ptr + cache_off, x.to(cache_ptr.dtype.element_ty), mask=mask)
 

@@ -40,3 +40,24 @@ def test_decode_kernels_fit_in_registers(tmp_path):
         where = f"{r['case']} {r['kernel']} sm_{r['arch']}"
         assert r["spill_store_bytes"] == 0 and r["spill_load_bytes"] == 0, where
         assert 0 < r["registers"] <= 168, where
+
+
+DIVISIONS = r"""
+import re, sys
+sys.path.insert(0, "bench")
+import kernel_resources as kr
+with kr.recorded_launches(kr.KERNEL_MODULES) as launches:
+    kr.CASES["kv-write-int8-hd80"]()
+ptx = kr.compile_launch(launches[0], 90).asm["ptx"]
+print(" ".join(sorted(set(re.findall(r"div\.[a-z0-9.]+\.f32", ptx)))))
+"""
+
+
+def test_int8_kv_write_divides_exactly_when_compiled():
+    """fp32 `/` compiles to div.approx / div.full; the int8 codes must equal
+    quantize_kv's, which divides in IEEE, so the kernel uses div_rn (div.rn.f32)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    out = subprocess.run([sys.executable, "-c", DIVISIONS], check=True, env=env, cwd=ROOT,
+                         capture_output=True, text=True, timeout=600).stdout.split()
+    assert out == ["div.rn.f32"]

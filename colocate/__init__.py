@@ -1,5 +1,9 @@
 """colocate: several LLM services on one device, sharing one copy of the weights."""
+from colocate.memory.cuda_devices import use_pci_bus_order
 from colocate.sampling_params import SamplingParams
+
+# Before anything initialises CUDA: CUDA's device indices then agree with NVML's.
+use_pci_bus_order()
 
 __version__ = "0.1.0"
 

@@ -8,6 +8,9 @@ over the whole context is then
     M = max_p m_p,   w_p = 2 ** (m_p - M),   out = sum_p w_p acc_p / sum_p w_p l_p
 
 Empty partitions carry m_p = -inf and l_p = 0, so they weigh nothing.
+
+The decode launcher caps the partition count, and this kernel walks them P_BLOCK at a
+time: loading all of them at once spilled registers at 256 partitions.
 """
 from __future__ import annotations
 
@@ -17,29 +20,43 @@ import triton.language as tl
 
 from colocate.kernels._checks import FLOAT_DTYPES, check_device, check_tensor, next_pow2
 
+# Partitions read per step: the kernel's registers do not grow with the partition count.
+P_BLOCK = 16
+
 
 @triton.jit
 def _merge_partitions_kernel(
     part_out_ptr, part_max_ptr, part_sum_ptr, out_ptr,
     stride_os, stride_oh, num_partitions,
-    HD: tl.constexpr, HD_P2: tl.constexpr, P_P2: tl.constexpr,
+    HD: tl.constexpr, HD_P2: tl.constexpr, P_BLOCK: tl.constexpr,
 ):
     s = tl.program_id(0)
     h = tl.program_id(1)
-    p = tl.arange(0, P_P2)
     d = tl.arange(0, HD_P2)
-    p_mask = p < num_partitions
-    row = (s * tl.num_programs(1) + h) * num_partitions + p                   # (P,)
-    m = tl.load(part_max_ptr + row, mask=p_mask, other=float("-inf"))
-    l = tl.load(part_sum_ptr + row, mask=p_mask, other=0.0)
-    m_all = tl.max(m, axis=0)
+    base = (s * tl.num_programs(1) + h) * num_partitions
+    # Two passes over the partitions, P_BLOCK at a time, so the live tile is
+    # (P_BLOCK, HD_P2) however many partitions there are: first the global max ...
+    m_all = float("-inf")
+    for p0 in range(0, num_partitions, P_BLOCK):
+        p = p0 + tl.arange(0, P_BLOCK)
+        m = tl.load(part_max_ptr + base + p, mask=p < num_partitions, other=float("-inf"))
+        m_all = tl.maximum(m_all, tl.max(m, axis=0))
     # No key at all (every partition empty): weights 0, output 0 rather than NaN.
     m_all = tl.where(m_all == float("-inf"), 0.0, m_all)
-    w = tl.exp2(m - m_all)                                                    # (P,)
-    total = tl.sum(w * l, axis=0)
-    acc = tl.load(part_out_ptr + row[:, None] * HD_P2 + d[None, :],
-                  mask=p_mask[:, None], other=0.0)                            # (P, HD_P2)
-    o = tl.sum(acc * w[:, None], axis=0) / tl.where(total > 0, total, 1.0)    # (HD_P2,)
+    # ... then the weighted sums.
+    total = 0.0
+    acc = tl.zeros((HD_P2,), tl.float32)
+    for p0 in range(0, num_partitions, P_BLOCK):
+        p = p0 + tl.arange(0, P_BLOCK)
+        p_mask = p < num_partitions
+        m = tl.load(part_max_ptr + base + p, mask=p_mask, other=float("-inf"))
+        l = tl.load(part_sum_ptr + base + p, mask=p_mask, other=0.0)
+        w = tl.exp2(m - m_all)                                                # (P,)
+        total += tl.sum(w * l, axis=0)
+        tile = tl.load(part_out_ptr + (base + p)[:, None] * HD_P2 + d[None, :],
+                       mask=p_mask[:, None], other=0.0)                       # (P, HD_P2)
+        acc += tl.sum(tile * w[:, None], axis=0)
+    o = acc / tl.where(total > 0, total, 1.0)                                 # (HD_P2,)
     tl.store(out_ptr + s * stride_os + h * stride_oh + d, o.to(out_ptr.dtype.element_ty),
              mask=d < HD)
 
@@ -62,5 +79,5 @@ def merge_attention_partitions(part_out: torch.Tensor, part_max: torch.Tensor,
     if S and nh:
         _merge_partitions_kernel[(S, nh)](
             part_out, part_max, part_sum, out, out.stride(0), out.stride(1), P,
-            HD=out.shape[2], HD_P2=hd_p2, P_P2=next_pow2(P))
+            HD=out.shape[2], HD_P2=hd_p2, P_BLOCK=min(P_BLOCK, next_pow2(P)))
     return out

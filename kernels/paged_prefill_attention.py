@@ -6,10 +6,19 @@ query_len tokens were cached by earlier steps (a chunked or prefix-cached prefil
 fresh prefill has context_len 0). The step's own K/V must already be in the cache
 (reshape_and_cache), so every key, old or new, is read through the block table.
 
-Grid (sequence, query head, block of BLOCK_M queries). A program walks keys
-0 .. (its last query's position) BLOCK_N at a time with an online softmax; the causal
-mask only bites in the last tiles. Mixed batches (some sequences decoding, some
-prefilling) also run here: a decode is a chunk of one query.
+Grid (query block, KV head). A program takes BLOCK_Q consecutive queries of one
+sequence and every query head of one GQA group: its BLOCK_M = BLOCK_Q * GROUP_P2 rows
+are (query, head) pairs, so K/V are read once per group rather than once per query
+head. It walks keys 0 .. (its last query's position) BLOCK_N at a time with an online
+softmax; the causal mask only bites in the last tiles.
+
+The query blocks of all sequences are numbered in one flat range: sequence i's start
+at query_start_loc[i] // BLOCK_Q + i, which leaves each sequence at least the
+cdiv(query_len, BLOCK_Q) blocks it needs, and T // BLOCK_Q + S blocks cover the batch
+(computable on the host without a device sync). A program finds its sequence by
+binary search. A sequence costs its own blocks plus at most one empty program, so in a
+mixed batch (one long chunk, many decodes: a decode is a chunk of one query) the
+decodes no longer get as many programs as the longest chunk.
 """
 from __future__ import annotations
 
@@ -29,47 +38,59 @@ DEFAULT_BLOCK_N = 16
 def _paged_prefill_kernel(
     q_ptr, key_cache_ptr, value_cache_ptr, key_scale_ptr, value_scale_ptr,
     block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, out_ptr,
-    scale,
+    scale, num_seqs,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
     stride_cb, stride_cs, stride_ch, stride_sb, stride_ss,
     block_size,
-    GROUP: tl.constexpr, HD: tl.constexpr, HD_P2: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr,
+    GROUP: tl.constexpr, GROUP_P2: tl.constexpr, HD: tl.constexpr, HD_P2: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, QUANT: tl.constexpr,
     DOT_F32: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    s = tl.program_id(0)
-    head = tl.program_id(1)
-    m_block = tl.program_id(2)
+    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP_P2
+    pid = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    # The sequence whose query blocks hold pid: the last i with first_block(i) <= pid.
+    lo = 0
+    hi = num_seqs
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        first = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        lo = tl.where(first <= pid, mid, lo)
+        hi = tl.where(first <= pid, hi, mid)
+    s = lo
     q_start = tl.load(query_start_loc_ptr + s)
     q_len = tl.load(query_start_loc_ptr + s + 1) - q_start
     seq_len = tl.load(seq_lens_ptr + s)
     context_len = seq_len - q_len
-    kv_head = head // GROUP
+    q_block = pid - (q_start // BLOCK_Q + s)          # this program's block of the sequence
 
-    m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
+    r = tl.arange(0, BLOCK_M)
+    qi = q_block * BLOCK_Q + r // GROUP_P2                                    # (M,) query
+    g = r % GROUP_P2                                                          # (M,) head in group
     d = tl.arange(0, HD_P2)
-    m_mask = m < q_len
+    row_mask = (qi < q_len) & (g < GROUP)
     d_mask = d < HD
-    rows = (q_start + m).to(tl.int64)                                        # (M,) flat rows
-    q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + d[None, :],
-                mask=m_mask[:, None] & d_mask[None, :], other=0.0)            # (M, HD_P2)
+    rows = (q_start + qi).to(tl.int64)                                        # (M,) flat rows
+    heads = kv_head * GROUP + g
+    q = tl.load(q_ptr + rows[:, None] * stride_qt + heads[:, None] * stride_qh + d[None, :],
+                mask=row_mask[:, None] & d_mask[None, :], other=0.0)          # (M, HD_P2)
     if DOT_F32:
         q = q.to(tl.float32)    # both dots follow q's dtype
-    q_pos = context_len + m                                                   # (M,)
+    q_pos = context_len + qi                                                  # (M,)
     qk_scale = scale * LOG2E
 
     # Keys this block of queries can see end at its last query's position; a block
     # past the end of the chunk has nothing to do.
-    hi = tl.minimum(seq_len, context_len + (m_block + 1) * BLOCK_M)
-    hi = tl.where(m_block * BLOCK_M < q_len, hi, 0)
+    hi_key = tl.minimum(seq_len, context_len + (q_block + 1) * BLOCK_Q)
+    hi_key = tl.where(q_block * BLOCK_Q < q_len, hi_key, 0)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, HD_P2), tl.float32)
     table = block_tables_ptr + s.to(tl.int64) * stride_bt
-    for n0 in range(0, hi, BLOCK_N):
+    for n0 in range(0, hi_key, BLOCK_N):
         n = n0 + tl.arange(0, BLOCK_N)
-        valid = n < hi
+        valid = n < hi_key
         block, offset = paged_token_slots(table, n, valid, block_size)
         k = load_kv_tile(key_cache_ptr, key_scale_ptr, block, offset, valid, kv_head, d, d_mask,
                          stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, QUANT)
@@ -77,8 +98,9 @@ def _paged_prefill_kernel(
         scores = scores * qk_scale
         visible = valid[None, :] & (n[None, :] <= q_pos[:, None])
         scores = tl.where(visible, scores, float("-inf"))
-        # Key 0 is in the first tile and every query sees it, so after that tile m_i
-        # is finite for every row and a fully masked later tile adds exp2(-inf) = 0.
+        # Key 0 is in the first tile and every row sees it (q_pos >= 0, padding rows
+        # included), so after that tile m_i is finite for every row and a fully masked
+        # later tile adds exp2(-inf) = 0.
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(scores - m_new[:, None])                                  # (M, N)
@@ -90,8 +112,8 @@ def _paged_prefill_kernel(
         m_i = m_new
 
     o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    tl.store(out_ptr + rows[:, None] * stride_ot + head * stride_oh + d[None, :],
-             o.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+    tl.store(out_ptr + rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
+             o.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
 
 
 def paged_prefill_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -105,7 +127,9 @@ def paged_prefill_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cach
 
     query_start_loc (S + 1,) and seq_lens (S,) as in AttentionMetadata, on q's device
     (int32 or int64); block_tables (S, nb). The cache as for paged_decode_attention.
-    max_query_len (host int, >= every chunk's length) sizes the grid.
+    max_query_len (host int, >= every chunk's length): 0 skips the launch. block_m is
+    the rows per program, (query, head) pairs: block_m // GROUP_P2 queries (at least
+    one) of every head of a GQA group.
     """
     check_device(q=q, key_cache=key_cache, value_cache=value_cache, block_tables=block_tables,
                  query_start_loc=query_start_loc, seq_lens=seq_lens, key_scale=key_scale,
@@ -134,15 +158,18 @@ def paged_prefill_attention(q: torch.Tensor, key_cache: torch.Tensor, value_cach
     # "not supported yet"), so interpreted bf16 runs its dots in fp32. Compiled kernels
     # keep bf16 tensor-core dots.
     dot_f32 = q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and interpreting())
-    grid = (S, nh, triton.cdiv(max_query_len, block_m))
+    group = nh // nkv
+    group_p2 = next_pow2(group)
+    block_q = max(1, block_m // group_p2)
+    grid = (T // block_q + S, nkv)          # enough for every sequence's blocks (see top)
     _paged_prefill_kernel[grid](
         q, key_cache, value_cache, key_scale, value_scale, block_tables, query_start_loc,
-        seq_lens, out, scale,
+        seq_lens, out, scale, S,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), *scale_strides,
         block_size,
-        GROUP=nh // nkv, HD=hd, HD_P2=next_pow2(hd, at_least=16), BLOCK_M=block_m,
-        BLOCK_N=block_n, QUANT=quant, DOT_F32=dot_f32,
+        GROUP=group, GROUP_P2=group_p2, HD=hd, HD_P2=next_pow2(hd, at_least=16),
+        BLOCK_Q=block_q, BLOCK_N=block_n, QUANT=quant, DOT_F32=dot_f32,
         # fp32 dots get fp32 accuracy: no TF32 rounding of q and k.
         DOT_PRECISION="ieee" if dot_f32 else "tf32",
     )

@@ -29,11 +29,15 @@ def _store_head_tile(x, cache_ptr, scale_ptr, cache_off, scale_off, mask, head_m
     if QUANT:
         xf = x.to(tl.float32)
         amax = tl.max(tl.abs(xf), axis=1)                                   # (nkv,)
-        inv = tl.where(amax > 0, 127.0 / tl.maximum(amax, AMAX_FLOOR), 0.0)
+        # div_rn, not `/`: fp32 `/` compiles to an approximate division on NVIDIA GPUs,
+        # and one ulp off in inv moves a code across its rounding boundary, so the
+        # codes would no longer equal quantize_kv's (IEEE) ones.
+        inv = tl.where(amax > 0, tl.math.div_rn(127.0, tl.maximum(amax, AMAX_FLOOR)),
+                       0.0)
         codes = tl.floor(xf * inv[:, None] + 0.5)
         codes = tl.minimum(tl.maximum(codes, -127.0), 127.0)
         tl.store(cache_ptr + cache_off, codes.to(tl.int8), mask=mask)
-        tl.store(scale_ptr + scale_off, amax / 127.0, mask=head_mask)
+        tl.store(scale_ptr + scale_off, tl.math.div_rn(amax, 127.0), mask=head_mask)
     else:
         tl.store(cache_ptr + cache_off, x.to(cache_ptr.dtype.element_ty), mask=mask)
 
@@ -61,8 +65,12 @@ def _reshape_and_cache_kernel(
     head_mask = (h < NKV) & (h * 0 + slot >= 0)
     mask = head_mask[:, None] & (d[None, :] < HD)                           # (nkv, hd)
 
-    k = tl.load(key_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask)
-    v = tl.load(value_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask)
+    # other=0: a masked lane is undefined on a GPU (only the interpreter zero-fills), and
+    # the int8 path takes max|x| over the whole padded row, head dims past HD included.
+    k = tl.load(key_ptr + t * stride_kt + h[:, None] * stride_kh + d[None, :], mask=mask,
+                other=0.0)                                                  # (NKV_P2, HD_P2)
+    v = tl.load(value_ptr + t * stride_vt + h[:, None] * stride_vh + d[None, :], mask=mask,
+                other=0.0)
     cache_off = block * stride_cb + offset * stride_cs + h[:, None] * stride_ch + d[None, :]
     scale_off = block * stride_sb + offset * stride_ss + h
     _store_head_tile(k, key_cache_ptr, key_scale_ptr, cache_off, scale_off, mask, head_mask,

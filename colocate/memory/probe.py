@@ -7,22 +7,18 @@ torch.cuda lazily, so CPU-only paths never load them.
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
-from typing import Iterator
+from dataclasses import dataclass
 
 import psutil
 
+from colocate.memory.cuda_devices import ProbeError, cuda_index, nvml_device
 
-class ProbeError(RuntimeError):
-    """The device cannot be measured here (no driver, no such GPU)."""
+__all__ = ["ProbeError", "ProcessMemory", "cuda_process_memory", "device_capacity",
+           "device_process_memory", "device_used", "process_memory"]
 
 
 def _is_cuda(device: str) -> bool:
     return device.startswith("cuda")
-
-
-def _cuda_index(device: str) -> int:
-    return int(device.split(":", 1)[1]) if ":" in device else 0
 
 
 # ---- capacity ----------------------------------------------------------------------
@@ -31,14 +27,14 @@ def device_capacity(device: str) -> int:
     """Total bytes of `device` ("cpu" or "cuda:N")."""
     if not _is_cuda(device):
         return psutil.virtual_memory().total
-    return _cuda_capacity(_cuda_index(device))
+    return _cuda_capacity(cuda_index(device))
 
 
 def _cuda_capacity(index: int) -> int:
     # NVML first: it reads the driver without creating a CUDA context, which would
     # itself take hundreds of MiB of the memory being measured.
     try:
-        with _nvml_device(index) as (nvml, handle):
+        with nvml_device(index) as (nvml, handle):
             return int(nvml.nvmlDeviceGetMemoryInfo(handle).total)
     except Exception as nvml_error:  # no library, no driver, or no such GPU
         try:
@@ -49,31 +45,6 @@ def _cuda_capacity(index: int) -> int:
             pass
         raise ProbeError(f"cannot read the memory of cuda:{index} ({nvml_error}); "
                          f"set `memory:` for this device in the YAML") from None
-
-
-@contextmanager
-def _nvml_device(index: int) -> Iterator[tuple[object, object]]:
-    """(pynvml module, handle of cuda:index), with NVML initialised for the block."""
-    import pynvml
-    pynvml.nvmlInit()
-    try:
-        yield pynvml, _nvml_handle(pynvml, index)
-    finally:
-        pynvml.nvmlShutdown()
-
-
-def _nvml_handle(pynvml, index: int):
-    """NVML numbers GPUs physically; cuda:N counts only CUDA_VISIBLE_DEVICES."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible:
-        entries = [v.strip() for v in visible.split(",") if v.strip()]
-        if index >= len(entries):
-            raise ProbeError(f"cuda:{index} is not in CUDA_VISIBLE_DEVICES={visible}")
-        entry = entries[index]
-        if entry.isdigit():
-            return pynvml.nvmlDeviceGetHandleByIndex(int(entry))
-        return pynvml.nvmlDeviceGetHandleByUUID(entry)
-    return pynvml.nvmlDeviceGetHandleByIndex(index)
 
 
 # ---- measured use ------------------------------------------------------------------
@@ -99,11 +70,39 @@ def device_process_memory(device: str, pids: list[int] | None = None) -> dict[in
     """
     if not _is_cuda(device):
         return {pid: process_memory(pid) for pid in (pids or [os.getpid()])}
-    with _nvml_device(_cuda_index(device)) as (nvml, handle):
+    return cuda_process_memory(device, pids).by_pid
+
+
+@dataclass(frozen=True)
+class ProcessMemory:
+    """What NVML says about the processes on one GPU."""
+    by_pid: dict[int, int]       # bytes per pid NVML reported and this process can name
+    device_used: int             # bytes in use on the whole GPU, by anyone
+    per_process: bool            # False: only device_used is known (see note)
+    note: str = ""
+
+
+def cuda_process_memory(device: str, pids: list[int] | None = None) -> ProcessMemory:
+    """Per-process device memory, or the device total where NVML's pids are not ours.
+
+    NVML reports pids as the host sees them. Inside a container (another PID
+    namespace) none of them is os.getpid() or a service's pid, and a per-process
+    reading would silently be 0 for everyone; this says so instead and keeps the
+    device total, which is still true.
+    """
+    with nvml_device(cuda_index(device)) as (nvml, handle):
         procs = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        used = int(nvml.nvmlDeviceGetMemoryInfo(handle).used)
     # usedGpuMemory is None where the driver hides it (e.g. in some containers).
     usage = {p.pid: int(p.usedGpuMemory or 0) for p in procs}
-    return {pid: b for pid, b in usage.items() if pids is None or pid in pids}
+    mine = {pid: b for pid, b in usage.items() if pids is None or pid in pids}
+    if pids and not mine and (procs or used):
+        note = (f"NVML lists {len(procs)} process(es) on {device}, none of pids {sorted(pids)}: "
+                "it reports host pids, and this process runs in another PID namespace "
+                "(a container). Per-process device memory is unknown; only the device "
+                "total is reported.")
+        return ProcessMemory({}, used, per_process=False, note=note)
+    return ProcessMemory(mine, used, per_process=True)
 
 
 def device_used(device: str) -> int:
@@ -111,5 +110,5 @@ def device_used(device: str) -> int:
     if not _is_cuda(device):
         vm = psutil.virtual_memory()
         return int(vm.total - vm.available)
-    with _nvml_device(_cuda_index(device)) as (nvml, handle):
+    with nvml_device(cuda_index(device)) as (nvml, handle):
         return int(nvml.nvmlDeviceGetMemoryInfo(handle).used)

@@ -8,7 +8,11 @@ maps the buffer and builds a LlamaForCausalLM whose parameters ARE views of it.
 
 CPU: the buffer is a file under <root>/colocate-weights-<pid>-<random>/ (root is
 /dev/shm, i.e. RAM), mapped read-only with mmap in every service. CUDA: the buffer is
-one device allocation shared by a CUDA IPC handle (see _cuda_* below).
+one device allocation shared by CUDA IPC, one reduction per consumer (cuda_ipc.py).
+
+publish() loads a model once; share() hands one consumer (a service, or one restart
+of it) its handle, and end_share() says that consumer is gone. On CPU a share is the
+published handle itself; on CUDA it carries that consumer's own IPC lease.
 
 Why a /dev/shm file. Measured on the 2-core CPU box with the `small` preset (fp32,
 110M parameters, 418 MiB of weights); PSS (proportional set size) read with psutil
@@ -51,13 +55,14 @@ import re
 import shutil
 import tempfile
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import psutil
 import torch
 
+from colocate.memory.cuda_ipc import IpcExports, Reducer, rebuild_cuda_tensor
 from colocate.memory.shm_tensors import (TensorSpec, map_file_read_only, pack, plan_layout,
                                          unpack, write_file)
 from colocate.model.llama import LlamaForCausalLM
@@ -80,7 +85,8 @@ class WeightHandle:
     nbytes: int                      # buffer size, alignment padding included
     token: str                       # unique per publish: same-process attach cache key
     path: str | None = None          # CPU: the shared file
-    cuda_ipc: tuple | None = None    # CUDA: reduce_tensor() arguments of the buffer
+    cuda_ipc: tuple | None = None    # CUDA: one consumer's reduce_tensor() arguments
+    lease: str | None = None         # CUDA: which consumer those arguments belong to
     quantization: dict[str, Any] | None = None   # QuantConfig.to_dict(): the module structure
 
     @property
@@ -94,11 +100,13 @@ class WeightHandle:
 class WeightStore:
     """The models published on one device, each loaded once. Not thread-safe."""
 
-    def __init__(self, device: str = "cpu", root: str | Path | None = None):
+    def __init__(self, device: str = "cpu", root: str | Path | None = None,
+                 reduce: Reducer | None = None):
+        """reduce: how a CUDA buffer is reduced for one consumer (tests pass a fake)."""
         self.device = str(device)
         self._handles: dict[str, WeightHandle] = {}
         self._sources: dict[str, tuple[Path, torch.dtype, QuantConfig | None]] = {}
-        self._cuda_buffers: dict[str, torch.Tensor] = {}   # kept alive for the IPC consumers
+        self.cuda = IpcExports(reduce)          # CUDA buffers, held while consumers live
         self.dir: Path | None = None
         if not _is_cuda(self.device):
             root = Path(root) if root is not None else default_root()
@@ -109,12 +117,13 @@ class WeightStore:
 
     def publish(self, model_name: str, model_path: str | Path,
                 dtype: str | torch.dtype = "float32", quantization: str | None = None,
-                quant_group_size: int | None = None) -> WeightHandle:
+                quant_group_size: int | None = None, read_float=None) -> WeightHandle:
         """Load `model_path` once and share it as `model_name`; a repeat returns the same handle.
 
         quantization / quant_group_size as for LLM: the weights are quantized here, once
         per device, in the layout this device's kernels read, and services map the
-        quantized buffers. An AWQ / GPTQ checkpoint is published as int4.
+        quantized buffers. An AWQ / GPTQ checkpoint is published as int4. read_float
+        replaces the safetensors reader (bench/gpu_check.py makes random weights with it).
         """
         model_path = Path(model_path).resolve()
         config = LlamaConfig.from_pretrained(model_path)
@@ -128,7 +137,7 @@ class WeightStore:
             return self._handles[model_name]
         # Always read into host memory: on CUDA this keeps the device peak at one copy.
         state = read_model_state(model_path, config, torch_dtype, "cpu", qc,
-                                 read_float=read_hf_tensors)
+                                 read_float=read_float or read_hf_tensors)
         specs, size = plan_layout(state)
         common = dict(model_name=model_name, device=self.device,
                       dtype=str(torch_dtype).removeprefix("torch."), config=config.raw,
@@ -136,8 +145,8 @@ class WeightStore:
                       quantization=None if qc is None else qc.to_dict())
         if _is_cuda(self.device):
             flat = _cuda_publish(state, specs, size, self.device)
-            self._cuda_buffers[model_name] = flat
-            handle = WeightHandle(**common, cuda_ipc=_cuda_ipc_args(flat))
+            self.cuda.add(model_name, flat)
+            handle = WeightHandle(**common)     # no IPC arguments: share() makes them
             _ATTACHED[handle.token] = unpack(flat, specs)   # IPC cannot reopen in this process
         else:
             path = self.dir / f"{_safe_name(model_name)}.bin"
@@ -148,7 +157,22 @@ class WeightStore:
         return handle
 
     def handle(self, model_name: str) -> WeightHandle:
+        """The published handle; attach() it in this process. Other processes: share()."""
         return self._handles[model_name]
+
+    def share(self, model_name: str) -> WeightHandle:
+        """The handle for ONE consumer process: give each service, and each restart of
+        one, its own share, and call end_share() once that process is gone."""
+        handle = self._handles[model_name]
+        if not _is_cuda(self.device):
+            return handle                       # a file path: nothing per consumer
+        lease, args = self.cuda.lease(model_name)
+        return replace(handle, cuda_ipc=args, lease=lease)
+
+    def end_share(self, handle: WeightHandle) -> None:
+        """The consumer `handle` was shared with has exited (or been killed)."""
+        if handle.lease is not None:
+            self.cuda.end(handle.model_name, handle.lease)
 
     def models(self) -> list[str]:
         return list(self._handles)
@@ -165,7 +189,7 @@ class WeightStore:
         handle = self._handles.pop(model_name)
         del self._sources[model_name]
         _ATTACHED.pop(handle.token, None)
-        self._cuda_buffers.pop(model_name, None)
+        self.cuda.retire(model_name)            # freed once no consumer holds a lease
         if handle.path is not None:
             Path(handle.path).unlink(missing_ok=True)
 
@@ -227,10 +251,14 @@ def attach(handle: WeightHandle) -> LlamaForCausalLM:
     """
     state = _ATTACHED.get(handle.token)
     if state is None:
+        if _is_cuda(handle.device) and handle.cuda_ipc is None:
+            raise ValueError(f"{handle.model_name}: a CUDA handle from WeightStore.handle() "
+                             "attaches only in the publishing process; pass another "
+                             "process WeightStore.share()")
         flat = (_cuda_attach(handle) if handle.cuda_ipc is not None
                 else map_file_read_only(handle.path, handle.nbytes))
         state = _ATTACHED[handle.token] = unpack(flat, handle.specs)
-    device = handle.device if handle.cuda_ipc is not None else "cpu"
+    device = handle.device if _is_cuda(handle.device) else "cpu"
     qc = None if handle.quantization is None else QuantConfig.from_dict(handle.quantization)
     return model_over_state_dict(LlamaConfig.from_dict(handle.config), state,
                                  getattr(torch, handle.dtype), device, qc)
@@ -257,7 +285,7 @@ def model_over_state_dict(config: LlamaConfig, state: dict[str, torch.Tensor],
     return model.eval()
 
 
-# ---- CUDA: one device buffer shared by IPC. Untested here (no GPU on the dev box). ------
+# ---- CUDA: one device buffer shared by IPC (bench/gpu_check.py runs it on a GPU) ------
 
 def _cuda_publish(state: dict[str, torch.Tensor], specs: tuple[TensorSpec, ...],
                   size: int, device: str) -> torch.Tensor:
@@ -267,19 +295,10 @@ def _cuda_publish(state: dict[str, torch.Tensor], specs: tuple[TensorSpec, ...],
     return flat
 
 
-def _cuda_ipc_args(flat: torch.Tensor) -> tuple:
-    from torch.multiprocessing.reductions import reduce_tensor
-
-    _rebuild, args = reduce_tensor(flat)        # (tensor cls, size, ..., IPC mem handle, ...)
-    return args
-
-
 def _cuda_attach(handle: WeightHandle) -> torch.Tensor:
     """Open the IPC handle: the consumer's view of the supervisor's allocation.
 
     The supervisor must outlive its consumers. Nothing makes the view read-only on
     CUDA; only the requires-grad guard of attach() catches accidental in-place ops.
     """
-    from torch.multiprocessing.reductions import rebuild_cuda_tensor
-
-    return rebuild_cuda_tensor(*handle.cuda_ipc)
+    return rebuild_cuda_tensor(handle.cuda_ipc)

@@ -14,7 +14,7 @@ import psutil
 from colocate import __version__
 from colocate.config import DeploymentConfig, DeviceSpec
 from colocate.memory.arbiter import MemoryArbiter
-from colocate.memory.probe import device_process_memory
+from colocate.memory.probe import cuda_process_memory, device_process_memory
 from colocate.memory.weight_store import WeightStore
 from colocate.metrics.samples import (DEVICE, DeviceSample, Reservation, ServiceReport,
                                       ServiceSample, WeightCopy)
@@ -58,10 +58,16 @@ def measured_memory(device: str, pids: list[int]) -> dict[int, int]:
     a driver that cannot be read) is left out rather than failing the scrape."""
     if device.startswith("cuda"):
         try:
-            return device_process_memory(device, pids)
+            reading = cuda_process_memory(device, pids)
         except Exception as exc:       # no NVML here: report nothing, say why once per scrape
             log.warning("cannot measure %s per process: %s", device, exc)
             return {}
+        if not reading.per_process:
+            # In a container NVML's pids are the host's: the device total goes on the
+            # device's own row (the supervisor, pids[0]) and the services read 0.
+            log.warning("%s", reading.note)
+            return {pids[0]: reading.device_used}
+        return reading.by_pid
     out = {}
     for pid in pids:
         try:

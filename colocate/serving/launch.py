@@ -84,14 +84,15 @@ def prepare_launches(gpu: DeviceSpec, config: DeploymentConfig, store: WeightSto
         name = model.name if gpu.share_weights else f"{model.name}@{service.name}"
         try:
             path = checkpoint_dir(model, preset_dir)
-            handle = store.publish(name, path, model.dtype, quantization=model.quantization,
-                                   quant_group_size=model.quant_group_size)
+            store.publish(name, path, model.dtype, quantization=model.quantization,
+                          quant_group_size=model.quant_group_size)
         except (OSError, ValueError) as exc:    # missing files, bad shapes or dtype
             raise DeploymentError(f"service {service.name}: cannot load model "
                                   f"{model.name} from {model.path}: {exc}") from None
         demand = demands[service.name]
         launches.append(ServiceLaunch(
-            spec=service, weights=handle, checkpoint_dir=str(path),
+            # Each service its own share: on CUDA its own IPC lease (see cuda_ipc.py).
+            spec=service, weights=store.share(name), checkpoint_dir=str(path),
             kv_tokens=demand.kv_tokens, device=device, host=host,
             torch_threads=torch_threads, weights_shared=gpu.share_weights,
             kv_budget_bytes=demand.kv_bytes, test_hooks=test_hooks,

@@ -1,4 +1,4 @@
-"""ServiceActor: one service's process. Maps the shared weights, builds its engine over
+"""ServiceRuntime: one service's process. Maps the shared weights, builds its engine over
 its own KV pool, and serves it over gRPC.
 
 The supervisor hands every service a ServiceLaunch: the weight handle it got from the
@@ -10,7 +10,9 @@ cannot grow it: the budget is enforced by construction, not by watching.
 All the work happens in the constructor, so a service that cannot start fails its
 actor creation, and the supervisor sees the cause when it first pings it. After that
 the actor's methods only observe (ping, stats, metrics) or stop (shutdown); requests never pass
-through Ray, they go straight to the gRPC server in this process.
+through Ray, they go straight to the gRPC server in this process. The supervisor runs
+it as a Ray actor (ServiceActor, in supervisor.py); nothing here imports Ray, so a
+service also runs as a plain process (bench/gpu_check.py does, on a GPU without Ray).
 
 shutdown() is graceful: the health service turns NOT_SERVING and new requests are
 refused with UNAVAILABLE at once, while those in flight get `grace` seconds to end.
@@ -23,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-import ray
 import torch
 
 from colocate.config import ServiceSpec
@@ -179,11 +180,3 @@ def process_pss(pid: int | None = None) -> int:
         return psutil.Process(pid).memory_full_info().pss
     except (psutil.AccessDenied, AttributeError):    # no /proc/PID/smaps access
         return 0
-
-
-# No CPU reservation: the services of a device share its cores (the torch thread
-# count is the real limit), and a 2-core machine must host three of them plus the
-# supervisor. No restarts by Ray either: the supervisor restarts a dead service itself,
-# after returning its budget to the ledger. max_concurrency lets ping and stats answer
-# while shutdown waits for in-flight calls to drain.
-ServiceActor = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=4)(ServiceRuntime)

@@ -36,6 +36,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from colocate.config import DeploymentConfig, DeviceSpec
 from colocate.memory.arbiter import AdmissionRefused, MemoryArbiter
+from colocate.memory.cuda_devices import ORDER_ENV, PCI_ORDER, gpu_uuid
 from colocate.memory.shared_ledger import SharedLedger
 from colocate.memory.weight_store import WeightStore
 from colocate.metrics.device import device_sample
@@ -47,7 +48,7 @@ from colocate.serving.health_monitor import HealthMonitor, ServiceSlot, summary
 from colocate.serving.launch import (DeploymentError, checkpoint_dir,  # noqa: F401
                                      default_torch_threads, preset_checkpoint,
                                      prepare_launches)
-from colocate.serving.service import ServiceActor, ServiceLaunch
+from colocate.serving.service import ServiceLaunch, ServiceRuntime
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,25 @@ SCRAPE_TIMEOUT_S = 2.0          # a slow service drops out of one scrape, not al
 FAILED_CHECKS_BEFORE_RESTART = 3
 SHUTDOWN_GRACE_S = 10.0         # for requests in flight when a stop begins
 EVENTS_KEPT = 200
+
+
+def service_cuda_env(visible: str) -> dict[str, str]:
+    """A zero-GPU service actor's environment on its supervisor's GPU.
+
+    Ray leaves CUDA_VISIBLE_DEVICES alone for actors without GPUs (pyproject pins the
+    Ray range where that is the default) unless RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1,
+    which would blank it and hide the GPU: it is set to 0 here, whatever the driver's
+    environment says. The PCI order makes the ids mean what NVML's do."""
+    return {"CUDA_VISIBLE_DEVICES": visible, ORDER_ENV: PCI_ORDER,
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+
+
+# No CPU reservation: the services of a device share its cores (the torch thread
+# count is the real limit), and a 2-core machine must host three of them plus the
+# supervisor. No restarts by Ray either: the supervisor restarts a dead service itself,
+# after returning its budget to the ledger. max_concurrency lets ping and stats answer
+# while shutdown waits for in-flight calls to drain.
+ServiceActor = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=4)(ServiceRuntime)
 
 
 # ---- the supervisor ------------------------------------------------------------------
@@ -114,10 +134,12 @@ class Supervisor:
         return "cuda:0", self.gpu.memory or torch.cuda.mem_get_info(0)[1]
 
     def _ledger_key(self) -> str:
-        """The physical device, as every supervisor on this host names it."""
+        """The physical device, as every supervisor on this host names it: by UUID, not
+        by Ray's GPU id, which counts within the raylet's CUDA_VISIBLE_DEVICES (two
+        `colocate serve` runs started with different lists would call one GPU 0 and 1)."""
         if not self.gpu.is_cuda:
             return "cpu"
-        return "cuda-" + "-".join(str(i) for i in ray.get_gpu_ids())
+        return gpu_uuid(self.device)
 
     def _event(self, service: str, what: str, detail: str = "") -> None:
         """Under _lock: remember a lifecycle event (status() reports them)."""
@@ -168,7 +190,7 @@ class Supervisor:
             # Share this actor's GPU without reserving another: services take no
             # GPU resource, and see the supervisor's physical GPU as cuda:0.
             physical = ",".join(str(i) for i in ray.get_gpu_ids())
-            options["runtime_env"] = {"env_vars": {"CUDA_VISIBLE_DEVICES": physical}}
+            options["runtime_env"] = {"env_vars": service_cuda_env(physical)}
         return ServiceActor.options(**options).remote(launch)
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> dict:
@@ -222,7 +244,10 @@ class Supervisor:
                 self._event(slot.name, "refused", str(exc))
                 return
             self._event(slot.name, "admitted")
-            slot.launch = replace(slot.launch, kv_tokens=demand.kv_tokens)
+            # The killed process's IPC lease ends; the new one gets its own (cuda_ipc.py).
+            self.store.end_share(slot.launch.weights)
+            slot.launch = replace(slot.launch, kv_tokens=demand.kv_tokens,
+                                  weights=self.store.share(slot.launch.weights.model_name))
             slot.actor = self._spawn(slot.launch)
             slot.restarts += 1
         if self._await_start(slot, STARTUP_TIMEOUT_S):
@@ -305,6 +330,7 @@ class Supervisor:
         with self._lock:
             for slot in slots:
                 ray.kill(slot.actor, no_restart=True)
+                self.store.end_share(slot.launch.weights)
                 slot.state = "stopped"
             self.admission.close()
             self.store.close()

@@ -87,3 +87,61 @@ def test_prefill_wider_tiles_and_odd_head_dim():
 def test_prefill_with_no_tokens_is_a_no_op():
     batch = make_batch([4], [0], 4, 4, HEAD_DIM, 8)
     assert run_prefill(batch).shape == (0, 4, HEAD_DIM)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8", "int8-fp16"])
+def test_decode_odd_group_and_head_dim(kind):
+    """A GQA group of 5 pads to the 16 rows tl.dot needs; head_dim 24 pads to 32."""
+    dtype, kv_int8, atol = KINDS[kind]
+    batch = make_batch([3, 29], [1, 1], 10, 2, 24, 8, dtype, kv_int8, seed=4)
+    ref = reference_attention(batch, 24 ** -0.5)
+    out = paged_decode_attention(
+        batch.q, batch.key_cache, batch.value_cache, batch.block_tables,
+        torch.tensor(batch.seq_lens), 24 ** -0.5, key_scale=batch.key_scale,
+        value_scale=batch.value_scale, partition_size=16, block_n=16)
+    torch.testing.assert_close(out.float(), ref, atol=atol, rtol=atol)
+
+
+def test_decode_caps_the_partition_count():
+    """90 tokens in 16-token partitions would be 6; capped at 2, each covers 48."""
+    from colocate.kernels.paged_decode_attention import _partition_size
+
+    assert _partition_size(90, 16, 16, 2) == 48
+    assert _partition_size(90, 16, 16, 64) == 16
+    assert _partition_size(32768, 512, 32, 64) == 512
+    assert _partition_size(131072, 512, 32, 64) == 2048
+    batch = make_batch([90, 7], [1, 1], 4, 2, HEAD_DIM, 8, seed=5)
+    check(run_decode(batch, partition_size=16, block_n=16, max_partitions=2), batch, 2e-5)
+
+
+def test_merge_walks_many_partitions():
+    """40 partitions, more than the merge reads per step; some of them empty."""
+    from colocate.kernels import merge_attention_partitions
+
+    gen = torch.Generator().manual_seed(6)
+    S, nh, P, hd = 2, 3, 40, 16
+    part_out = torch.randn(S, nh, P, hd, generator=gen)
+    part_max = torch.randn(S, nh, P, generator=gen) * 4
+    part_sum = torch.rand(S, nh, P, generator=gen) + 0.5
+    part_max[:, :, 30:] = float("-inf")                     # empty partitions weigh nothing
+    part_sum[:, :, 30:] = 0.0
+    w = torch.exp2(part_max - part_max.amax(-1, keepdim=True))             # (S, nh, P)
+    want = (part_out * w[..., None]).sum(2) / (w * part_sum).sum(-1)[..., None]
+    out = merge_attention_partitions(part_out, part_max, part_sum, torch.empty(S, nh, hd))
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["fp32", "int8"])
+def test_prefill_mixed_batch_with_an_odd_group(kind):
+    """One 33-token chunk after a prefix, three decodes, an empty chunk and a fresh
+    prefill, with a GQA group of 3 (padded to 4 rows per query)."""
+    dtype, kv_int8, atol = KINDS[kind]
+    batch = make_batch([45, 9, 1, 17, 6, 5], [33, 1, 1, 1, 0, 5], 6, 2, HEAD_DIM, 8, dtype,
+                       kv_int8, seed=7)
+    check(run_prefill(batch), batch, atol)
+
+
+def test_prefill_group_wider_than_block_m():
+    """A group of 32 heads per KV head: one query per program, 32 rows."""
+    batch = make_batch([20, 3], [4, 3], 32, 1, HEAD_DIM, 8, seed=8)
+    check(run_prefill(batch, block_m=16), batch, 2e-5)

@@ -22,7 +22,8 @@ from colocate.model.model_config import KV_CACHE_DTYPES, MODEL_DTYPES, LlamaConf
 
 PRESET_PREFIX = "preset:"
 QUANTIZATIONS = (None, "int8", "int4")
-RESTART_POLICIES = ("never", "anywhere")   # what to do with an entry whose node is lost
+RESTART_POLICIES = ("never", "anywhere")
+BATCHING_MODES = ("isolated", "fused")   # what to do with an entry whose node is lost
 DEFAULT_QUANT_GROUP_SIZE = 128
 # gRPC's own default receive limit; 4 MiB of prompt is already ~1M tokens, far
 # beyond any max_model_len, so a bigger message is a mistake or an attack.
@@ -95,6 +96,7 @@ class ServiceSpec:
     tls: TLSSpec | None = None        # None: plaintext
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_concurrent_rpcs: int | None = None   # None: derived, see rpc_limit
+    weight: float = 1.0               # its share of a fused group's step, against the others
 
     @property
     def rpc_limit(self) -> int:
@@ -118,6 +120,9 @@ class DeviceSpec:
     name: str | None = None          # None: see entry_name
     node: str | None = None          # a Ray node id, an IP or a label `key=value`; None: any
     restart: str = "never"           # "anywhere": re-place it on another node if its node dies
+    # "fused": the services of one model run in one process and decode as one batch
+    # (colocate/serving/group_runtime.py); "isolated": a process per service.
+    batching: str = "isolated"
 
     @property
     def is_cuda(self) -> bool:
@@ -274,7 +279,7 @@ class _Reader(ValueReader):
                index: int = 0) -> DeviceSpec:
         d = self.mapping(raw, key, required=("device", "services"),
                          optional=("memory", "headroom", "share_weights", "metrics_port",
-                                   "tls", "name", "node", "restart"))
+                                   "tls", "name", "node", "restart", "batching"))
         device = self.string(d["device"], f"{key}.device")
         if not _DEVICE_RE.match(device):
             raise self.error(f"{key}.device", f"{device!r} is not 'cpu' or 'cuda:N'")
@@ -289,6 +294,10 @@ class _Reader(ValueReader):
         headroom = (self.size(d["headroom"], f"{key}.headroom", allow_zero=True)
                     if "headroom" in d else None)
         share = self.boolean(d.get("share_weights", True), f"{key}.share_weights")
+        batching = self.choice(d.get("batching", "isolated"), f"{key}.batching", BATCHING_MODES)
+        if batching == "fused" and not share:
+            raise self.error(f"{key}.batching", "fused batching runs one forward over one copy "
+                                                "of the weights; it needs share_weights: true")
         metrics_port = (self.port(d["metrics_port"], f"{key}.metrics_port")
                         if "metrics_port" in d else None)
         tls = self.tls(d["tls"], f"{key}.tls") if "tls" in d else None
@@ -300,7 +309,7 @@ class _Reader(ValueReader):
                          for i, s in enumerate(raw_services))
         spec = DeviceSpec(device=device, services=services, memory=memory, headroom=headroom,
                           share_weights=share, metrics_port=metrics_port, tls=tls, name=name,
-                          node=node, restart=restart)
+                          node=node, restart=restart, batching=batching)
         if name is not None:
             self.topology.claim_entry(name, key, f"{key}.name")
         else:
@@ -315,7 +324,7 @@ class _Reader(ValueReader):
                                    "tenants"),
                          optional=("max_num_seqs", "max_num_batched_tokens",
                                    "max_queued_requests", "tls", "max_request_bytes",
-                                   "max_concurrent_rpcs"))
+                                   "max_concurrent_rpcs", "weight"))
         name = self.string(s["name"], f"{key}.name")
         model = self.string(s["model"], f"{key}.model")
         if model not in models:
@@ -340,6 +349,7 @@ class _Reader(ValueReader):
             max_queued_requests=self.integer(s.get("max_queued_requests", 256),
                                              f"{key}.max_queued_requests"),
             tls=self.tls(s["tls"], f"{key}.tls") if "tls" in s else device_tls,
+            weight=self.positive_number(s.get("weight", 1.0), f"{key}.weight"),
             max_request_bytes=self.size(s.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES),
                                         f"{key}.max_request_bytes",
                                         maximum=MAX_REQUEST_BYTES_LIMIT),

@@ -61,6 +61,11 @@ class ValueReader:
             raise self.error(key, f"{value} is out of range; must be {bound}")
         return value
 
+    def positive_number(self, value: Any, key: str) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            raise self.error(key, f"expected a number > 0, got {value!r}")
+        return float(value)
+
     def boolean(self, value: Any, key: str) -> bool:
         if not isinstance(value, bool):
             raise self.error(key, f"expected true or false, got {kind(value)}")

@@ -6,6 +6,8 @@ services' own reports (which it fetches over Ray) and calls device_sample().
 """
 from __future__ import annotations
 
+import collections
+
 import logging
 import os
 
@@ -86,6 +88,9 @@ def device_sample(gpu: DeviceSpec, config: DeploymentConfig, arbiter: MemoryArbi
     demands = {d.service: d for d in arbiter.admitted()}
     pids = [os.getpid()] + [report.pid for report, _ in reports.values()]
     memory = measured_memory(local_device, pids)
+    # The services of a fused group share one process: its memory is split equally
+    # among them, so the services' figures still add up to what the processes hold.
+    sharers = collections.Counter(report.pid for report, _ in reports.values())
     services = []
     for spec in gpu.services:
         if spec.name not in reports or spec.name not in demands:
@@ -97,7 +102,7 @@ def device_sample(gpu: DeviceSpec, config: DeploymentConfig, arbiter: MemoryArbi
             name=spec.name, model=spec.model, dtype=report.dtype,
             quantization=model.quantization or "none", kv_dtype=demand.kv_dtype,
             kv_budget_bytes=demand.kv_bytes, restarts=restarts, report=report,
-            memory_used_bytes=memory.get(report.pid, 0)))
+            memory_used_bytes=memory.get(report.pid, 0) // sharers[report.pid]))
     return DeviceSample(
         gpu=gpu.device, version=__version__, capacity_bytes=arbiter.capacity,
         supervisor_memory_bytes=memory.get(os.getpid(), 0), services=tuple(services),

@@ -35,6 +35,7 @@ from colocate.metrics.rejections import RejectionCounter
 from colocate.metrics.samples import ServiceReport
 from colocate.model.model_config import LlamaConfig
 from colocate.serving.async_engine import AsyncEngine
+from colocate.serving.engine_loop import EngineLoop
 from colocate.serving.engine_protocol import EngineDeadError
 from colocate.serving.fault_injection import FaultInjector, FaultyRunner
 from colocate.serving.grpc_server import model_info_from_engine, serve
@@ -78,33 +79,18 @@ class ServiceStats:
     message: str = ""
 
 
-class ServiceRuntime:
-    """The service itself, without Ray: tests and ServiceActor both use it."""
+class ServiceDoor:
+    """One service's front (its queue, streams, health) and gRPC server over an engine
+    a loop steps: the loop is the service's own (loop=None) or its fused group's."""
 
-    def __init__(self, launch: ServiceLaunch) -> None:
+    def __init__(self, launch: ServiceLaunch, llm_engine, loop: EngineLoop | None = None) -> None:
         spec = launch.spec
-        self.launch = launch
-        self.name = spec.name
-        # Several services share the cores; one intra-op pool each, sized by the
-        # supervisor, keeps them from oversubscribing the machine.
-        torch.set_num_threads(max(1, launch.torch_threads))
-        device = torch.device(launch.device)
-        model = attach(launch.weights)
-        dtype = getattr(torch, launch.weights.dtype)
-        config = LlamaConfig.from_dict(dict(launch.weights.config))
-        self.llm_engine = build_engine(
-            model, config, load_tokenizer(Path(launch.checkpoint_dir)), dtype=dtype,
-            device=device, num_blocks=launch.num_blocks, block_size=KV_BLOCK_SIZE,
-            max_model_len=spec.max_model_len, max_num_seqs=spec.max_num_seqs,
-            max_num_batched_tokens=spec.max_num_batched_tokens,
-            kv_cache_dtype=spec.kv_cache.dtype)
-        self.faults = FaultInjector(launch.test_hooks)
-        if launch.test_hooks:
-            self.llm_engine.runner = FaultyRunner(self.llm_engine.runner, self.faults)
-        self.engine = AsyncEngine(self.llm_engine, max_queued_requests=spec.max_queued_requests)
+        self.launch, self.name, self.llm_engine = launch, spec.name, llm_engine
+        self.engine = AsyncEngine(llm_engine, max_queued_requests=spec.max_queued_requests,
+                                  loop=loop)
         quant = launch.weights.quantization or {}
         info = model_info_from_engine(
-            self.llm_engine, model_name=spec.model, dtype=launch.weights.dtype,
+            llm_engine, model_name=spec.model, dtype=launch.weights.dtype,
             quantization=quant.get("method", ""), kv_cache_dtype=spec.kv_cache.dtype,
             weight_bytes=launch.weights.tensor_bytes, weights_shared=launch.weights_shared,
             kv_cache_bytes=launch.kv_budget_bytes)
@@ -126,8 +112,6 @@ class ServiceRuntime:
 
     def ping(self) -> bool:
         """True while the engine loop runs; False once it failed or stopped."""
-        if not self.faults.on_ping():
-            return False
         try:
             self.engine.check_health()
         except EngineDeadError:
@@ -153,15 +137,10 @@ class ServiceRuntime:
                              stats=self.llm_engine.statistics(),
                              rejected=self.rejections.counts())
 
-    def inject_fault(self, kind: str, count: int = 1, message: str = "injected fault",
-                     seconds: float = 0.0) -> None:
-        """Tests only (see fault_injection.py); refused unless launched with test_hooks."""
-        self.faults.arm(kind, count, message=message, seconds=seconds)
-
-    def shutdown(self, grace: float = 10.0) -> bool:
+    def close(self, grace: float) -> bool:
         """Refuse new requests (health NOT_SERVING, calls UNAVAILABLE), give those in
-        flight up to `grace` seconds, then stop the server and the loop and unmap
-        the weights. True if every request in flight finished in time."""
+        flight up to `grace` seconds, then stop the server and the front. True if
+        every request in flight finished in time."""
         drained = self.engine.drain(grace)
         if not drained:
             log.warning("service %s: requests still running after %.1f s; aborting them",
@@ -169,6 +148,57 @@ class ServiceRuntime:
         # The streams have their final outputs; a second lets the handlers send them.
         self.server.stop(1.0)
         self.engine.shutdown()
+        return drained
+
+
+class ServiceRuntime:
+    """The service itself, without Ray: tests and ServiceActor both use it."""
+
+    def __init__(self, launch: ServiceLaunch) -> None:
+        spec = launch.spec
+        self.launch = launch
+        self.name = spec.name
+        # Several services share the cores; one intra-op pool each, sized by the
+        # supervisor, keeps them from oversubscribing the machine.
+        torch.set_num_threads(max(1, launch.torch_threads))
+        device = torch.device(launch.device)
+        model = attach(launch.weights)
+        dtype = getattr(torch, launch.weights.dtype)
+        config = LlamaConfig.from_dict(dict(launch.weights.config))
+        self.llm_engine = build_engine(
+            model, config, load_tokenizer(Path(launch.checkpoint_dir)), dtype=dtype,
+            device=device, num_blocks=launch.num_blocks, block_size=KV_BLOCK_SIZE,
+            max_model_len=spec.max_model_len, max_num_seqs=spec.max_num_seqs,
+            max_num_batched_tokens=spec.max_num_batched_tokens,
+            kv_cache_dtype=spec.kv_cache.dtype)
+        self.faults = FaultInjector(launch.test_hooks)
+        if launch.test_hooks:
+            self.llm_engine.runner = FaultyRunner(self.llm_engine.runner, self.faults)
+        self.door = ServiceDoor(launch, self.llm_engine)
+        self.engine, self.server = self.door.engine, self.door.server
+
+    @property
+    def port(self) -> int:
+        return self.door.port
+
+    def ping(self) -> bool:
+        """True while the engine loop runs; False once it failed or stopped."""
+        return self.faults.on_ping() and self.door.ping()
+
+    def stats(self) -> ServiceStats:
+        return self.door.stats()
+
+    def metrics(self) -> ServiceReport:
+        return self.door.metrics()
+
+    def inject_fault(self, kind: str, count: int = 1, message: str = "injected fault",
+                     seconds: float = 0.0) -> None:
+        """Tests only (see fault_injection.py); refused unless launched with test_hooks."""
+        self.faults.arm(kind, count, message=message, seconds=seconds)
+
+    def shutdown(self, grace: float = 10.0) -> bool:
+        """Drain and stop (ServiceDoor.close), then unmap the weights."""
+        drained = self.door.close(grace)
         detach(self.launch.weights)
         return drained
 

@@ -48,6 +48,7 @@ from colocate.serving.health_monitor import HealthMonitor, ServiceSlot, summary
 from colocate.serving.launch import (DeploymentError, checkpoint_dir,  # noqa: F401
                                      default_torch_threads, preset_checkpoint,
                                      prepare_launches)
+from colocate.serving.group_runtime import GroupRuntime, MemberHandle
 from colocate.serving.service import ServiceLaunch, ServiceRuntime
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,24 @@ def service_cuda_env(visible: str) -> dict[str, str]:
 # after returning its budget to the ledger. max_concurrency lets ping and stats answer
 # while shutdown waits for in-flight calls to drain.
 ServiceActor = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=4)(ServiceRuntime)
+# A fused group's process: the same, for every service of one model on the device.
+GroupActor = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=8)(GroupRuntime)
+
+
+def process_groups(gpu: DeviceSpec, launches: list[ServiceLaunch]) -> list[list[ServiceLaunch]]:
+    """The launches each service process gets: one each (isolated), or one process
+    for all the services of one model (fused)."""
+    if gpu.batching != "fused":
+        return [[launch] for launch in launches]
+    by_model: dict[str, list[ServiceLaunch]] = {}
+    for launch in launches:
+        by_model.setdefault(launch.weights.model_name, []).append(launch)
+    return list(by_model.values())
+
+
+def ray_actor(handle):
+    """The Ray actor behind a slot's handle (a fused member's is its group's)."""
+    return handle.actor if isinstance(handle, MemberHandle) else handle
 
 
 # ---- the supervisor ------------------------------------------------------------------
@@ -103,7 +122,9 @@ class Supervisor:
         self.host = host
         self.metrics_host = metrics_host or host
         self.metrics: MetricsEndpoint | None = None
-        self.torch_threads = torch_threads or default_torch_threads(len(gpu.services))
+        processes = (len({s.model for s in gpu.services}) if gpu.batching == "fused"
+                     else len(gpu.services))
+        self.torch_threads = torch_threads or default_torch_threads(processes)
         self.preset_dir = Path(preset_dir) if preset_dir else None
         self.test_hooks = test_hooks
         self._tenants = tenants
@@ -170,8 +191,9 @@ class Supervisor:
             self.admission.release_all()
             raise
         with self._lock:
-            for launch in launches:
-                self._slots[launch.spec.name] = ServiceSlot(launch, actor=self._spawn(launch))
+            for group in process_groups(self.gpu, launches):
+                for launch, handle in zip(group, self._spawn(group)):
+                    self._slots[launch.spec.name] = ServiceSlot(launch, actor=handle)
 
     def _start_metrics(self) -> None:
         port = self.gpu.metrics_port or 0
@@ -182,8 +204,9 @@ class Supervisor:
                                   f"{self.metrics_host}:{port}: {exc}") from None
         log.info("metrics of %s at %s", self.gpu.device, self.metrics.url)
 
-    def _spawn(self, launch: ServiceLaunch):
-        """Start one service actor on this node (it must map this node's files)."""
+    def _spawn(self, launches: list[ServiceLaunch]) -> list:
+        """Start one service process on this node (it must map this node's files) for
+        `launches`: a service actor, or a fused group's actor; a handle per service."""
         options = dict(
             scheduling_strategy=NodeAffinitySchedulingStrategy(self.node_id, soft=False))
         if self.gpu.is_cuda:
@@ -191,7 +214,10 @@ class Supervisor:
             # GPU resource, and see the supervisor's physical GPU as cuda:0.
             physical = ",".join(str(i) for i in ray.get_gpu_ids())
             options["runtime_env"] = {"env_vars": service_cuda_env(physical)}
-        return ServiceActor.options(**options).remote(launch)
+        if self.gpu.batching != "fused":
+            return [ServiceActor.options(**options).remote(launches[0])]
+        actor = GroupActor.options(**options).remote(launches)
+        return [MemberHandle(actor, launch.spec.name) for launch in launches]
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> dict:
         """Block until every service answers, then start health checks; status()."""
@@ -224,37 +250,62 @@ class Supervisor:
         """One health round now (tests; the monitor's thread runs them on its own)."""
         return self.monitor.check_once()
 
+    def _peers(self, slot: ServiceSlot) -> list[ServiceSlot]:
+        """Under _lock: the slots whose services share slot's process, slot first."""
+        actor = ray_actor(slot.actor)
+        return [slot] + [s for s in self._slots.values()
+                         if s is not slot and ray_actor(s.actor) is actor]
+
+    def _still_serving(self, slot: ServiceSlot) -> bool:
+        """A fused member found failing in the same round as a peer is restarted with
+        that peer's group: asked again, it answers from the new process."""
+        try:
+            return bool(ray.get(slot.actor.ping.remote(), timeout=PING_TIMEOUT_S))
+        except (RayActorError, GetTimeoutError):
+            return False
+
     def _restart(self, slot: ServiceSlot) -> None:
-        log.warning("restarting service %s on %s (%s)", slot.name, self.gpu.device,
-                    slot.error)
+        """Replace slot's process: a service alone, or its whole fused group."""
+        if isinstance(slot.actor, MemberHandle) and self._still_serving(slot):
+            return
         began = time.monotonic()
         with self._lock:
-            self._event(slot.name, "restarting", slot.error)
-            slot.state = "restarting"
-            ray.kill(slot.actor, no_restart=True)     # a hung one must free its port
-            # Give the budget back, then book it again: the ledger never holds it twice.
-            # (It was not booked if an earlier restart was refused.)
-            if self.admission.is_admitted(slot.name):
-                self.admission.release(slot.name)
-                self._event(slot.name, "released")
-            try:
-                demand = self.admission.admit(slot.launch.spec)
-            except AdmissionRefused as exc:   # the books changed under it; retried later
-                slot.state, slot.error = "failed", str(exc)
-                self._event(slot.name, "refused", str(exc))
-                return
-            self._event(slot.name, "admitted")
-            # The killed process's IPC lease ends; the new one gets its own (cuda_ipc.py).
-            self.store.end_share(slot.launch.weights)
-            slot.launch = replace(slot.launch, kv_tokens=demand.kv_tokens,
-                                  weights=self.store.share(slot.launch.weights.model_name))
-            slot.actor = self._spawn(slot.launch)
-            slot.restarts += 1
-        if self._await_start(slot, STARTUP_TIMEOUT_S):
-            with self._lock:
-                slot.last_restart_s = time.monotonic() - began
-                self._event(slot.name, "healthy", f"{slot.last_restart_s:.2f} s after "
-                                                  f"the restart began")
+            peers = self._peers(slot)
+            log.warning("restarting %s on %s (%s)", ", ".join(p.name for p in peers),
+                        self.gpu.device, slot.error)
+            ray.kill(ray_actor(slot.actor), no_restart=True)   # a hung one must free its port
+            for peer in peers:
+                self._event(peer.name, "restarting", slot.error)
+                peer.state = "restarting"
+                # Give the budget back, then book it again: the ledger never holds it
+                # twice. (It was not booked if an earlier restart was refused.)
+                if self.admission.is_admitted(peer.name):
+                    self.admission.release(peer.name)
+                    self._event(peer.name, "released")
+            for peer in peers:
+                try:
+                    demand = self.admission.admit(peer.launch.spec)
+                except AdmissionRefused as exc:   # the books changed; retried later
+                    for p in peers:
+                        if self.admission.is_admitted(p.name):
+                            self.admission.release(p.name)
+                        p.state, p.error = "failed", str(exc)
+                    self._event(peer.name, "refused", str(exc))
+                    return
+                self._event(peer.name, "admitted")
+                # The killed process's IPC lease ends; the new one gets its own.
+                self.store.end_share(peer.launch.weights)
+                peer.launch = replace(peer.launch, kv_tokens=demand.kv_tokens,
+                                      weights=self.store.share(peer.launch.weights.model_name))
+                peer.restarts += 1
+            for peer, handle in zip(peers, self._spawn([p.launch for p in peers])):
+                peer.actor = handle
+        for peer in peers:
+            if self._await_start(peer, STARTUP_TIMEOUT_S):
+                with self._lock:
+                    peer.last_restart_s = time.monotonic() - began
+                    self._event(peer.name, "healthy", f"{peer.last_restart_s:.2f} s after "
+                                                      f"the restart began")
 
     # ---- observing -----------------------------------------------------------
     def service_actor(self, name: str):
@@ -329,7 +380,7 @@ class Supervisor:
             log.warning("a service did not stop cleanly: %s", summary(exc))
         with self._lock:
             for slot in slots:
-                ray.kill(slot.actor, no_restart=True)
+                ray.kill(ray_actor(slot.actor), no_restart=True)
                 self.store.end_share(slot.launch.weights)
                 slot.state = "stopped"
             self.admission.close()

@@ -1,0 +1,153 @@
+"""`batching: fused`: three services of the tiny checkpoint in ONE process, decoding
+as one batch, through the real supervisor, Ray and gRPC; each keeps its own door,
+tenants, pool and prefix cache, and the group is restarted as one."""
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+import ray
+import torch
+
+from colocate.sampling_params import SamplingParams
+from colocate.serving.deploy import Deployment
+from tests.deployment.helpers import cpu_deployment, scrape_by_service, stream_tokens, token_of
+
+pytestmark = pytest.mark.slow
+NAMES = ["fu-a", "fu-b", "fu-c"]
+KV_TOKENS = 256
+REQUESTS = {
+    "fu-a": ("The quick brown fox", dict(max_tokens=16, temperature=0.0)),
+    "fu-b": ("Once upon a time", dict(max_tokens=16, temperature=0.8, seed=7)),
+    "fu-c": ([1, 50, 60, 70, 80], dict(max_tokens=16, temperature=1.0, top_k=40, seed=3)),
+}
+
+
+@pytest.fixture(scope="module")
+def deployment(ray_session, tiny_model_dir, tmp_path_factory):
+    config = cpu_deployment(tmp_path_factory.mktemp("fused"), str(tiny_model_dir), NAMES,
+                            kv_tokens=KV_TOKENS, device_extra={"batching": "fused"})
+    with Deployment(config, torch_threads=1, health_interval_s=0.5, test_hooks=True) as dep:
+        dep.wait_ready(timeout=180)
+        yield dep
+
+
+@pytest.fixture(scope="module")
+def targets(deployment):
+    return {e.service: e.target for e in deployment.endpoints()}
+
+
+def rows(deployment) -> dict[str, dict]:
+    (device,) = deployment.status()
+    return {s["name"]: s for s in device["services"]}
+
+
+def test_one_process_serves_every_service(deployment):
+    pids = {r["stats"].pid for r in rows(deployment).values()}
+    assert len(pids) == 1
+
+
+def test_concurrent_streams_match_offline_llm(targets, tiny_model_dir):
+    from colocate import LLM
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        llm = LLM(model=str(tiny_model_dir), kv_cache_tokens=KV_TOKENS, max_model_len=256)
+        expected = {name: llm.generate([prompt], SamplingParams(**sampling))[0].token_ids
+                    for name, (prompt, sampling) in REQUESTS.items()}
+    finally:
+        torch.set_num_threads(threads_before)
+    got, errors = {}, []
+
+    def call(name):
+        prompt, sampling = REQUESTS[name]
+        try:
+            got[name] = stream_tokens(targets[name], token_of(name), prompt, **sampling)
+        except Exception as exc:       # reported below, not lost in the thread
+            errors.append((name, exc))
+
+    workers = [threading.Thread(target=call, args=(n,)) for n in NAMES]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert not errors and got == expected
+
+
+def test_another_services_token_is_unauthenticated(targets):
+    with pytest.raises(grpc.RpcError) as err:
+        stream_tokens(targets["fu-a"], token_of("fu-b"), "Hello", max_tokens=2)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_a_flood_fills_only_its_own_pool(deployment, targets):
+    prompts = [[1] + [10 + 7 * i + j for j in range(40)] for i in range(8)]
+    workers = [threading.Thread(target=stream_tokens, args=(targets["fu-a"], token_of("fu-a"),
+                                                             p), kwargs=dict(max_tokens=150,
+                                                                             ignore_eos=True))
+               for p in prompts]
+    for w in workers:
+        w.start()
+    samples = []
+    while any(w.is_alive() for w in workers):
+        samples.append({n: r["stats"] for n, r in rows(deployment).items()})
+        time.sleep(0.05)
+    loaded = [s["fu-a"] for s in samples if s["fu-a"] is not None]
+    assert max(s.kv_blocks_used for s in loaded) > KV_TOKENS // 16 // 2
+    for other in ("fu-b", "fu-c"):
+        seen = [s[other] for s in samples if s[other] is not None]
+        assert seen and all(s.kv_blocks_used == 0 and s.kv_blocks_total == 16 for s in seen)
+
+
+def test_no_prefix_cache_hit_across_services(deployment, targets):
+    url = deployment.metrics_urls()["cpu"]
+    prompt = [1] + list(range(300, 340))                       # two full blocks and more
+    before = scrape_by_service(url, "colocate_prefix_cache_hit_tokens_total")
+    for name in ("fu-a", "fu-a", "fu-b"):
+        stream_tokens(targets[name], token_of(name), prompt, max_tokens=2)
+    hits = scrape_by_service(url, "colocate_prefix_cache_hit_tokens_total")
+    assert hits["fu-a"] - before.get("fu-a", 0) >= 32            # a's second call hit a's
+    assert hits["fu-b"] == before.get("fu-b", 0)                 # b never sees a's blocks
+
+
+def test_a_failed_step_fails_its_requests_and_the_group_goes_on(deployment, targets):
+    supervisor = deployment.supervisor("cpu")
+    handle = ray.get(supervisor.service_actor.remote("fu-a"))
+    ray.get(handle.inject_fault.remote("step", 1, "planted-secret"))
+    with pytest.raises(grpc.RpcError) as err:
+        stream_tokens(targets["fu-b"], token_of("fu-b"), [1, 2, 3], max_tokens=4)
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "planted-secret" not in err.value.details()
+    for name in NAMES:                                           # every service still serves
+        assert len(stream_tokens(targets[name], token_of(name), [1, 2, 3], max_tokens=3,
+                                 ignore_eos=True)) == 3
+
+
+def test_a_killed_group_is_unavailable_then_restarted_whole(deployment, targets):
+    supervisor = deployment.supervisor("cpu")
+    (before,) = deployment.status()
+    old_pid = rows(deployment)["fu-a"]["stats"].pid
+    handle = ray.get(supervisor.service_actor.remote("fu-c"))
+    ray.kill(handle.actor, no_restart=True)
+    codes = set()
+    for name in NAMES:
+        try:
+            stream_tokens(targets[name], token_of(name), [1, 2], max_tokens=2)
+        except grpc.RpcError as exc:
+            codes.add(exc.code())
+    assert codes == {grpc.StatusCode.UNAVAILABLE}
+    deadline = time.monotonic() + 120
+    while not all(r["restarts"] == 1 and r["state"] == "running"
+                  for r in rows(deployment).values()):
+        assert time.monotonic() < deadline, rows(deployment)
+        time.sleep(0.2)
+    (after,) = deployment.status()
+    assert after["reserved_bytes"] == before["reserved_bytes"]
+    assert sorted(after["ledger"]) == sorted(before["ledger"])
+    assert len({r["stats"].pid for r in rows(deployment).values()} - {old_pid}) == 1
+    for name in NAMES:
+        assert len(stream_tokens(targets[name], token_of(name), [1, 2], max_tokens=2,
+                                 ignore_eos=True)) == 2

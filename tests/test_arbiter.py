@@ -165,3 +165,29 @@ def test_cpu_paths_never_load_cuda_libraries():
             "from colocate.memory.plan_report import plan_deployment;"
             "assert 'pynvml' not in sys.modules, 'pynvml loaded'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_fused_group_books_one_runtime_and_its_largest_workspace():
+    """batching: fused puts the services of one model in one process: the ledger
+    charges that process's runtime once and one workspace sized by its largest step."""
+    import dataclasses
+
+    isolated, fused = arbiter(), arbiter()
+    fused.fused = True
+    small = service("chat-a", budget=4 * GiB)
+    big = dataclasses.replace(service("chat-b", budget=4 * GiB, port=50052),
+                              max_num_batched_tokens=4096)
+    third = service("chat-c", budget=4 * GiB, port=50053)
+    for a in (isolated, fused):
+        for s in (small, big, third):
+            a.admit(s)
+    ws = {s.name: isolated.demand(s).workspace_bytes for s in (small, big, third)}
+    runtime = isolated.demand(small).runtime_bytes
+    booked = {d.service: d for d in fused.admitted()}
+    assert booked["chat-a"].workspace_bytes == ws["chat-a"]
+    assert booked["chat-b"].workspace_bytes == ws["chat-b"] - ws["chat-a"]   # grows to the max
+    assert booked["chat-c"].workspace_bytes == 0
+    assert [booked[n].runtime_bytes for n in ("chat-a", "chat-b", "chat-c")] == [runtime, 0, 0]
+    saved = isolated.reserved_bytes - fused.reserved_bytes
+    assert saved == 2 * runtime + ws["chat-a"] + ws["chat-c"]
+    assert sum(d.workspace_bytes for d in booked.values()) == max(ws.values())

@@ -3,6 +3,8 @@
 capacity >= headroom + supervisor runtime
             + weights (once per model when shared, once per service when not)
             + per service: KV budget + activation workspace + runtime overhead
+              (batching: fused: one workspace, for the largest step, and one runtime
+              per group of services of one model, which share one process)
 
 A service is admitted only if its whole share fits in what is free; otherwise the
 refusal says by how many bytes it falls short. The figures come from sizing.py; this
@@ -10,7 +12,7 @@ module only keeps the books.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping
 
 from colocate.config import DeploymentConfig, DeviceSpec, ServiceSpec
@@ -47,10 +49,15 @@ class AdmissionRefused(Exception):
 
 class MemoryArbiter:
     def __init__(self, device: str, capacity: int, footprints: Mapping[str, ModelFootprint],
-                 share_weights: bool = True, headroom: int | None = None):
+                 share_weights: bool = True, headroom: int | None = None,
+                 fused: bool = False):
+        """fused: the services of one model share one process (batching: fused), so
+        they share its runtime and one activation workspace, sized for the group's
+        largest step."""
         self.device = device
         self.capacity = capacity
         self.share_weights = share_weights
+        self.fused = fused
         self.headroom = DEFAULT_HEADROOM if headroom is None else headroom
         # The supervisor process owns the shared weights and so has a runtime of its own.
         self.supervisor_bytes = runtime_overhead(self.is_cuda)
@@ -70,7 +77,7 @@ class MemoryArbiter:
         models = {s.model for s in gpu.services}
         footprints = {name: ModelFootprint.of(config.models[name]) for name in sorted(models)}
         return cls(gpu.device, capacity, footprints, share_weights=gpu.share_weights,
-                   headroom=gpu.headroom)
+                   headroom=gpu.headroom, fused=gpu.batching == "fused")
 
     @property
     def is_cuda(self) -> bool:
@@ -84,7 +91,16 @@ class MemoryArbiter:
         return self._footprints[model]
 
     def demand(self, service: ServiceSpec) -> ServiceDemand:
-        return service_demand(service, self.footprint(service.model), self.is_cuda)
+        demand = service_demand(service, self.footprint(service.model), self.is_cuda)
+        group = [d for d in self._admitted.values()
+                 if self.fused and d.model == demand.model and d.service != demand.service]
+        if not group:
+            return demand
+        # A fused group's process is already booked: only a larger step than the
+        # group's largest so far grows its workspace.
+        booked = max(d.workspace_bytes for d in group)
+        return replace(demand, workspace_bytes=max(0, demand.workspace_bytes - booked),
+                       runtime_bytes=0)
 
     def _weights_charged_for(self, model: str) -> bool:
         """Whether admitting one more service of `model` needs a new weight copy."""

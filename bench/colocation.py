@@ -7,7 +7,9 @@ fast as one alone, in far less memory than N separate servers?
 Scenarios, run one after the other in one invocation on one machine, every tenant
 replaying the same seeded requests (see colocation_load.py):
   alone     the first service of the config's first device entry, one tenant's load;
-  shared    all N services of that entry on one copy of the weights, N such loads;
+  shared    all N services of that entry on one copy of the weights, N such loads,
+            a process each (batching: isolated);
+  fused     the same N services in one process, decoding as one batch (batching: fused);
   unshared  the same with `share_weights: false` (one copy per service);
   peer      the same N loads to other servers over an OpenAI-compatible streaming API:
             N `transformers serve` processes started here on CPU, or --peer-url.

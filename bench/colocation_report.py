@@ -68,20 +68,23 @@ def headline_ratios(scenarios: dict[str, dict]) -> dict[str, float | None]:
     def ratio(a: float | None, b: float | None) -> float | None:
         return a / b if a is not None and b else None
 
-    shared, alone = ok("shared"), ok("alone")
+    alone = ok("alone")
     first = next(iter(alone["services"])) if alone else None
-    groups = {"alone": (shared and first and shared["services"].get(first),
-                        alone and alone["overall"]),
-              "peer": (shared and shared["overall"], ok("peer") and ok("peer")["overall"])}
     out = {}
-    for other, (mine, theirs) in groups.items():
-        for key, _, _ in LATENCIES:
-            out[f"{key[:-2]}_mean_shared_over_{other}"] = (
-                ratio(mine[key]["mean"], theirs[key]["mean"]) if mine and theirs else None)
-    for other in ("unshared", "peer"):
-        mem = [(ok(n) or {}).get("memory") or {} for n in ("shared", other)]
-        out[f"memory_shared_over_{other}"] = ratio(mem[0].get("total_bytes"),
-                                                   mem[1].get("total_bytes"))
+    # shared: a process per service (batching: isolated); fused: one batch for all.
+    for mode in ("shared", "fused"):
+        mine = ok(mode)
+        groups = {"alone": (mine and first and mine["services"].get(first),
+                            alone and alone["overall"]),
+                  "peer": (mine and mine["overall"], ok("peer") and ok("peer")["overall"])}
+        for other, (a, b) in groups.items():
+            for key, _, _ in LATENCIES:
+                out[f"{key[:-2]}_mean_{mode}_over_{other}"] = (
+                    ratio(a[key]["mean"], b[key]["mean"]) if a and b else None)
+        for other in ("unshared", "peer"):
+            mem = [(ok(n) or {}).get("memory") or {} for n in (mode, other)]
+            out[f"memory_{mode}_over_{other}"] = ratio(mem[0].get("total_bytes"),
+                                                       mem[1].get("total_bytes"))
     return out
 
 

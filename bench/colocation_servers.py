@@ -28,7 +28,7 @@ from colocate.serving.deploy import Deployment, load_with_demo_tokens
 from colocate.serving.supervisor import checkpoint_dir
 from colocation_load import ColocateTarget, OpenAITarget, Target
 
-SCENARIOS = ("alone", "shared", "unshared", "peer")
+SCENARIOS = ("alone", "shared", "fused", "unshared", "peer")
 
 
 def free_port() -> int:
@@ -70,12 +70,14 @@ def load_bench_config(path: str | Path) -> DeploymentConfig:
 
 
 def scenario_configs(config: DeploymentConfig) -> dict[str, DeploymentConfig]:
-    """alone / shared / unshared from the first device entry. The metrics endpoint
-    gets a free port, so a `colocate serve` running beside the benchmark is no clash."""
+    """alone / shared / fused / unshared from the first device entry. The metrics
+    endpoint gets a free port, so a `colocate serve` running beside the benchmark is
+    no clash."""
     gpu = replace(config.gpus[0], metrics_port=None)
     one = lambda g: replace(config, gpus=(g,))          # noqa: E731
     return {"alone": one(replace(gpu, services=gpu.services[:1])),
-            "shared": one(replace(gpu, share_weights=True)),
+            "shared": one(replace(gpu, share_weights=True, batching="isolated")),
+            "fused": one(replace(gpu, share_weights=True, batching="fused")),
             "unshared": one(replace(gpu, share_weights=False))}
 
 

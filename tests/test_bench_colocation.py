@@ -23,7 +23,7 @@ from colocation_servers import (load_bench_config, scenario_configs,  # noqa: E4
                                 transformers_serve_unavailable, write_default_config)
 
 SERVICES, REQUESTS = 2, 3
-SCENARIOS = ("alone", "shared", "unshared", "peer")
+SCENARIOS = ("alone", "shared", "fused", "unshared", "peer")
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_json_structure(run):
     (r,) = data["runs"]
     assert r["rate"] == 50 and r["concurrency"] is None
     assert tuple(r["scenarios"]) == SCENARIOS
-    assert {"alone", "shared", "unshared"} <= set(ok_scenarios(data))
+    assert {"alone", "shared", "fused", "unshared"} <= set(ok_scenarios(data))
     for name, sc in ok_scenarios(data).items():
         for group in [sc["overall"], *sc["services"].values()]:
             for key in ("ttft_s", "itl_s", "e2e_s"):
@@ -72,10 +72,11 @@ def test_json_structure(run):
         assert sc["memory"]["total_bytes"] > 0 and sc["memory"]["kind"] == "PSS"
     mem = {n: s["memory"] for n, s in ok_scenarios(data).items()}
     assert (mem["shared"]["weight_copies"], mem["unshared"]["weight_copies"]) == (1, SERVICES)
+    assert mem["fused"]["weight_copies"] == 1
     assert "supervisor" in mem["shared"]["per_process"]
     ratios = r["ratios"]
-    assert all(isinstance(ratios[f"{k}_mean_shared_over_alone"], float)
-               for k in ("ttft", "itl", "e2e"))
+    assert all(isinstance(ratios[f"{k}_mean_{mode}_over_alone"], float)
+               for k in ("ttft", "itl", "e2e") for mode in ("shared", "fused"))
     assert isinstance(ratios["memory_shared_over_unshared"], float)
     assert "headline ratios" in stdout and "TTFT p50 ms" in stdout
 

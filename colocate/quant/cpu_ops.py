@@ -58,7 +58,9 @@ def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torc
 
 def int4_mm(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
             group_size: int) -> torch.Tensor:
-    """x (M, K), tinygemm-packed qweight (N, K/2), scale_zero (K/g, N, 2) bf16 -> (M, N)."""
+    """x (M, K), tinygemm-packed qweight (N, K/2), scale_zero (K/g, N, 2) -> (M, N).
+
+    The op computes in scale_zero's dtype: bf16 normally; float32 for exact GGUF weights."""
     out = torch.ops.aten._weight_int4pack_mm_for_cpu(
-        x.to(COMPUTE_DTYPE), qweight, group_size, scale_zero)                   # (M, N) bf16
+        x.to(scale_zero.dtype), qweight, group_size, scale_zero)                # (M, N)
     return out.to(x.dtype)

@@ -52,16 +52,22 @@ def empty_kn(N: int, K: int, group_size: int, dtype: torch.dtype) -> Buffers:
 TINYGEMM_DTYPE = torch.bfloat16
 
 
-def pack_tinygemm(w: Int4Weight, dtype: torch.dtype) -> Buffers:
-    """`dtype` is unused: the CPU op wants its scales in the activation dtype, bf16."""
+def pack_tinygemm(w: Int4Weight, dtype: torch.dtype = TINYGEMM_DTYPE) -> Buffers:
+    """`dtype` is the scale_zero dtype, which the op also computes in: bf16 (fast) or
+    float32 (exact: GGUF's fp16 scales and mins kept as they are, 3-10x slower)."""
     N, K = w.q.shape
     if N % 16:
         raise ValueError(f"int4 on CPU needs out_features divisible by 16, got {N}")
     qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
         w.q.to(torch.int32).contiguous(), 1)                                 # (N, K/2) uint8
-    offset = (8 - w.zero.float()) * w.scale.float()                          # (N, G)
+    if w.min is not None:
+        # GGUF's W = q * s + m is (q - 8) * s + (m + 8 s); in float32 8 s and the sum are
+        # exact for fp16 s and m, so the op reproduces llama.cpp's weights bit for bit.
+        offset = w.min.float() + 8 * w.scale.float()                         # (N, G)
+    else:
+        offset = (8 - w.zero.float()) * w.scale.float()                      # (N, G)
     scale_zero = torch.stack([w.scale.float().t(), offset.t()], dim=-1)      # (G, N, 2)
-    return {"qweight": qweight, "scale_zero": scale_zero.to(TINYGEMM_DTYPE).contiguous()}
+    return {"qweight": qweight, "scale_zero": scale_zero.to(dtype).contiguous()}
 
 
 def _tinygemm_order(N: int, K: int) -> torch.Tensor:
@@ -92,9 +98,10 @@ def unpack_tinygemm(buffers: Buffers) -> tuple[torch.Tensor, torch.Tensor, torch
     return q, sz[..., 0].t(), sz[..., 1].t()
 
 
-def empty_tinygemm(N: int, K: int, group_size: int, dtype: torch.dtype) -> Buffers:
+def empty_tinygemm(N: int, K: int, group_size: int,
+                   dtype: torch.dtype = TINYGEMM_DTYPE) -> Buffers:
     return {"qweight": torch.empty(N, K // 2, dtype=torch.uint8),
-            "scale_zero": torch.empty(K // group_size, N, 2, dtype=TINYGEMM_DTYPE)}
+            "scale_zero": torch.empty(K // group_size, N, 2, dtype=dtype)}
 
 
 def dequantize(layout: str, buffers: Buffers, group_size: int) -> torch.Tensor:

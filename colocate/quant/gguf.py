@@ -70,7 +70,7 @@ def unpermute_rows(t: torch.Tensor, num_heads: int) -> torch.Tensor:
 def _blocks(info: TensorInfo, block_bytes: int) -> torch.Tensor:
     """Raw data (N, K / 32 * block_bytes) uint8 -> (N, K / 32, block_bytes) uint8."""
     N, K = info.shape
-    raw = torch.from_numpy(np.ascontiguousarray(info.data))                  # (N, row bytes)
+    raw = torch.from_numpy(np.array(info.data))         # (N, row bytes), a writable copy
     return raw.view(N, K // BLOCK, block_bytes)
 
 
@@ -115,15 +115,14 @@ def dequantized(info: TensorInfo, source: str) -> torch.Tensor:
     if info.type_name in NATIVE_INT8:
         return int8_weight(info).dequantize()
     if info.type_name in FLOAT_TYPES:
-        return torch.from_numpy(np.ascontiguousarray(_float_array(info))).float().reshape(
-            info.shape)
+        return torch.from_numpy(np.array(_float_array(info))).float().reshape(info.shape)
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize
 
     log.info("%s: tensor %s is %s, dequantized to float at load", source, info.name,
              info.type_name)
     values = dequantize(info.data, GGMLQuantizationType[info.type_name])
-    return torch.from_numpy(np.ascontiguousarray(values)).float().reshape(info.shape)
+    return torch.from_numpy(np.array(values)).float().reshape(info.shape)
 
 
 def _float_array(info: TensorInfo) -> np.ndarray:

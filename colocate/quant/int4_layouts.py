@@ -53,8 +53,8 @@ TINYGEMM_DTYPE = torch.bfloat16
 
 
 def pack_tinygemm(w: Int4Weight, dtype: torch.dtype = TINYGEMM_DTYPE) -> Buffers:
-    """`dtype` is the scale_zero dtype, which the op also computes in: bf16 (fast) or
-    float32 (exact: GGUF's fp16 scales and mins kept as they are, 3-10x slower)."""
+    """`dtype` is the scale_zero dtype: bf16, the op's own, or float32 to keep a GGUF's
+    fp16 scales and mins exactly as stored (cpu_ops.int4_mm rounds them per call)."""
     N, K = w.q.shape
     if N % 16:
         raise ValueError(f"int4 on CPU needs out_features divisible by 16, got {N}")

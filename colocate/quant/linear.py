@@ -92,8 +92,9 @@ def int4_scale_dtype(layout: str, dtype: torch.dtype, exact: bool = False) -> to
 class Int4Linear(_WeightOnlyLinear):
     """Buffers of int4_layouts' `layout`, plus perm (K,) int64 under GPTQ act-order.
 
-    exact_scales keeps the tinygemm scales in float32 (the op then computes in float32):
-    a GGUF's fp16 scales and mins held as stored, at 3-10x the matmul time."""
+    exact_scales keeps the tinygemm scales in float32: a GGUF's fp16 scales and mins held
+    exactly as stored, so dequantize() is llama.cpp's weight bit for bit. The CPU matmul
+    still runs in bf16, as for every int4 weight (cpu_ops.int4_mm)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  dtype: torch.dtype = torch.float32, group_size: int = 128,

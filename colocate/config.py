@@ -22,7 +22,9 @@ from colocate.model.model_config import LlamaConfig
 
 PRESET_PREFIX = "preset:"
 MODEL_DTYPES = ("auto", "float16", "bfloat16", "float32")
-QUANTIZATIONS = (None, "int8", "int4")
+# None: as stored (a GGUF keeps its Q4 / Q8 blocks); "none": dequantized to `dtype`;
+# "gguf": as stored or an error; "int8" / "int4": quantized at load.
+QUANTIZATIONS = (None, "none", "gguf", "int8", "int4")
 KV_DTYPES = ("auto", "int8")
 RESTART_POLICIES = ("never", "anywhere")   # what to do with an entry whose node is lost
 DEFAULT_QUANT_GROUP_SIZE = 128
@@ -41,9 +43,9 @@ _DEVICE_RE = re.compile(r"^(cpu|cuda:[0-9]+)$")
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    path: str                        # absolute directory, or "preset:<name>"
+    path: str                        # absolute directory or .gguf file, or "preset:<name>"
     dtype: str = "auto"              # "auto": the checkpoint's torch_dtype
-    quantization: str | None = None  # None | "int8" (per channel) | "int4" (grouped)
+    quantization: str | None = None  # None (as stored) | "none" | "gguf" | "int8" | "int4"
     quant_group_size: int = DEFAULT_QUANT_GROUP_SIZE
 
     @property
@@ -52,10 +54,15 @@ class ModelSpec:
         return self.path[len(PRESET_PREFIX):] if self.path.startswith(PRESET_PREFIX) else None
 
     def llama_config(self) -> LlamaConfig:
-        """The model's shape, from config.json alone (no weights are read)."""
+        """The model's shape, from config.json or a GGUF header alone (no weights are read)."""
         if self.preset is not None:
             return preset_config(self.preset)
         return LlamaConfig.from_pretrained(self.path)
+
+    @property
+    def quant_group_arg(self) -> int | None:
+        """The group size to load with: only int4 asks for one (a GGUF has its own)."""
+        return self.quant_group_size if self.quantization == "int4" else None
 
 
 @dataclass(frozen=True)
@@ -166,13 +173,24 @@ def _tiny_presets() -> dict[str, dict] | None:
     return PRESETS
 
 
+def preset_names() -> list[str]:
+    from colocate.model.published import PUBLISHED
+
+    return sorted([*(_tiny_presets() or {}), *PUBLISHED])
+
+
 def preset_config(name: str) -> LlamaConfig:
-    """The shape of built-in tiny checkpoint `name`: the one place that knows presets."""
+    """The shape of preset `name`: a published checkpoint's (its GGUF header) or a
+    built-in tiny one's. The one place that knows presets."""
+    from colocate.model.published import is_published, published_path
+
+    if is_published(name):
+        return LlamaConfig.from_pretrained(published_path(name))
     presets = _tiny_presets()
     if presets is None:
         raise ValueError(f"preset {name!r}: colocate.model.tiny is not available")
     if name not in presets:
-        raise ValueError(f"unknown preset {name!r}; choose from {sorted(presets)}")
+        raise ValueError(f"unknown preset {name!r}; choose from {preset_names()}")
     return LlamaConfig.from_dict(dict(presets[name]), source=f"{PRESET_PREFIX}{name}")
 
 
@@ -255,14 +273,21 @@ class _Reader(ValueReader):
             presets = _tiny_presets()
             name = raw[len(PRESET_PREFIX):]
             # Without the tiny module we cannot know the names; the plan will say so.
-            if self.check_paths and presets is not None and name not in presets:
-                raise self.error(key, f"unknown preset {name!r}; choose from {sorted(presets)}")
+            if self.check_paths and presets is not None and name not in preset_names():
+                raise self.error(key, f"unknown preset {name!r}; choose from {preset_names()}")
             return raw
         path = self.resolve(raw)
         if self.check_paths:
-            if not path.is_dir():
-                raise self.error(key, f"model directory {path} does not exist")
-            if not (path / "config.json").is_file():
+            if path.is_file():
+                from colocate.model.gguf_file import check_model_file
+
+                try:
+                    check_model_file(path)
+                except ValueError as e:
+                    raise self.error(key, str(e)) from None
+            elif not path.is_dir():
+                raise self.error(key, f"model directory or .gguf file {path} does not exist")
+            elif not (path / "config.json").is_file():
                 raise self.error(key, f"model directory {path} has no config.json")
         return str(path)
 

@@ -60,6 +60,13 @@ def stored_method(config: LlamaConfig, f: GGUFFile, strict: bool) -> str | None:
     return None
 
 
+def stored_quantization(config: LlamaConfig, strict: bool = False
+                        ) -> tuple[str | None, int | None]:
+    """(method, group size) the linears keep as stored, from the header alone."""
+    method = stored_method(config, open_gguf(config.gguf_file), strict)
+    return (method, gguf.BLOCK) if method is not None else (None, None)
+
+
 def gguf_quant_config(config: LlamaConfig, quantization: str | None, group_size: int | None,
                       device: str) -> QuantConfig | None:
     if quantization not in QUANTIZATIONS:

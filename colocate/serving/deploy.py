@@ -33,7 +33,7 @@ from colocate.serving.supervisor import (SHUTDOWN_GRACE_S, STARTUP_TIMEOUT_S, De
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONFIG_NAME = "cpu-3x-small.yaml"
+DEFAULT_CONFIG_NAME = "cpu-3x-smollm2.yaml"
 OBJECT_STORE_BYTES = 512 * 2**20     # only small control messages travel through Ray
 STATUS_TIMEOUT_S = 30.0
 
@@ -41,26 +41,30 @@ STATUS_TIMEOUT_S = 30.0
 # installed wheel has no deploy/ folder). Kept equal to that file by a test.
 EMBEDDED_DEFAULT_CONFIG = """\
 models:
-  small: {path: "preset:small", dtype: float32}
+  smollm2: {path: "preset:smollm2-135m-instruct", dtype: float32}
 gpus:
   - device: cpu
     share_weights: true
     metrics_port: 9400
     services:
 """ + "".join(f"""\
-      - name: small-{x}
-        model: small
+      - name: chat-{x}
+        model: smollm2
         port: {port}
-        max_model_len: 1024
-        kv_cache: {{dtype: {kv}, tokens: 8192}}
+        max_model_len: 2048
+        kv_cache: {{dtype: {kv}, tokens: 4096}}
         max_num_seqs: 16
         max_num_batched_tokens: 512
         tenants: [{{name: tenant-{x}, token_env: TENANT_{x.upper()}_TOKEN}}]
 """ for x, port, kv in (("a", 50051, "auto"), ("b", 50052, "auto"), ("c", 50053, "int8")))
 
+# `colocate serve --demo` asks each service one of these (in turn) through its chat template.
+DEMO_QUESTIONS = ("What is the capital of France?", "Name three primary colors.",
+                  "How many legs does a spider have?")
+
 
 def default_config_path() -> Path:
-    """deploy/examples/cpu-3x-small.yaml beside the package (an editable install),
+    """deploy/examples/cpu-3x-smollm2.yaml beside the package (an editable install),
     else the embedded copy written to a temporary file."""
     repo_copy = Path(__file__).resolve().parents[2] / "deploy" / "examples" / DEFAULT_CONFIG_NAME
     if repo_copy.is_file():
@@ -374,13 +378,31 @@ def print_endpoints(endpoints: list[Endpoint], generated: Mapping[str, str],
 
 
 def send_demo_requests(cfg: DeploymentConfig, endpoints: list[Endpoint],
-                       out: TextIO, max_tokens: int = 24) -> None:
-    """One short request to every service, with its first tenant's token."""
+                       out: TextIO, max_tokens: int = 48) -> None:
+    """One short request to every service, with its first tenant's token: a chat
+    question rendered by the model's chat template, or "Hello" for a model without one
+    (the random tiny presets)."""
     from colocate.client import Client
 
     token_of = {s.name: s.tenants[0].token for _, s in cfg.services()}
-    for e in endpoints:
+    model_of = {s.name: cfg.models[s.model] for _, s in cfg.services()}
+    for i, e in enumerate(endpoints):
+        question = DEMO_QUESTIONS[i % len(DEMO_QUESTIONS)]
+        prompt, shown, stops = demo_prompt(model_of[e.service], question)
         with Client(e.target, token_of[e.service], timeout=120) as client:
-            text = client.generate_text("Hello", max_tokens=max_tokens, temperature=0.0)
-        print(f"  {e.service}: 'Hello' -> {text!r}", file=out, flush=True)
+            text = client.generate_text(prompt, max_tokens=max_tokens, temperature=0.0,
+                                        stop_token_ids=stops)
+        print(f"  {e.service}: {shown!r} -> {text.strip()!r}", file=out, flush=True)
     print(file=out)
+
+
+def demo_prompt(model, question: str) -> tuple[str | list[int], str, list[int]]:
+    """(prompt, what to print as the question, stop token ids) for a demo request."""
+    from colocate.llm import load_tokenizer
+    from colocate.serving.launch import checkpoint_dir
+
+    tokenizer = load_tokenizer(checkpoint_dir(model))
+    if tokenizer is None or tokenizer.chat_template is None:
+        return "Hello", "Hello", []
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}])
+    return ids, question, list(tokenizer.end_of_turn_ids())

@@ -22,10 +22,11 @@ def _is_ids(x: Any) -> bool:
 
 
 def one_prompt(p: Any, where: str = "prompt") -> Prompt:
-    """One prompt in any accepted form -> text or a list of token ids."""
+    """One prompt in any accepted form -> text or a list of token ids. Emptiness and
+    ids outside the vocabulary are the engine's to refuse (a ValueError)."""
     if isinstance(p, str):
         return p
-    if _is_ids(p):
+    if _is_ids(p) or (isinstance(p, (list, tuple)) and not p):
         return list(p)
     if isinstance(p, Mapping):
         if "prompt_token_ids" in p:

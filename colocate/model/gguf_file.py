@@ -21,11 +21,6 @@ GGUF_MAGIC = b"GGUF"
 SUPPORTED_ARCHITECTURE = "llama"
 
 
-def is_gguf_path(path: str | Path) -> bool:
-    """A path meant as a GGUF checkpoint: a file named *.gguf."""
-    return str(path).lower().endswith(".gguf")
-
-
 def check_model_file(path: Path) -> None:
     """A `path:` that is a file must be a GGUF; say what is accepted otherwise."""
     with open(path, "rb") as f:

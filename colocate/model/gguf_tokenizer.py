@@ -39,7 +39,7 @@ def tokenizer_from_gguf(f: GGUFFile) -> HFTokenizer:
                          "byte-level BPE ('gpt2') vocabularies are rebuilt")
     tokens = list(f.require("tokenizer.ggml.tokens"))
     types = list(f.get("tokenizer.ggml.token_type", [1] * len(tokens)))
-    merges = [tuple(m.split(" ", 1)) for m in f.require("tokenizer.ggml.merges")]
+    merges = [tuple(m.split(" ", 1)) for m in f.get("tokenizer.ggml.merges", [])]
     vocab = {t: i for i, t in enumerate(tokens)}
     backend = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
     backend.pre_tokenizer = _pre_tokenizer(f.get("tokenizer.ggml.pre", "gpt2"), path)

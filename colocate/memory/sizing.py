@@ -74,6 +74,9 @@ class ModelFootprint:
             from colocate.quant.gguf_loading import stored_quantization
 
             return stored_quantization(self.shape, strict=q == "gguf")
+        if q == "gguf":
+            raise ValueError(f"model {self.spec.name}: quantization: gguf (keep the GGUF's "
+                             "blocks) applies only to a .gguf checkpoint")
         return q, self.spec.quant_group_size if q == "int4" else None
 
     def describe(self) -> str:

@@ -102,3 +102,22 @@ def test_header_only_config(smollm2_gguf):
     f = GGUFFile(smollm2_gguf)
     assert f.tensors["blk.0.attn_q.weight"].type_name == "Q4_1"
     assert f.tensors["blk.0.ffn_gate.weight"].shape == (1536, 576)
+
+
+def test_weight_store_shares_the_stored_blocks(smollm2_gguf, native, tmp_path):
+    """Published once as stored (int4 g32, float32 scales) and attached zero-copy: the
+    attached model's weights are the native load's, bit for bit."""
+    from colocate.memory.weight_store import WeightStore, attach, detach
+
+    with WeightStore("cpu", root=tmp_path) as store:
+        handle = store.publish("smollm2", smollm2_gguf)
+        assert handle.quantization["source"] == "gguf" and handle.quantization["group_size"] == 32
+        model = attach(handle)
+        try:
+            for name in ("self_attn.qkv_proj", "mlp.down_proj"):
+                ours = model.model.layers[3].get_submodule(name).dequantize()
+                assert torch.equal(ours, native.model.layers[3].get_submodule(name).dequantize())
+            assert handle.nbytes >= 193_012_992        # what `colocate plan` reserves
+        finally:
+            del model
+            detach(handle)

@@ -19,8 +19,8 @@ import yaml
 from colocate.config_topology import Topology
 from colocate.config_values import ConfigError, ValueReader, kind
 from colocate.model.model_config import LlamaConfig
+from colocate.presets import PRESET_PREFIX, preset_config, preset_names, tiny_presets
 
-PRESET_PREFIX = "preset:"
 MODEL_DTYPES = ("auto", "float16", "bfloat16", "float32")
 # None: as stored (a GGUF keeps its Q4 / Q8 blocks); "none": dequantized to `dtype`;
 # "gguf": as stored or an error; "int8" / "int4": quantized at load.
@@ -162,38 +162,6 @@ class DeploymentConfig:
         return out
 
 
-# ---- presets ---------------------------------------------------------------------
-
-def _tiny_presets() -> dict[str, dict] | None:
-    """colocate.model.tiny.PRESETS (HF config.json dicts), or None if not installed."""
-    try:
-        from colocate.model.tiny import PRESETS
-    except ImportError:
-        return None
-    return PRESETS
-
-
-def preset_names() -> list[str]:
-    from colocate.model.published import PUBLISHED
-
-    return sorted([*(_tiny_presets() or {}), *PUBLISHED])
-
-
-def preset_config(name: str) -> LlamaConfig:
-    """The shape of preset `name`: a published checkpoint's (its GGUF header) or a
-    built-in tiny one's. The one place that knows presets."""
-    from colocate.model.published import is_published, published_path
-
-    if is_published(name):
-        return LlamaConfig.from_pretrained(published_path(name))
-    presets = _tiny_presets()
-    if presets is None:
-        raise ValueError(f"preset {name!r}: colocate.model.tiny is not available")
-    if name not in presets:
-        raise ValueError(f"unknown preset {name!r}; choose from {preset_names()}")
-    return LlamaConfig.from_dict(dict(presets[name]), source=f"{PRESET_PREFIX}{name}")
-
-
 # ---- loading ---------------------------------------------------------------------
 
 def load_config(path: str | os.PathLike, env: Mapping[str, str] | None = None,
@@ -270,7 +238,7 @@ class _Reader(ValueReader):
 
     def model_path(self, raw: str, key: str) -> str:
         if raw.startswith(PRESET_PREFIX):
-            presets = _tiny_presets()
+            presets = tiny_presets()
             name = raw[len(PRESET_PREFIX):]
             # Without the tiny module we cannot know the names; the plan will say so.
             if self.check_paths and presets is not None and name not in preset_names():

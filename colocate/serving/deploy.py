@@ -25,6 +25,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from colocate.config import DeploymentConfig, DeviceSpec, load_config
+from colocate.serving.demo_requests import send_demo_requests
 from colocate.serving.fleet import Fleet, Placed
 from colocate.serving.placement import (CPU_DEVICE_RESOURCE, LOCAL_CPU_DEVICE_SLOTS,
                                         PLACEMENT_TIMEOUT_S, PlacementError)  # noqa: F401
@@ -57,11 +58,6 @@ gpus:
         max_num_batched_tokens: 512
         tenants: [{{name: tenant-{x}, token_env: TENANT_{x.upper()}_TOKEN}}]
 """ for x, port, kv in (("a", 50051, "auto"), ("b", 50052, "auto"), ("c", 50053, "int8")))
-
-# `colocate serve --demo` asks each service one of these (in turn) through its chat template.
-DEMO_QUESTIONS = ("What is the capital of France?", "Name three primary colors.",
-                  "How many legs does a spider have?")
-
 
 def default_config_path() -> Path:
     """deploy/examples/cpu-3x-smollm2.yaml beside the package (an editable install),
@@ -375,34 +371,3 @@ def print_endpoints(endpoints: list[Endpoint], generated: Mapping[str, str],
     target = (targets or {}).get(first.service, first.target)
     print(f"\ntry:\n  colocate generate --target {target} "
           f"--token \"${first.token_envs[0]}\" \"Hello\"\n", file=out, flush=True)
-
-
-def send_demo_requests(cfg: DeploymentConfig, endpoints: list[Endpoint],
-                       out: TextIO, max_tokens: int = 48) -> None:
-    """One short request to every service, with its first tenant's token: a chat
-    question rendered by the model's chat template, or "Hello" for a model without one
-    (the random tiny presets)."""
-    from colocate.client import Client
-
-    token_of = {s.name: s.tenants[0].token for _, s in cfg.services()}
-    model_of = {s.name: cfg.models[s.model] for _, s in cfg.services()}
-    for i, e in enumerate(endpoints):
-        question = DEMO_QUESTIONS[i % len(DEMO_QUESTIONS)]
-        prompt, shown, stops = demo_prompt(model_of[e.service], question)
-        with Client(e.target, token_of[e.service], timeout=120) as client:
-            text = client.generate_text(prompt, max_tokens=max_tokens, temperature=0.0,
-                                        stop_token_ids=stops)
-        print(f"  {e.service}: {shown!r} -> {text.strip()!r}", file=out, flush=True)
-    print(file=out)
-
-
-def demo_prompt(model, question: str) -> tuple[str | list[int], str, list[int]]:
-    """(prompt, what to print as the question, stop token ids) for a demo request."""
-    from colocate.llm import load_tokenizer
-    from colocate.serving.launch import checkpoint_dir
-
-    tokenizer = load_tokenizer(checkpoint_dir(model))
-    if tokenizer is None or tokenizer.chat_template is None:
-        return "Hello", "Hello", []
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": question}])
-    return ids, question, list(tokenizer.end_of_turn_ids())

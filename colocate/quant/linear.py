@@ -81,14 +81,6 @@ class Int8Linear(_WeightOnlyLinear):
         return Int8Weight(self.qweight, self.scale).dequantize()
 
 
-def int4_scale_dtype(layout: str, dtype: torch.dtype, exact: bool = False) -> torch.dtype:
-    """The dtype an int4 layout keeps its scales in: the CPU op's bf16, or float32 when
-    the weights must stay exact (GGUF); the Triton layout uses the model dtype."""
-    if layout == "tinygemm":
-        return torch.float32 if exact else int4_layouts.TINYGEMM_DTYPE
-    return dtype
-
-
 class Int4Linear(_WeightOnlyLinear):
     """Buffers of int4_layouts' `layout`, plus perm (K,) int64 under GPTQ act-order.
 
@@ -106,9 +98,8 @@ class Int4Linear(_WeightOnlyLinear):
                              f"input size {in_features}")
         self.group_size = group_size
         self.layout = layout
-        scale_dtype = int4_scale_dtype(layout, dtype, exact_scales)
         for name, t in int4_layouts.EMPTY[layout](out_features, in_features, group_size,
-                                                  scale_dtype).items():
+                                                  dtype, exact_scales).items():
             self.register_buffer(name, t)
         self.register_buffer("perm", torch.empty(in_features, dtype=torch.int64)
                              if act_order else None)
@@ -116,7 +107,7 @@ class Int4Linear(_WeightOnlyLinear):
     @staticmethod
     def buffers_for(w: Int4Weight, dtype: torch.dtype, layout: str,
                     act_order: bool, exact_scales: bool = False) -> dict[str, torch.Tensor]:
-        out = int4_layouts.PACK[layout](w, int4_scale_dtype(layout, dtype, exact_scales))
+        out = int4_layouts.PACK[layout](w, dtype, exact_scales)
         if act_order:
             out["perm"] = (w.perm if w.perm is not None
                            else torch.arange(w.q.shape[1])).to(torch.int64)

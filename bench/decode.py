@@ -1,8 +1,14 @@
 """Decode benchmark: colocate's precision and quantization modes against HF transformers
 `generate`, on one checkpoint, in one run.
 
-    python bench/decode.py --model DIR [--modes colocate-fp32,hf-fp32,...] [--batches 1,8]
-                           [--out results/decode.json] [--threads N] [--quick]
+    python bench/decode.py --model DIR | FILE.gguf [--modes colocate-fp32,hf-fp32,...]
+                           [--batches 1,8] [--out results/decode.json] [--threads N] [--quick]
+
+`--model preset:smollm2-135m-instruct` is the installed SmolLM2 GGUF. On a GGUF the float
+modes dequantize it, colocate-stored keeps its blocks as stored, and HF loads it with
+`gguf_file=`. A mode that cannot apply to a model (int4 g128 on a 576-wide layer, the
+stored mode of a float checkpoint) is reported as skipped, with the reason, and the
+other modes still run.
 
 Every mode (see MODES) is loaded in one process and the modes take turns call by call.
 Per mode it measures:
@@ -38,7 +44,8 @@ class Mode:
     name: str
     engine: str                        # "colocate" or "hf"
     dtype: str                         # the model dtype: activations, norms, embeddings
-    quantization: str | None = None    # colocate only: None, "int8" or "int4"
+    quantization: str | None = "none"  # colocate only: "none" (float), None (as stored),
+    #                                     "int8" or "int4"
     quant_group_size: int | None = None
     kv_cache_dtype: str = "auto"       # colocate only: "auto" (the model dtype) or "int8"
 
@@ -50,6 +57,7 @@ MODES = {m.name: m for m in (
     Mode("colocate-int8", "colocate", "float32", quantization="int8"),
     Mode("colocate-int4", "colocate", "float32", quantization="int4", quant_group_size=128),
     Mode("colocate-kv8", "colocate", "float32", kv_cache_dtype="int8"),
+    Mode("colocate-stored", "colocate", "float32", quantization=None),
     Mode("hf-fp32", "hf", "float32"),
     Mode("hf-bf16", "hf", "bfloat16"),
 )}
@@ -96,10 +104,16 @@ def make_prompts(settings: Settings, vocab: int, tag: int, count: int, length: i
 # them, tokens per prompt). Each tells num_params, weight_bytes (held) and
 # weight_bytes_per_token (read by a batch-1 decode step).
 
+def is_gguf(model: str) -> bool:
+    return Path(model).is_file()
+
+
 class ColocateEngine:
     def __init__(self, model_dir: str, mode: Mode, settings: Settings) -> None:
         from colocate import LLM, SamplingParams
         from colocate.quant import linear_bytes, weight_bytes
+        if mode.quantization is None and not is_gguf(model_dir):
+            raise ValueError("the checkpoint stores floats: as stored is colocate-fp32")
         self.name = mode.name
         self._params = SamplingParams
         block = 16
@@ -166,8 +180,11 @@ class HFEngine:
     def __init__(self, model_dir: str, mode: Mode, settings: Settings) -> None:
         import transformers
         self.name = mode.name
+        where = ({"pretrained_model_name_or_path": str(Path(model_dir).parent),
+                  "gguf_file": Path(model_dir).name} if is_gguf(model_dir)
+                 else {"pretrained_model_name_or_path": model_dir})
         self.model = transformers.LlamaForCausalLM.from_pretrained(
-            model_dir, dtype=getattr(torch, mode.dtype)).eval()
+            **where, dtype=getattr(torch, mode.dtype)).eval()
         config = self.model.config
         self.vocab_size = config.vocab_size
         eos = config.eos_token_id
@@ -286,10 +303,19 @@ def run(model_dir: str, modes: list[Mode], settings: Settings) -> dict:
     # Bandwidth drifts over minutes on a shared machine: measure before and after
     # the engines run and take the median of all samples.
     before = measure_read_bandwidth(settings.bandwidth_bytes)
-    engines = []
+    engines, skipped = [], {}
     for mode in modes:
         print(f"{mode.name}: loading {model_dir}", flush=True)
-        engines.append(ENGINES[mode.engine](model_dir, mode, settings))
+        try:
+            engines.append(ENGINES[mode.engine](model_dir, mode, settings))
+        except (ValueError, NotImplementedError) as e:     # the mode cannot apply here
+            skipped[mode.name] = str(e)
+            print(f"{mode.name}: skipped: {e}", flush=True)
+    report["skipped"] = skipped
+    modes = [m for m in modes if m.name not in skipped]
+    if not engines:
+        raise SystemExit("no mode could run on this model: " + "; ".join(
+            f"{k}: {v}" for k, v in skipped.items()))
     report["model"]["num_params"] = engines[0].num_params
     sizes = {e.name: (e.weight_bytes, e.weight_bytes_per_token) for e in engines}
     report["engines"], greedy = measure(engines, settings)
@@ -361,6 +387,8 @@ def print_report(report: dict) -> None:
     agree = ", ".join(f"{name} {a['matching_prefix']}/{a['of']} vs {a['reference']}"
                       for name, a in report["batch1_greedy_agreement"].items())
     print(f"batch-1 greedy tokens agree: {agree}")
+    for name, reason in report.get("skipped", {}).items():
+        print(f"skipped {name}: {reason}")
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -379,7 +407,8 @@ def _mode_list(text: str) -> list[Mode]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="checkpoint directory (HF layout)")
+    parser.add_argument("--model", required=True,
+                        help="checkpoint directory (HF layout), .gguf file or preset:NAME")
     parser.add_argument("--modes", type=_mode_list, default=None,
                         help=f"comma-separated, of {','.join(MODES)} "
                              "(default: all; with --quick: " + ",".join(QUICK_MODES) + ")")
@@ -399,7 +428,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.batches:
         settings = Settings(**{**asdict(settings), "decode_batches": args.batches})
     modes = args.modes or [MODES[n] for n in (QUICK_MODES if args.quick else MODES)]
-    report = run(args.model, modes, settings)
+    model = args.model
+    if model.startswith("preset:"):
+        from colocate.model.published import published_path
+
+        model = str(published_path(model[len("preset:"):]))
+    report = run(model, modes, settings)
     report["settings"]["quick"] = args.quick
     print_report(report)
     print(f"wrote {write_json(args.out, report)}")

@@ -19,11 +19,13 @@ import yaml
 from colocate.config_topology import Topology
 from colocate.config_values import ConfigError, ValueReader, kind
 from colocate.model.model_config import KV_CACHE_DTYPES, MODEL_DTYPES, LlamaConfig
+from colocate.presets import PRESET_PREFIX, preset_config, preset_names, tiny_presets
 
-PRESET_PREFIX = "preset:"
-QUANTIZATIONS = (None, "int8", "int4")
-RESTART_POLICIES = ("never", "anywhere")
-BATCHING_MODES = ("isolated", "fused")   # what to do with an entry whose node is lost
+# None: as stored (a GGUF keeps its Q4 / Q8 blocks); "none": dequantized to `dtype`;
+# "gguf": as stored or an error; "int8" / "int4": quantized at load.
+QUANTIZATIONS = (None, "none", "gguf", "int8", "int4")
+RESTART_POLICIES = ("never", "anywhere")   # what to do with an entry whose node is lost
+BATCHING_MODES = ("isolated", "fused")     # a process per service, or one per model
 DEFAULT_QUANT_GROUP_SIZE = 128
 # gRPC's own default receive limit; 4 MiB of prompt is already ~1M tokens, far
 # beyond any max_model_len, so a bigger message is a mistake or an attack.
@@ -40,9 +42,9 @@ _DEVICE_RE = re.compile(r"^(cpu|cuda:[0-9]+)$")
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    path: str                        # absolute directory, or "preset:<name>"
+    path: str                        # absolute directory or .gguf file, or "preset:<name>"
     dtype: str = "auto"              # "auto": the checkpoint's torch_dtype
-    quantization: str | None = None  # None | "int8" (per channel) | "int4" (grouped)
+    quantization: str | None = None  # None (as stored) | "none" | "gguf" | "int8" | "int4"
     quant_group_size: int = DEFAULT_QUANT_GROUP_SIZE
 
     @property
@@ -51,10 +53,15 @@ class ModelSpec:
         return self.path[len(PRESET_PREFIX):] if self.path.startswith(PRESET_PREFIX) else None
 
     def llama_config(self) -> LlamaConfig:
-        """The model's shape, from config.json alone (no weights are read)."""
+        """The model's shape, from config.json or a GGUF header alone (no weights are read)."""
         if self.preset is not None:
             return preset_config(self.preset)
         return LlamaConfig.from_pretrained(self.path)
+
+    @property
+    def quant_group_arg(self) -> int | None:
+        """The group size to load with: only int4 asks for one (a GGUF has its own)."""
+        return self.quant_group_size if self.quantization == "int4" else None
 
 
 @dataclass(frozen=True)
@@ -158,27 +165,6 @@ class DeploymentConfig:
         return out
 
 
-# ---- presets ---------------------------------------------------------------------
-
-def _tiny_presets() -> dict[str, dict] | None:
-    """colocate.model.tiny.PRESETS (HF config.json dicts), or None if not installed."""
-    try:
-        from colocate.model.tiny import PRESETS
-    except ImportError:
-        return None
-    return PRESETS
-
-
-def preset_config(name: str) -> LlamaConfig:
-    """The shape of built-in tiny checkpoint `name`: the one place that knows presets."""
-    presets = _tiny_presets()
-    if presets is None:
-        raise ValueError(f"preset {name!r}: colocate.model.tiny is not available")
-    if name not in presets:
-        raise ValueError(f"unknown preset {name!r}; choose from {sorted(presets)}")
-    return LlamaConfig.from_dict(dict(presets[name]), source=f"{PRESET_PREFIX}{name}")
-
-
 # ---- loading ---------------------------------------------------------------------
 
 def load_config(path: str | os.PathLike, env: Mapping[str, str] | None = None,
@@ -255,17 +241,24 @@ class _Reader(ValueReader):
 
     def model_path(self, raw: str, key: str) -> str:
         if raw.startswith(PRESET_PREFIX):
-            presets = _tiny_presets()
+            presets = tiny_presets()
             name = raw[len(PRESET_PREFIX):]
             # Without the tiny module we cannot know the names; the plan will say so.
-            if self.check_paths and presets is not None and name not in presets:
-                raise self.error(key, f"unknown preset {name!r}; choose from {sorted(presets)}")
+            if self.check_paths and presets is not None and name not in preset_names():
+                raise self.error(key, f"unknown preset {name!r}; choose from {preset_names()}")
             return raw
         path = self.resolve(raw)
         if self.check_paths:
-            if not path.is_dir():
-                raise self.error(key, f"model directory {path} does not exist")
-            if not (path / "config.json").is_file():
+            if path.is_file():
+                from colocate.model.gguf_file import check_model_file
+
+                try:
+                    check_model_file(path)
+                except ValueError as e:
+                    raise self.error(key, str(e)) from None
+            elif not path.is_dir():
+                raise self.error(key, f"model directory or .gguf file {path} does not exist")
+            elif not (path / "config.json").is_file():
                 raise self.error(key, f"model directory {path} has no config.json")
         return str(path)
 

@@ -1,8 +1,10 @@
 """LLM: the offline API. Load a checkpoint, generate for a batch of prompts."""
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -11,8 +13,10 @@ from colocate.engine.block_pool import KV_BLOCK_SIZE, pool_blocks
 from colocate.engine.outputs import RequestOutput
 from colocate.model.kv_cache import resolve_kv_cache_dtype
 from colocate.model.loader import load_model, parse_dtype
+from colocate.model.chat_template import is_conversation_list
 from colocate.model.model_config import LlamaConfig
 from colocate.model.tokenizer import Tokenizer
+from colocate.prompt_inputs import normalize_prompts
 from colocate.sampling_params import SamplingParams
 from colocate.worker.model_runner import ModelRunner
 
@@ -32,8 +36,11 @@ def resolve_device(name: str) -> torch.device:
 
 
 def load_tokenizer(path: Path) -> Tokenizer | None:
-    """The checkpoint's tokenizer, or None when it ships none (token-id prompts only)."""
-    return Tokenizer.from_pretrained(path) if (path / "tokenizer.json").exists() else None
+    """The checkpoint's tokenizer (a GGUF always has one), or None when a checkpoint
+    directory ships none (token-id prompts only)."""
+    if path.is_file() or (path / "tokenizer.json").exists():
+        return Tokenizer.from_pretrained(path)
+    return None
 
 
 def build_engine(model: torch.nn.Module, config: LlamaConfig, tokenizer: Tokenizer | None, *,
@@ -89,26 +96,37 @@ class LLM:
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             enable_prefix_caching=enable_prefix_caching, kv_cache_dtype=kv_cache_dtype)
 
-    def generate(self, prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+    def generate(self, prompts: Any,
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None
                  ) -> list[RequestOutput]:
-        """Generate for every prompt (text or token ids) together; outputs come
-        back in the order of the prompts."""
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        if not prompts:
-            raise ValueError("prompts must not be empty")
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        params = (list(sampling_params) if isinstance(sampling_params, (list, tuple))
-                  else [sampling_params] * len(prompts))
-        if len(params) != len(prompts):
-            raise ValueError(f"sampling_params has {len(params)} entries for {len(prompts)} prompts")
+        """Generate for every prompt together; outputs come back in the order of the
+        prompts. A prompt is text, token ids, {"prompt": text} or {"prompt_token_ids":
+        ids} (colocate/prompt_inputs.py); one prompt or a list of them."""
+        prompts = normalize_prompts(prompts)
+        return self._run(prompts, _per_prompt(sampling_params, len(prompts)))
+
+    def chat(self, messages: Any,
+             sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """Reply to one conversation (a list of {"role", "content"} messages) or to a list
+        of conversations, through the checkpoint's chat template, as vLLM's LLM.chat.
+        Replies stop at EOS or at the template's end-of-turn token."""
+        if self.tokenizer is None or self.tokenizer.chat_template is None:
+            raise ValueError("this model has no chat template (GGUF tokenizer.chat_template, "
+                             "chat_template.jinja or tokenizer_config.json); use generate()")
+        conversations = messages if is_conversation_list(messages) else [messages]
+        prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt)
+                   for c in conversations]
+        stops = list(self.tokenizer.end_of_turn_ids())
+        params = [dataclasses.replace(p, stop_token_ids=list(dict.fromkeys(p.stop_token_ids
+                                                                           + stops)))
+                  for p in _per_prompt(sampling_params, len(prompts))]
+        return self._run(prompts, params)
+
+    def _run(self, prompts: list, params: list[SamplingParams]) -> list[RequestOutput]:
         # Validate all before adding any, so a bad prompt leaves the engine as it was.
         tokenized = [self.engine.tokenize(p) for p in prompts]
         for ids, p in zip(tokenized, params):
-            if not isinstance(p, SamplingParams):
-                raise ValueError(f"sampling_params must be SamplingParams, got {type(p).__name__}")
             self.engine.validate(ids, p)
         ids = [self.engine.add_request(t, p) for t, p in zip(tokenized, params)]
         final: dict[str, RequestOutput] = {}
@@ -122,3 +140,18 @@ class LLM:
                 if rid not in final:
                     self.engine.abort_request(rid)
         return [final[rid] for rid in ids]
+
+
+def _per_prompt(sampling_params: SamplingParams | Sequence[SamplingParams] | None,
+                n: int) -> list[SamplingParams]:
+    """One SamplingParams per prompt: the same for all, or a list of exactly n."""
+    if sampling_params is None:
+        sampling_params = SamplingParams()
+    params = (list(sampling_params) if isinstance(sampling_params, (list, tuple))
+              else [sampling_params] * n)
+    if len(params) != n:
+        raise ValueError(f"sampling_params has {len(params)} entries for {n} prompts")
+    for p in params:
+        if not isinstance(p, SamplingParams):
+            raise ValueError(f"sampling_params must be SamplingParams, got {type(p).__name__}")
+    return params

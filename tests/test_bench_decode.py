@@ -45,7 +45,8 @@ def test_quick_modes_cover_quantization():
     assert {m.engine for m in modes} == {"colocate", "hf"}
     # The full run covers every mode the issue asks for.
     assert set(decode.MODES) == {"colocate-fp32", "colocate-bf16", "colocate-int8",
-                                 "colocate-int4", "colocate-kv8", "hf-fp32", "hf-bf16"}
+                                 "colocate-int4", "colocate-kv8", "colocate-stored",
+                                 "hf-fp32", "hf-bf16"}
 
 
 def test_mode_option():
@@ -115,3 +116,23 @@ def test_greedy_agreement(report):
     for mode, a in agree.items():
         assert a["reference"] in report["engines"] and a["reference"] != mode
         assert 0 <= a["matching_prefix"] <= a["of"] == report["settings"]["decode_new_tokens"]
+
+
+def test_gguf_runs_every_mode_that_applies(tmp_path):
+    """On a GGUF (64 wide): the stored mode runs, int4 g128 cannot and says why, and
+    the benchmark still finishes the rest."""
+    from tests.gguf.tiny_gguf import write_tiny_gguf
+
+    model = write_tiny_gguf(tmp_path / "tiny.gguf", "Q4_1")
+    out = tmp_path / "decode.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--model", str(model), "--quick", "--out", str(out),
+         "--modes", "colocate-fp32,colocate-stored,colocate-int4,colocate-kv8"],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads(out.read_text())
+    assert set(data["engines"]) == {"colocate-fp32", "colocate-stored", "colocate-kv8"}
+    assert "quant_group_size=128 does not divide" in data["skipped"]["colocate-int4"]
+    assert "skipped colocate-int4: quant_group_size=128" in proc.stdout
+    assert data["engines"]["colocate-stored"]["weight_bytes"] < \
+        data["engines"]["colocate-fp32"]["weight_bytes"]

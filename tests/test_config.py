@@ -68,7 +68,7 @@ def test_examples_load(example):
 
 def test_examples_cover_the_brief():
     names = {p.name for p in EXAMPLES}
-    assert {"cpu-3x-small.yaml", "a100-3x-llama2-13b.yaml", "rtx4090-llama2-13b.yaml",
+    assert {"cpu-3x-smollm2.yaml", "a100-3x-llama2-13b.yaml", "rtx4090-llama2-13b.yaml",
             "l4-llama2-13b.yaml", "t4-llama2-13b.yaml",
             "a100-3x-llama2-13b-unshared-fp16.yaml"} <= names
 

@@ -10,7 +10,7 @@ import pytest
 from colocate.cli import main
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "deploy" / "examples"
-FITTING = ["cpu-3x-small.yaml", "a100-3x-llama2-13b.yaml", "rtx4090-llama2-13b.yaml",
+FITTING = ["cpu-3x-smollm2.yaml", "a100-3x-llama2-13b.yaml", "rtx4090-llama2-13b.yaml",
            "l4-llama2-13b.yaml", "t4-llama2-13b.yaml"]
 TOKEN_VARS = ["TEAM_A_TOKEN", "TEAM_B_TOKEN", "TEAM_C_TOKEN", "CHAT_TOKEN",
               "TENANT_A_TOKEN", "TENANT_B_TOKEN", "TENANT_C_TOKEN"]

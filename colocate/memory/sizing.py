@@ -60,11 +60,28 @@ class ModelFootprint:
             raise ValueError(f"model {self.spec.name}: unsupported dtype {self.dtype!r}")
         return DTYPE_BYTES[self.dtype]
 
-    def describe(self) -> str:
+    @property
+    def quantization(self) -> tuple[str | None, int | None]:
+        """(method, group size) as the weights will sit: the spec's, or for a GGUF with
+        quantization unset ("as stored") what its header says its linears hold."""
         q = self.spec.quantization
-        if q == "int4":
-            return f"int4 g{self.spec.quant_group_size}"
-        return q or self.dtype
+        if q == "none":
+            return None, None
+        if self.shape.gguf_file and q in (None, "gguf"):
+            from colocate.quant.gguf_loading import stored_quantization
+
+            return stored_quantization(self.shape, strict=q == "gguf")
+        if q == "gguf":
+            raise ValueError(f"model {self.spec.name}: quantization: gguf (keep the GGUF's "
+                             "blocks) applies only to a .gguf checkpoint")
+        return q, self.spec.quant_group_size if q == "int4" else None
+
+    def describe(self) -> str:
+        q, g = self.quantization
+        label = self.dtype if q is None else (f"{q} g{g}" if g is not None else q)
+        if self.shape.gguf_file and self.spec.quantization in (None, "gguf"):
+            label += " (as stored)"
+        return label
 
     def weight_bytes(self) -> int:
         """One copy of the weights.
@@ -87,17 +104,26 @@ class ModelFootprint:
         """Bytes of every decoder linear as stored: weights plus their scales / zeros."""
         s, b = self.shape, self.dtype_bytes
         shapes = s.linear_shapes_per_layer()
-        q = self.spec.quantization
+        q, g = self.quantization
+        native = self.shape.gguf_file is not None and self.spec.quantization in (None, "gguf")
+        if g is not None:
+            for i, o in shapes:
+                if i % g:
+                    raise ValueError(f"model {self.spec.name}: quant_group_size={g} does not "
+                                     f"divide a layer's input size {i} (a {i}x{o} linear)")
         if q is None:
             per_layer = sum(i * o for i, o in shapes) * b
+        elif q == "int8" and g is not None:
+            # GGUF Q8_0: 1 byte per weight + a float32 scale per group of 32.
+            per_layer = sum(i * o + o * (i // g) * 4 for i, o in shapes)
         elif q == "int8":
             # 1 byte per weight + one scale per output channel.
             per_layer = sum(i * o + o * b for i, o in shapes)
         elif q == "int4":
             # Two weights per byte + a scale and a zero point per group of in_features
-            # in each output row.
-            g = self.spec.quant_group_size
-            per_layer = sum(cdiv(i * o, 2) + o * cdiv(i, g) * 2 * b
+            # in each output row (float32 for a GGUF kept exact).
+            zb = 4 if native else b
+            per_layer = sum(cdiv(i * o, 2) + o * cdiv(i, g) * 2 * zb
                             for i, o in shapes)
         else:
             raise ValueError(f"model {self.spec.name}: unknown quantization {q!r}")
@@ -137,7 +163,7 @@ class ModelFootprint:
         per_token = 2 * h + (nh + 2 * nkv) * d + nh * d + 3 * f
         total = max_num_batched_tokens * b * per_token
         total += max_num_seqs * s.vocab_size * 4 * 2
-        if self.spec.quantization is not None:
+        if self.quantization[0] is not None:
             total += max(i * o for i, o in s.linear_shapes_per_layer()) * b
         return total
 

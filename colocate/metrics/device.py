@@ -17,6 +17,7 @@ from colocate import __version__
 from colocate.config import DeploymentConfig, DeviceSpec
 from colocate.memory.arbiter import MemoryArbiter
 from colocate.memory.probe import cuda_process_memory, device_process_memory
+from colocate.memory.sizing import ModelFootprint
 from colocate.memory.weight_store import WeightStore
 from colocate.metrics.samples import (DEVICE, DeviceSample, Reservation, ServiceReport,
                                       ServiceSample, WeightCopy)
@@ -100,7 +101,9 @@ def device_sample(gpu: DeviceSpec, config: DeploymentConfig, arbiter: MemoryArbi
         model = config.models[spec.model]
         services.append(ServiceSample(
             name=spec.name, model=spec.model, dtype=report.dtype,
-            quantization=model.quantization or "none", kv_dtype=demand.kv_dtype,
+            # as the weights sit: a GGUF kept as stored reports its int4 / int8
+            quantization=ModelFootprint.of(model).quantization[0] or "none",
+            kv_dtype=demand.kv_dtype,
             kv_budget_bytes=demand.kv_bytes, restarts=restarts, report=report,
             memory_used_bytes=memory.get(report.pid, 0) // sharers[report.pid]))
     return DeviceSample(

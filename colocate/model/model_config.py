@@ -88,11 +88,23 @@ class LlamaConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "LlamaConfig":
-        cfg_path = Path(path) / "config.json"
+        """From a checkpoint directory's config.json, or from a GGUF file's metadata."""
+        path = Path(path)
+        if path.is_file():
+            from colocate.model.gguf_file import llama_config_dict, open_gguf
+
+            f = open_gguf(path)       # a file that is not GGUF fails here, saying what is accepted
+            return cls.from_dict(llama_config_dict(f), source=str(path))
+        cfg_path = path / "config.json"
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{cfg_path}: no config.json in the model directory")
         with open(cfg_path) as f:
             return cls.from_dict(json.load(f), source=str(cfg_path))
+
+    @property
+    def gguf_file(self) -> str | None:
+        """The GGUF file this config was read from, None for an HF checkpoint."""
+        return self.raw.get("gguf_file")
 
     # ---- sizes -------------------------------------------------------------
     def linear_parameters_per_layer(self) -> int:

@@ -11,7 +11,7 @@ from typing import Any
 METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 # Where the integers came from: our round-to-nearest, or a published checkpoint.
-SOURCES = ("rtn", "awq", "gptq")
+SOURCES = ("rtn", "awq", "gptq", "gguf")
 # int4 buffer layouts. "tinygemm": the packing torch's CPU int4 matmul reads (see
 # int4_layouts.py); "kn": nibbles packed along K, N contiguous, for the Triton kernel.
 INT4_LAYOUTS = ("tinygemm", "kn")
@@ -24,6 +24,8 @@ class QuantConfig:
     source: str = "rtn"
     layout: str | None = None      # int4 only: one of INT4_LAYOUTS, chosen per device
     act_order: bool = False        # int4 GPTQ desc_act: every int4 linear permutes its input
+    # GGUF kept as stored: int4 scales in float32 on CPU, int8 with a scale per group.
+    exact_scales: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -37,6 +39,9 @@ class QuantConfig:
                                  f"int4; expected one of {list(GROUP_SIZES)}")
             if self.layout not in INT4_LAYOUTS:
                 raise ValueError(f"int4 layout {self.layout!r} is not one of {list(INT4_LAYOUTS)}")
+        elif self.source == "gguf":
+            if self.group_size != 32:
+                raise ValueError(f"GGUF Q8_0 int8 has groups of 32, not {self.group_size!r}")
         elif self.group_size is not None or self.layout is not None or self.act_order:
             raise ValueError("int8 is per output channel: quant_group_size, layout and "
                              "act_order do not apply")
@@ -52,10 +57,12 @@ class QuantConfig:
         if method is None:
             return None
         if method != "int4":
-            return cls(method=method)
+            return (cls(method=method) if source != "gguf" else
+                    cls(method=method, group_size=group_size, source=source, exact_scales=True))
         layout = "kn" if str(device).startswith("cuda") else "tinygemm"
         return cls(method="int4", group_size=128 if group_size is None else group_size,
-                   source=source, layout=layout, act_order=act_order)
+                   source=source, layout=layout, act_order=act_order,
+                   exact_scales=source == "gguf")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -29,9 +29,9 @@ def is_quantized_linear(module_name: str) -> bool:
 def make_linear(qc: QuantConfig, in_features: int, out_features: int, bias: bool,
                 dtype: torch.dtype) -> nn.Module:
     if qc.method == "int8":
-        return Int8Linear(in_features, out_features, bias, dtype)
+        return Int8Linear(in_features, out_features, bias, dtype, qc.group_size)
     return Int4Linear(in_features, out_features, bias, dtype, qc.group_size, qc.layout,
-                      qc.act_order)
+                      qc.act_order, qc.exact_scales)
 
 
 def swap_linears(model: nn.Module, qc: QuantConfig, dtype: torch.dtype) -> nn.Module:

@@ -29,7 +29,9 @@ Buffers = dict[str, torch.Tensor]
 
 # ---- kn ------------------------------------------------------------------------------
 
-def pack_kn(w: Int4Weight, dtype: torch.dtype) -> Buffers:
+def pack_kn(w: Int4Weight, dtype: torch.dtype, exact_scales: bool = False) -> Buffers:
+    """exact_scales is not honoured: kn keeps scale and zero in the model dtype, and a
+    GGUF's min form becomes zero = -min / scale (within rounding, not bit for bit)."""
     q = w.q.t()                                                              # (K, N)
     qweight = (q[0::2] | (q[1::2] << 4)).contiguous()                        # (K/2, N)
     return {"qweight": qweight, "scale": w.scale.t().to(dtype).contiguous(),  # (G, N)
@@ -43,7 +45,8 @@ def unpack_kn(buffers: Buffers) -> tuple[torch.Tensor, torch.Tensor, torch.Tenso
     return q, buffers["scale"].float().t(), buffers["zero"].float().t()
 
 
-def empty_kn(N: int, K: int, group_size: int, dtype: torch.dtype) -> Buffers:
+def empty_kn(N: int, K: int, group_size: int, dtype: torch.dtype,
+             exact_scales: bool = False) -> Buffers:
     G = K // group_size
     return {"qweight": torch.empty(K // 2, N, dtype=torch.uint8),
             "scale": torch.empty(G, N, dtype=dtype), "zero": torch.empty(G, N, dtype=dtype)}
@@ -54,16 +57,24 @@ def empty_kn(N: int, K: int, group_size: int, dtype: torch.dtype) -> Buffers:
 TINYGEMM_DTYPE = torch.bfloat16
 
 
-def pack_tinygemm(w: Int4Weight, dtype: torch.dtype) -> Buffers:
-    """`dtype` is unused: the CPU op wants its scales in the activation dtype, bf16."""
+def pack_tinygemm(w: Int4Weight, dtype: torch.dtype, exact_scales: bool = False) -> Buffers:
+    """`dtype` is unused: the CPU op wants its scales in the activation dtype, bf16.
+    exact_scales keeps scale_zero in float32 instead, to hold a GGUF's fp16 scales and
+    mins exactly as stored (cpu_ops.int4_mm rounds them to bf16 per call)."""
     N, K = w.q.shape
     if N % 16:
         raise ValueError(f"int4 on CPU needs out_features divisible by 16, got {N}")
     qweight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
         w.q.to(torch.int32).contiguous(), 1)                                 # (N, K/2) uint8
-    offset = (8 - w.zero.float()) * w.scale.float()                          # (N, G)
+    if w.min is not None:
+        # GGUF's W = q * s + m is (q - 8) * s + (m + 8 s); in float32 8 s and the sum are
+        # exact for fp16 s and m, so the op reproduces llama.cpp's weights bit for bit.
+        offset = w.min.float() + 8 * w.scale.float()                         # (N, G)
+    else:
+        offset = (8 - w.zero.float()) * w.scale.float()                      # (N, G)
     scale_zero = torch.stack([w.scale.float().t(), offset.t()], dim=-1)      # (G, N, 2)
-    return {"qweight": qweight, "scale_zero": scale_zero.to(TINYGEMM_DTYPE).contiguous()}
+    scale_dtype = torch.float32 if exact_scales else TINYGEMM_DTYPE
+    return {"qweight": qweight, "scale_zero": scale_zero.to(scale_dtype).contiguous()}
 
 
 def _nibbles(packed: torch.Tensor) -> torch.Tensor:
@@ -109,9 +120,11 @@ def unpack_tinygemm(buffers: Buffers) -> tuple[torch.Tensor, torch.Tensor, torch
     return q, sz[..., 0].t(), sz[..., 1].t()
 
 
-def empty_tinygemm(N: int, K: int, group_size: int, dtype: torch.dtype) -> Buffers:
+def empty_tinygemm(N: int, K: int, group_size: int, dtype: torch.dtype,
+                   exact_scales: bool = False) -> Buffers:
+    scale_dtype = torch.float32 if exact_scales else TINYGEMM_DTYPE
     return {"qweight": torch.empty(N, K // 2, dtype=torch.uint8),
-            "scale_zero": torch.empty(K // group_size, N, 2, dtype=TINYGEMM_DTYPE)}
+            "scale_zero": torch.empty(K // group_size, N, 2, dtype=scale_dtype)}
 
 
 def dequantize(layout: str, buffers: Buffers, group_size: int) -> torch.Tensor:

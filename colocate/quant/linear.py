@@ -48,19 +48,29 @@ class _WeightOnlyLinear(nn.Module):
 
 
 class Int8Linear(_WeightOnlyLinear):
-    """qweight (N, K) int8 and scale (N,) in the model dtype."""
+    """qweight (N, K) int8 and scale (N,) in the model dtype; with group_size (GGUF Q8_0,
+    32) scale is (N, K / g) in float32, so fp16 scales stay exact, and the matmul runs on
+    the dequantized weight (no packed op takes grouped int8 scales)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, group_size: int | None = None):
         super().__init__(in_features, out_features, bias, dtype)
+        if group_size is not None and in_features % group_size:
+            raise ValueError(f"int8 group size {group_size} does not divide the layer's "
+                             f"input size {in_features}")
+        self.group_size = group_size
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))
-        self.register_buffer("scale", torch.empty(out_features, dtype=dtype))
+        self.register_buffer("scale", torch.empty(out_features, dtype=dtype) if group_size is None
+                             else torch.empty(out_features, in_features // group_size))
 
     @staticmethod
     def buffers_for(w: Int8Weight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        return {"qweight": w.q.contiguous(), "scale": w.scale.to(dtype)}
+        scale = w.scale.to(dtype) if w.group_size is None else w.scale.float().contiguous()
+        return {"qweight": w.q.contiguous(), "scale": scale}
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group_size is not None:
+            return F.linear(x, self.dequantize().to(x.dtype))
         if x.is_cuda:
             from colocate.kernels.w8a16_matmul import w8a16_matmul
 
@@ -72,11 +82,16 @@ class Int8Linear(_WeightOnlyLinear):
 
 
 class Int4Linear(_WeightOnlyLinear):
-    """Buffers of int4_layouts' `layout`, plus perm (K,) int64 under GPTQ act-order."""
+    """Buffers of int4_layouts' `layout`, plus perm (K,) int64 under GPTQ act-order.
+
+    exact_scales keeps the tinygemm scales in float32: a GGUF's fp16 scales and mins held
+    exactly as stored, so dequantize() is llama.cpp's weight bit for bit. The CPU matmul
+    still runs in bf16, as for every int4 weight (cpu_ops.int4_mm)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  dtype: torch.dtype = torch.float32, group_size: int = 128,
-                 layout: str = "tinygemm", act_order: bool = False):
+                 layout: str = "tinygemm", act_order: bool = False,
+                 exact_scales: bool = False):
         super().__init__(in_features, out_features, bias, dtype)
         if in_features % group_size:
             raise ValueError(f"quant_group_size={group_size} does not divide the layer's "
@@ -84,15 +99,15 @@ class Int4Linear(_WeightOnlyLinear):
         self.group_size = group_size
         self.layout = layout
         for name, t in int4_layouts.EMPTY[layout](out_features, in_features, group_size,
-                                                  dtype).items():
+                                                  dtype, exact_scales).items():
             self.register_buffer(name, t)
         self.register_buffer("perm", torch.empty(in_features, dtype=torch.int64)
                              if act_order else None)
 
     @staticmethod
     def buffers_for(w: Int4Weight, dtype: torch.dtype, layout: str,
-                    act_order: bool) -> dict[str, torch.Tensor]:
-        out = int4_layouts.PACK[layout](w, dtype)
+                    act_order: bool, exact_scales: bool = False) -> dict[str, torch.Tensor]:
+        out = int4_layouts.PACK[layout](w, dtype, exact_scales)
         if act_order:
             out["perm"] = (w.perm if w.perm is not None
                            else torch.arange(w.q.shape[1])).to(torch.int64)

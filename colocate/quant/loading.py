@@ -25,6 +25,10 @@ def read_model_state(path: Path, config: LlamaConfig, dtype: torch.dtype,
     """The state dict of the model build_model() makes: float, quantized at load, or
     unpacked from an AWQ / GPTQ checkpoint. `read_float` lets a caller substitute the
     float reader (the weight store's tests count reads through it)."""
+    if config.gguf_file:
+        from colocate.quant.gguf_loading import read_gguf_state
+
+        return {k: v.to(device) for k, v in read_gguf_state(config, dtype, qc).items()}
     if qc is not None and qc.source != "rtn":
         return {k: v.to(device) for k, v in read_prequantized(path, config, dtype, qc).items()}
     state = to_model_state_dict(read_float(path, config, dtype, device))

@@ -32,6 +32,12 @@ def checkpoint_quant_config(raw: dict[str, Any], quantization: str | None,
     """The QuantConfig of a model: from config.json's quantization_config when the
     checkpoint is pre-quantized (arguments may only agree with it), else from the
     arguments. ValueError names the setting that cannot be honoured."""
+    if raw.get("gguf_file"):
+        from colocate.quant.gguf_loading import gguf_quant_config
+
+        return gguf_quant_config(LlamaConfig.from_dict(raw), quantization, group_size, device)
+    if quantization == "none":             # "dequantize": an HF float checkpoint already is
+        quantization = None
     qc = raw.get("quantization_config")
     if qc is None:
         return QuantConfig.for_device(quantization, group_size, device)

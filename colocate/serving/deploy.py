@@ -25,6 +25,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
 from colocate.config import DeploymentConfig, DeviceSpec, load_config
+from colocate.serving.demo_requests import send_demo_requests
 from colocate.serving.fleet import Fleet, Placed
 from colocate.serving.placement import (CPU_DEVICE_RESOURCE, LOCAL_CPU_DEVICE_SLOTS,
                                         PLACEMENT_TIMEOUT_S, PlacementError)  # noqa: F401
@@ -33,7 +34,7 @@ from colocate.serving.supervisor import (SHUTDOWN_GRACE_S, STARTUP_TIMEOUT_S, De
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CONFIG_NAME = "cpu-3x-small.yaml"
+DEFAULT_CONFIG_NAME = "cpu-3x-smollm2.yaml"
 OBJECT_STORE_BYTES = 512 * 2**20     # only small control messages travel through Ray
 STATUS_TIMEOUT_S = 30.0
 
@@ -41,26 +42,25 @@ STATUS_TIMEOUT_S = 30.0
 # installed wheel has no deploy/ folder). Kept equal to that file by a test.
 EMBEDDED_DEFAULT_CONFIG = """\
 models:
-  small: {path: "preset:small", dtype: float32}
+  smollm2: {path: "preset:smollm2-135m-instruct", dtype: float32}
 gpus:
   - device: cpu
     share_weights: true
     metrics_port: 9400
     services:
 """ + "".join(f"""\
-      - name: small-{x}
-        model: small
+      - name: chat-{x}
+        model: smollm2
         port: {port}
-        max_model_len: 1024
-        kv_cache: {{dtype: {kv}, tokens: 8192}}
+        max_model_len: 2048
+        kv_cache: {{dtype: {kv}, tokens: 4096}}
         max_num_seqs: 16
         max_num_batched_tokens: 512
         tenants: [{{name: tenant-{x}, token_env: TENANT_{x.upper()}_TOKEN}}]
 """ for x, port, kv in (("a", 50051, "auto"), ("b", 50052, "auto"), ("c", 50053, "int8")))
 
-
 def default_config_path() -> Path:
-    """deploy/examples/cpu-3x-small.yaml beside the package (an editable install),
+    """deploy/examples/cpu-3x-smollm2.yaml beside the package (an editable install),
     else the embedded copy written to a temporary file."""
     repo_copy = Path(__file__).resolve().parents[2] / "deploy" / "examples" / DEFAULT_CONFIG_NAME
     if repo_copy.is_file():
@@ -371,16 +371,3 @@ def print_endpoints(endpoints: list[Endpoint], generated: Mapping[str, str],
     target = (targets or {}).get(first.service, first.target)
     print(f"\ntry:\n  colocate generate --target {target} "
           f"--token \"${first.token_envs[0]}\" \"Hello\"\n", file=out, flush=True)
-
-
-def send_demo_requests(cfg: DeploymentConfig, endpoints: list[Endpoint],
-                       out: TextIO, max_tokens: int = 24) -> None:
-    """One short request to every service, with its first tenant's token."""
-    from colocate.client import Client
-
-    token_of = {s.name: s.tenants[0].token for _, s in cfg.services()}
-    for e in endpoints:
-        with Client(e.target, token_of[e.service], timeout=120) as client:
-            text = client.generate_text("Hello", max_tokens=max_tokens, temperature=0.0)
-        print(f"  {e.service}: 'Hello' -> {text!r}", file=out, flush=True)
-    print(file=out)

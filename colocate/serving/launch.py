@@ -60,6 +60,12 @@ def preset_checkpoint(name: str, cache_dir: Path | None = None) -> Path:
 
 
 def checkpoint_dir(model: ModelSpec, cache_dir: Path | None = None) -> Path:
+    """The checkpoint directory or GGUF file: a published preset's installed file, a tiny
+    preset written on first use, or the path as given."""
+    from colocate.model.published import is_published, published_path
+
+    if model.preset and is_published(model.preset):
+        return published_path(model.preset)
     return preset_checkpoint(model.preset, cache_dir) if model.preset else Path(model.path)
 
 
@@ -84,8 +90,8 @@ def prepare_launches(gpu: DeviceSpec, config: DeploymentConfig, store: WeightSto
         name = model.name if gpu.share_weights else f"{model.name}@{service.name}"
         try:
             path = checkpoint_dir(model, preset_dir)
-            store.publish(name, path, model.dtype, quantization=model.quantization,
-                          quant_group_size=model.quant_group_size)
+            handle = store.publish(name, path, model.dtype, quantization=model.quantization,
+                                   quant_group_size=model.quant_group_arg)
         except (OSError, ValueError) as exc:    # missing files, bad shapes or dtype
             raise DeploymentError(f"service {service.name}: cannot load model "
                                   f"{model.name} from {model.path}: {exc}") from None

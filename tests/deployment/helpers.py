@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import yaml
@@ -103,3 +106,25 @@ def wait_service_pools_empty(deployment, timeout: float = 20.0) -> None:
                     f"{endpoint.service} at {endpoint.target} still holds "
                     f"(running, waiting, kv blocks) = {held}")
                 time.sleep(0.1)
+
+
+def colocate_command() -> list[str]:
+    script = Path(sys.executable).parent / "colocate"
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-c", "import sys; from colocate.cli import main; sys.exit(main())"]
+
+
+def wait_for_line(proc: subprocess.Popen, text: str, timeout: float) -> list[str]:
+    """Lines of the process's output until one holds `text` (read in a thread,
+    so a silent process fails the test instead of blocking it)."""
+    lines, found = [], threading.Event()
+
+    def read():
+        for line in proc.stdout:
+            lines.append(line)
+            if text in line:
+                found.set()
+    threading.Thread(target=read, daemon=True).start()
+    assert found.wait(timeout), f"no {text!r} in:\n{''.join(lines)}"
+    return lines

@@ -15,7 +15,7 @@ from colocate.metrics.device import (device_sample, ledger_reservations, measure
 from colocate.metrics.samples import DEVICE, ServiceReport
 from tests.metrics.fixtures import stats
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "cpu-3x-small.yaml"
+EXAMPLE = Path(__file__).resolve().parents[2] / "deploy" / "examples" / "cpu-3x-smollm2.yaml"
 
 
 def admitted(share_weights: bool):
@@ -65,12 +65,12 @@ def test_a_gone_process_is_left_out():
 def test_sample_joins_reports_with_the_ledger():
     config, gpu, arbiter = admitted(True)
     report = ServiceReport(pid=os.getpid(), dtype="float32", stats=stats())
-    sample = device_sample(gpu, config, arbiter, FakeStore({"small": 10}), "cpu",
-                           {"small-b": (report, 2)})
+    sample = device_sample(gpu, config, arbiter, FakeStore({"smollm2": 10}), "cpu",
+                           {"chat-b": (report, 2)})
     (service,) = sample.services          # only the one that answered
-    demand = next(d for d in arbiter.admitted() if d.service == "small-b")
-    assert (service.name, service.restarts) == ("small-b", 2)
+    demand = next(d for d in arbiter.admitted() if d.service == "chat-b")
+    assert (service.name, service.restarts) == ("chat-b", 2)
     assert service.kv_budget_bytes == demand.kv_bytes
-    assert service.kv_dtype == "float32" and service.quantization == "none"
+    assert service.kv_dtype == "float32" and service.quantization == "int4"   # Q4_1 as stored
     assert service.memory_used_bytes == sample.supervisor_memory_bytes > 0
     assert sample.capacity_bytes == 64 * 2**30

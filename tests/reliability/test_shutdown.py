@@ -11,10 +11,8 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import grpc
 import psutil
@@ -23,34 +21,12 @@ import pytest
 from colocate.client import Client
 from colocate.memory.shared_ledger import FILE_PREFIX, default_dir
 from colocate.memory.weight_store import DIR_PREFIX, default_root
-from tests.deployment.helpers import token_of
+from tests.deployment.helpers import colocate_command, token_of, wait_for_line
 from tests.reliability.reliability_helpers import record, reliability_deployment
 
 pytestmark = pytest.mark.slow
 
 IN_FLIGHT_TOKENS = 900
-
-
-def _colocate_command() -> list[str]:
-    script = Path(sys.executable).parent / "colocate"
-    if script.exists():
-        return [str(script)]
-    return [sys.executable, "-c", "import sys; from colocate.cli import main; sys.exit(main())"]
-
-
-def _wait_for_line(proc: subprocess.Popen, text: str, timeout: float) -> list[str]:
-    """Lines of the process's output until one holds `text` (read in a thread,
-    so a silent process fails the test instead of blocking it)."""
-    lines, found = [], threading.Event()
-
-    def read():
-        for line in proc.stdout:
-            lines.append(line)
-            if text in line:
-                found.set()
-    threading.Thread(target=read, daemon=True).start()
-    assert found.wait(timeout), f"no {text!r} in:\n{''.join(lines)}"
-    return lines
 
 
 def test_sigterm_drains_then_leaves_nothing_behind(tiny_model_dir, tmp_path):
@@ -64,12 +40,12 @@ def test_sigterm_drains_then_leaves_nothing_behind(tiny_model_dir, tmp_path):
     # A grace far longer than the 900 tokens take, so the in-flight request finishes
     # inside it however loaded the machine is (at 10 s, the default, a busy 2-core
     # box sometimes cut it off: a timing dependency, not a drain fault).
-    proc = subprocess.Popen([*_colocate_command(), "serve", str(tmp_path / "reliability.yaml"),
+    proc = subprocess.Popen([*colocate_command(), "serve", str(tmp_path / "reliability.yaml"),
                              "--grace", "120"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)
     try:
-        _wait_for_line(proc, "serving; Ctrl-C to stop", 180)
+        wait_for_line(proc, "serving; Ctrl-C to stop", 180)
         family = [proc.pid] + [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
 
         health: list[tuple[float, str]] = []

@@ -260,12 +260,14 @@ def run(ctx: Ctx) -> None:
                 qlens = [1] * len(ctxs) if kind == "decode" else list(ctxs)
                 ctx.check("kernels", f"{kind}-{name}-{nh}:{nkv}",
                           lambda: attention_check(ctx, kind, ctxs, qlens, nh, nkv, hd, dtype, kv))
-    dtype = torch.float32 if ctx.dry else torch.float16
+    # fp16 on the CPU too: the dry run's cache is then 4 GiB of address space per K / V
+    # (mostly unbacked), half what fp32 would reserve.
     for kind in ("decode", "prefill"):
         ctx.check("kernels", f"{kind}-block-ids-past-int32",
                   lambda: attention_check(ctx, kind, [ctxs[-1]], [1 if kind == "decode" else 8],
                                           sz["heads"][-1][0], sz["heads"][-1][1] if not ctx.dry
-                                          else 1, hd, dtype, "auto", high=True))
+                                          else 1, hd, torch.float16, "auto", high=True))
+    dtype = torch.float32 if ctx.dry else torch.float16
     for kv in ("auto", "int8"):
         ctx.check("kernels", f"kv-write-{kv}",
                   lambda: kv_write_check(ctx, sz["kv_tokens"], sz["heads"][-1][1], hd, dtype, kv))

@@ -22,15 +22,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from colocate.engine.engine import LLMEngine, StepFailedError
 from colocate.engine.group import EngineGroup, GroupStepFailedError
 from colocate.engine.outputs import RequestOutput
 from colocate.serving.engine_protocol import EngineDeadError
-
-if TYPE_CHECKING:
-    from colocate.serving.async_engine import AsyncEngine
 
 log = logging.getLogger(__name__)
 
@@ -96,17 +93,29 @@ class FusedEngines:
                              exc) from exc.__cause__
 
 
+class Front(Protocol):
+    """What the loop needs of a front (AsyncEngine is the one there is)."""
+    engine: LLMEngine
+
+    def has_inbox(self) -> bool: ...
+    def take_inbox(self) -> tuple[list, list]: ...
+    def apply_inbox(self, adds: list, aborts: list) -> list[RequestOutput]: ...
+    def fail_requests(self, request_ids: list[str]) -> None: ...
+    def deliver(self, outputs: list[RequestOutput]) -> None: ...
+    def end_everything(self, dead: EngineDeadError | None) -> None: ...
+
+
 class EngineLoop:
     def __init__(self, stepper: SingleEngine | FusedEngines) -> None:
         self.stepper = stepper
         self.cond = threading.Condition()
         # Guarded by cond.
-        self.fronts: dict[LLMEngine, "AsyncEngine"] = {}
+        self.fronts: dict[LLMEngine, Front] = {}
         self.stopping = False
         self.dead_reason: str | None = "engine not started"
         self.thread: threading.Thread | None = None
 
-    def attach(self, front: "AsyncEngine") -> None:
+    def attach(self, front: Front) -> None:
         """Called by each front as it is built, before the loop starts."""
         if front.engine not in self.stepper.members:
             raise ValueError("the front's engine is not one this loop steps")

@@ -154,12 +154,13 @@ def random_model(path: Path, device: torch.device, dtype: torch.dtype,
 
 def engine_for(model, config, ctx: Ctx, dtype: torch.dtype, kv_tokens: int,
                max_batched: int):
-    from colocate.llm import build_engine
+    from colocate.engine.config import EngineConfig
+    from colocate.worker.engine_factory import build_engine
 
-    return build_engine(model, config, None, dtype=dtype, device=ctx.device,
-                        num_blocks=-(-kv_tokens // 16) + 1, block_size=16,
-                        max_model_len=4096, max_num_seqs=64,
-                        max_num_batched_tokens=max_batched)
+    return build_engine(model, config, None,
+                        EngineConfig(max_model_len=4096, kv_cache_tokens=kv_tokens,
+                                     max_num_seqs=64, max_num_batched_tokens=max_batched),
+                        dtype=dtype, device=ctx.device)
 
 
 def decode_rate(ctx: Ctx, engine, batch: int, new_tokens: int) -> float:

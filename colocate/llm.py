@@ -8,17 +8,17 @@ from typing import Any
 
 import torch
 
-from colocate.engine.engine import EngineLimits, LLMEngine
-from colocate.engine.block_pool import KV_BLOCK_SIZE, pool_blocks
+from colocate.engine.block_pool import KV_BLOCK_SIZE
+from colocate.engine.config import EngineConfig
 from colocate.engine.outputs import RequestOutput
 from colocate.model.kv_cache import resolve_kv_cache_dtype
 from colocate.model.loader import load_model, parse_dtype
 from colocate.model.chat_template import is_conversation_list
 from colocate.model.model_config import LlamaConfig
-from colocate.model.tokenizer import Tokenizer
+from colocate.model.tokenizer import load_tokenizer
 from colocate.prompt_inputs import normalize_prompts
 from colocate.sampling_params import SamplingParams
-from colocate.worker.model_runner import ModelRunner
+from colocate.worker.engine_factory import build_engine
 
 DEFAULT_KV_CACHE_TOKENS = 8192
 
@@ -35,29 +35,8 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def load_tokenizer(path: Path) -> Tokenizer | None:
-    """The checkpoint's tokenizer (a GGUF always has one), or None when a checkpoint
-    directory ships none (token-id prompts only)."""
-    if path.is_file() or (path / "tokenizer.json").exists():
-        return Tokenizer.from_pretrained(path)
-    return None
 
 
-def build_engine(model: torch.nn.Module, config: LlamaConfig, tokenizer: Tokenizer | None, *,
-                 dtype: torch.dtype, device: torch.device, num_blocks: int, block_size: int,
-                 max_model_len: int, max_num_seqs: int, max_num_batched_tokens: int,
-                 enable_prefix_caching: bool = True, kv_cache_dtype: str = "auto") -> LLMEngine:
-    """An engine over an already-built model: LLM uses it with a model it loaded,
-    a service with a model whose weights it maps from the shared store."""
-    eos = tokenizer.eos_token_ids if tokenizer else config.eos_token_ids
-    kv_dtype = resolve_kv_cache_dtype(kv_cache_dtype, dtype, device)
-    runner = ModelRunner(model, config, num_blocks, block_size, dtype, device, kv_dtype)
-    limits = EngineLimits(
-        vocab_size=config.vocab_size, max_model_len=max_model_len,
-        block_size=block_size, num_blocks=num_blocks, max_num_seqs=max_num_seqs,
-        max_num_batched_tokens=max_num_batched_tokens,
-        enable_prefix_caching=enable_prefix_caching)
-    return LLMEngine(runner, limits, tokenizer, tuple(eos))
 
 
 class LLM:
@@ -69,32 +48,25 @@ class LLM:
                  quant_group_size: int | None = None) -> None:
         """quantization: None | "int8" (per channel) | "int4" (groups of quant_group_size
         input channels, default 128); AWQ / GPTQ checkpoints load as int4 regardless."""
-        for name, value, low in (("block_size", block_size, 1), ("max_num_seqs", max_num_seqs, 1),
-                                 ("max_num_batched_tokens", max_num_batched_tokens, 1)):
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         torch_device = resolve_device(device)
         path = Path(model)
         self.config = LlamaConfig.from_pretrained(path)
         torch_dtype = parse_dtype(dtype, self.config)                       # "auto": the checkpoint's
         resolve_kv_cache_dtype(kv_cache_dtype, torch_dtype, torch_device)   # fail before loading
-        if max_model_len is None:
-            max_model_len = self.config.max_position_embeddings
-        if max_model_len < 1:
-            raise ValueError(f"max_model_len must be >= 1, got {max_model_len}")
-        kv_tokens = kv_cache_tokens if kv_cache_tokens is not None else DEFAULT_KV_CACHE_TOKENS
-        if kv_tokens < block_size:
-            raise ValueError(f"kv_cache_tokens must be >= block_size ({block_size}), got {kv_tokens}")
-        num_blocks = pool_blocks(kv_tokens, block_size)
+        self.engine_config = EngineConfig(
+            max_model_len=(self.config.max_position_embeddings if max_model_len is None
+                           else max_model_len),
+            kv_cache_tokens=(DEFAULT_KV_CACHE_TOKENS if kv_cache_tokens is None
+                             else kv_cache_tokens),
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            block_size=block_size, enable_prefix_caching=enable_prefix_caching,
+            kv_cache_dtype=kv_cache_dtype)
 
         self.model = load_model(path, dtype=torch_dtype, device=str(torch_device),
                                 quantization=quantization, quant_group_size=quant_group_size)
         self.tokenizer = load_tokenizer(path)
-        self.engine = build_engine(
-            self.model, self.config, self.tokenizer, dtype=torch_dtype, device=torch_device,
-            num_blocks=num_blocks, block_size=block_size, max_model_len=max_model_len,
-            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-            enable_prefix_caching=enable_prefix_caching, kv_cache_dtype=kv_cache_dtype)
+        self.engine = build_engine(self.model, self.config, self.tokenizer, self.engine_config,
+                                   dtype=torch_dtype, device=torch_device)
 
     def generate(self, prompts: Any,
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None

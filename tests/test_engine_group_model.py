@@ -6,7 +6,8 @@ import torch
 
 from colocate import LLM, SamplingParams
 from colocate.model.loader import load_model
-from colocate.worker.group_factory import GroupMember, build_engine_group
+from colocate.engine.config import EngineConfig
+from colocate.worker.engine_factory import GroupMember, build_engine_group
 
 PROMPTS = {
     "svc-a": [[1, 15, 200, 33, 7], [1] + list(range(40, 90))],
@@ -23,7 +24,8 @@ def test_fused_members_decode_what_the_offline_engine_does(tiny_model_dir):
     model = load_model(tiny_model_dir)
     group = build_engine_group(
         model, model.config, None,
-        [GroupMember(m, kv_tokens=256, max_model_len=256, max_num_seqs=4) for m in PROMPTS],
+        [GroupMember(m, EngineConfig(max_model_len=256, kv_cache_tokens=256, max_num_seqs=4))
+         for m in PROMPTS],
         dtype=torch.float32, device=torch.device("cpu"), max_num_batched_tokens=96)
     ids = {m: [group.add_request(m, p, params) for p in ps] for m, ps in PROMPTS.items()}
     final, batched = {}, 0

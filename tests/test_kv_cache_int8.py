@@ -7,7 +7,8 @@ import torch
 
 from colocate import LLM, SamplingParams
 from colocate.config import ModelSpec
-from colocate.llm import build_engine
+from colocate.engine.config import EngineConfig
+from colocate.worker.engine_factory import build_engine
 from colocate.memory.sizing import ModelFootprint
 from colocate.model.kv_cache import quantize_kv
 from colocate.model.llama import allocate_kv_caches
@@ -82,13 +83,15 @@ def test_unknown_kv_cache_dtype_fails_at_load(tiny_model_dir, bad):
 
 def test_build_engine_rejects_bad_kv_cache_dtype(tiny):
     with pytest.raises(ValueError, match="kv_cache_dtype"):
-        build_engine(tiny, tiny.config, None, dtype=torch.float32, device=torch.device("cpu"),
-                     num_blocks=4, block_size=16, max_model_len=64, max_num_seqs=2,
-                     max_num_batched_tokens=64, kv_cache_dtype="int4")
+        build_engine(tiny, tiny.config, None,
+                     EngineConfig(max_model_len=64, kv_cache_tokens=48, max_num_seqs=2,
+                                  max_num_batched_tokens=64, kv_cache_dtype="int4"),
+                     dtype=torch.float32, device=torch.device("cpu"))
 
 
 def test_int8_kv_on_an_unsupported_device_fails_at_load(tiny):
     with pytest.raises(ValueError, match="kv_cache_dtype"):
-        build_engine(tiny, tiny.config, None, dtype=torch.float32, device=torch.device("meta"),
-                     num_blocks=4, block_size=16, max_model_len=64, max_num_seqs=2,
-                     max_num_batched_tokens=64, kv_cache_dtype="int8")
+        build_engine(tiny, tiny.config, None,
+                     EngineConfig(max_model_len=64, kv_cache_tokens=48, max_num_seqs=2,
+                                  max_num_batched_tokens=64, kv_cache_dtype="int8"),
+                     dtype=torch.float32, device=torch.device("meta"))

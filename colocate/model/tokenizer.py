@@ -150,3 +150,10 @@ def _read_json(path: Path) -> dict:
         return {}
     with open(path) as f:
         return json.load(f)
+
+def load_tokenizer(path: Path) -> Tokenizer | None:
+    """The checkpoint's tokenizer (a GGUF always has one), or None when a checkpoint
+    directory ships none (token-id prompts only)."""
+    if path.is_file() or (path / "tokenizer.json").exists():
+        return Tokenizer.from_pretrained(path)
+    return None

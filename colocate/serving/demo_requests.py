@@ -32,7 +32,7 @@ def send_demo_requests(cfg: DeploymentConfig, endpoints: list,
 
 def demo_prompt(model: ModelSpec, question: str) -> tuple[str | list[int], str, list[int]]:
     """(prompt, what to print as the question, stop token ids) for a demo request."""
-    from colocate.llm import load_tokenizer
+    from colocate.model.tokenizer import load_tokenizer
     from colocate.serving.launch import checkpoint_dir
 
     tokenizer = load_tokenizer(checkpoint_dir(model))

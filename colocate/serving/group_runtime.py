@@ -2,7 +2,7 @@
 as one batch (`batching: fused` in the YAML).
 
 It maps the shared weights once, builds an engine group over them (one runner, one
-KV cache, each service its own block range: colocate/worker/group_factory.py), runs
+KV cache, each service its own block range: colocate/worker/engine_factory.py), runs
 one loop thread for the group (colocate/serving/engine_loop.py) and opens one door
 per service: its own gRPC port, tenants, TLS, queue limit, health and metrics. On
 CUDA this is also one CUDA context for all of them.
@@ -22,14 +22,15 @@ from pathlib import Path
 
 import torch
 
-from colocate.llm import load_tokenizer
 from colocate.memory.weight_store import attach, detach
 from colocate.metrics.samples import ServiceReport
+from colocate.engine.config import EngineConfig
 from colocate.model.model_config import LlamaConfig
+from colocate.model.tokenizer import load_tokenizer
 from colocate.serving.engine_loop import EngineLoop, FusedEngines
 from colocate.serving.fault_injection import FaultInjector, FaultyRunner
 from colocate.serving.service import ServiceDoor, ServiceLaunch, ServiceStats
-from colocate.worker.group_factory import GroupMember, build_engine_group
+from colocate.worker.engine_factory import GroupMember, build_engine_group
 
 
 class GroupRuntime:
@@ -49,13 +50,10 @@ class GroupRuntime:
         specs = [launch.spec for launch in launches]
         self.group = build_engine_group(
             self.model, config, load_tokenizer(Path(first.checkpoint_dir)),
-            [GroupMember(s.name, kv_tokens=launch.kv_tokens, max_model_len=s.max_model_len,
-                         max_num_seqs=s.max_num_seqs,
-                         max_num_batched_tokens=s.max_num_batched_tokens, weight=s.weight)
+            [GroupMember(s.name, EngineConfig.from_service(s, launch.kv_tokens), s.weight)
              for s, launch in zip(specs, launches)],
             dtype=getattr(torch, first.weights.dtype), device=torch.device(first.device),
-            max_num_batched_tokens=max(s.max_num_batched_tokens for s in specs),
-            kv_cache_dtype=specs[0].kv_cache.dtype)
+            max_num_batched_tokens=max(s.max_num_batched_tokens for s in specs))
         self.faults = FaultInjector(first.test_hooks)
         if first.test_hooks:
             faulty = FaultyRunner(self.group.runner, self.faults)

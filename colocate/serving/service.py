@@ -28,17 +28,19 @@ import psutil
 import torch
 
 from colocate.config import ServiceSpec
-from colocate.engine.block_pool import KV_BLOCK_SIZE, pool_blocks
-from colocate.llm import build_engine, load_tokenizer
+from colocate.engine.block_pool import pool_blocks
+from colocate.engine.config import EngineConfig
 from colocate.memory.weight_store import WeightHandle, attach, detach
 from colocate.metrics.rejections import RejectionCounter
 from colocate.metrics.samples import ServiceReport
 from colocate.model.model_config import LlamaConfig
+from colocate.model.tokenizer import load_tokenizer
 from colocate.serving.async_engine import AsyncEngine
 from colocate.serving.engine_loop import EngineLoop
 from colocate.serving.engine_protocol import EngineDeadError
 from colocate.serving.fault_injection import FaultInjector, FaultyRunner
 from colocate.serving.grpc_server import model_info_from_engine, serve
+from colocate.worker.engine_factory import build_engine
 
 log = logging.getLogger(__name__)
 
@@ -166,11 +168,8 @@ class ServiceRuntime:
         dtype = getattr(torch, launch.weights.dtype)
         config = LlamaConfig.from_dict(dict(launch.weights.config))
         self.llm_engine = build_engine(
-            model, config, load_tokenizer(Path(launch.checkpoint_dir)), dtype=dtype,
-            device=device, num_blocks=launch.num_blocks, block_size=KV_BLOCK_SIZE,
-            max_model_len=spec.max_model_len, max_num_seqs=spec.max_num_seqs,
-            max_num_batched_tokens=spec.max_num_batched_tokens,
-            kv_cache_dtype=spec.kv_cache.dtype)
+            model, config, load_tokenizer(Path(launch.checkpoint_dir)),
+            EngineConfig.from_service(spec, launch.kv_tokens), dtype=dtype, device=device)
         self.faults = FaultInjector(launch.test_hooks)
         if launch.test_hooks:
             self.llm_engine.runner = FaultyRunner(self.llm_engine.runner, self.faults)

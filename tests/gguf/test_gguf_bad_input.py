@@ -35,7 +35,8 @@ def test_each_native_type_loads_as_stored(tmp_path, linear_type, module, group):
     llm = LLM(str(path))
     lin = llm.model.model.layers[1].mlp.down_proj
     assert isinstance(lin, module) and lin.group_size == group
-    assert len(llm.generate("hi", SamplingParams(max_tokens=3))[0].token_ids) == 3
+    # ignore_eos: an unseeded sample of random weights may draw EOS first.
+    assert len(llm.generate("hi", SamplingParams(max_tokens=3, ignore_eos=True))[0].token_ids) == 3
 
 
 def test_another_architecture_names_the_key(tmp_path):

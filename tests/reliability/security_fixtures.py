@@ -24,7 +24,7 @@ def engine_with_tokenizer(model_dir, max_model_len: int = 128) -> LLMEngine:
     """The fake runner (no model, instant steps) behind a real tokenizer, so text
     prompts, stop strings and detokenization take the served path."""
     from colocate.engine.engine import EngineLimits
-    from colocate.llm import load_tokenizer
+    from colocate.model.tokenizer import load_tokenizer
     from colocate.model.tiny import PRESETS
     from tests.engine.fake_runner import FakeRunner
 

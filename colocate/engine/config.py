@@ -1,0 +1,51 @@
+"""EngineConfig: everything one engine is built from, frozen, made once.
+
+A service makes it from its ServiceSpec and the budget the arbiter admitted
+(`from_service`); LLM from its keywords. The engine factory
+(colocate/worker/engine_factory.py) builds the runner, the KV pool and the engine
+from it whole, so no layer re-spells the limits. Validated at construction: a bad
+value is a ValueError naming the field.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from colocate.engine.block_pool import KV_BLOCK_SIZE, pool_blocks
+from colocate.model.model_config import KV_CACHE_DTYPES
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_model_len: int
+    kv_cache_tokens: int                 # the pool's budget, in tokens
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    block_size: int = KV_BLOCK_SIZE
+    enable_prefix_caching: bool = True
+    kv_cache_dtype: str = "auto"         # "auto" (the model's dtype) | "int8"
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)
+                                    or value < 1):
+                raise ValueError(f"{f.name} must be an integer >= 1, got {value!r}")
+        if self.kv_cache_tokens < self.block_size:
+            raise ValueError(f"kv_cache_tokens must be >= block_size ({self.block_size}), "
+                             f"got {self.kv_cache_tokens}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, "
+                             f"got {self.kv_cache_dtype!r}")
+
+    @property
+    def num_blocks(self) -> int:
+        """The pool's size: the budget's blocks plus the null block."""
+        return pool_blocks(self.kv_cache_tokens, self.block_size)
+
+    @classmethod
+    def from_service(cls, spec, kv_tokens: int) -> "EngineConfig":
+        """A service's engine: its YAML limits and the budget it was admitted with."""
+        return cls(max_model_len=spec.max_model_len, kv_cache_tokens=kv_tokens,
+                   max_num_seqs=spec.max_num_seqs,
+                   max_num_batched_tokens=spec.max_num_batched_tokens,
+                   kv_cache_dtype=spec.kv_cache.dtype)

@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         base = ppl if base is None else base
         delta = 100.0 * (ppl / base - 1.0)
         rows.append([label, f"{ppl:.3f}", f"{delta:+.2f}%", f"{time.perf_counter() - t0:.0f} s"])
+        print("  " + " | ".join(rows[-1]), flush=True)       # progress: a run takes minutes
         results.append({"mode": label, "settings": kwargs, "perplexity": ppl,
                         "delta_vs_baseline_percent": delta})
         del llm

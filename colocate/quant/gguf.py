@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from colocate.model.gguf_file import GGUFFile, TensorInfo
+from colocate.model.loader import hf_tensor_shapes
 from colocate.model.model_config import LlamaConfig
 from colocate.quant.qtensors import Int4Weight, Int8Weight
 
@@ -134,16 +135,10 @@ def _float_array(info: TensorInfo) -> np.ndarray:
 
 # ---- the whole file ------------------------------------------------------------------
 
-def expected_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
-    from colocate.model.loader import hf_tensor_shapes
-
-    return hf_tensor_shapes(config)
-
-
 def mapped_tensors(f: GGUFFile, config: LlamaConfig) -> dict[str, TensorInfo]:
     """HF name -> GGUF tensor, every expected one present with the shape the metadata
     implies; ValueError names the file and the tensor."""
-    shapes = expected_shapes(config)
+    shapes = hf_tensor_shapes(config)
     out: dict[str, TensorInfo] = {}
     for name, info in f.tensors.items():
         if name in _IGNORED:

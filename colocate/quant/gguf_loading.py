@@ -12,6 +12,7 @@ float types exactly), as for every other checkpoint.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import torch
@@ -121,12 +122,12 @@ def read_gguf_state(config: LlamaConfig, dtype: torch.dtype,
 
 
 def _native(info, hf: str, config: LlamaConfig, qc: QuantConfig):
+    """One linear's blocks as Int4Weight / Int8Weight, q and k rows back in HF order."""
     w = gguf.int4_weight(info) if qc.method == "int4" else gguf.int8_weight(info)
     heads = gguf.rotary_heads(hf, config)
     if heads is None:
         return w
-    rows = lambda t: None if t is None else gguf.unpermute_rows(t, heads)  # noqa: E731
-    if qc.method == "int8":
-        return type(w)(q=rows(w.q), scale=rows(w.scale))
-    return type(w)(q=rows(w.q), scale=rows(w.scale), zero=rows(w.zero),
-                   group_size=w.group_size, min=rows(w.min))
+    # Every per-row tensor (integers, scales, zeros, mins) moves with its row.
+    rows = {f.name: gguf.unpermute_rows(getattr(w, f.name), heads)
+            for f in dataclasses.fields(w) if isinstance(getattr(w, f.name), torch.Tensor)}
+    return dataclasses.replace(w, **rows)

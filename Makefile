@@ -54,7 +54,7 @@ system-deps:
 clean:
 	rm -rf $(VENV) models
 
-# Regenerate the gRPC Python code in colocate/serving/proto_gen/ from proto/.
+# Regenerate the gRPC Python code in colocate/service/proto_gen/ from proto/.
 .PHONY: proto
 proto: $(STAMP)
-	$(PY) -m colocate.serving.proto_gen.build
+	$(PY) -m colocate.service.proto_gen.build

@@ -112,7 +112,7 @@ def start_servers(name: str, configs: dict, args: argparse.Namespace, results: P
         return ColocateServers(configs[name], args.threads, args.startup_timeout), None
     gpu = configs["shared"].gpus[0]
     if args.peer_url:
-        from colocate.serving.supervisor import checkpoint_dir
+        from colocate.cluster.supervisor import checkpoint_dir
         model = args.peer_model or str(checkpoint_dir(configs["shared"].models[
             gpu.services[0].model]))
         return UrlPeers(args.peer_url, [s.name for s in gpu.services], model), None
@@ -154,13 +154,13 @@ def start_private_ray() -> None:
 
     import ray
 
-    from colocate.serving.deploy import OBJECT_STORE_BYTES
+    from colocate.cluster.deploy import OBJECT_STORE_BYTES
     ray.init(address="local", object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False,
              logging_level=logging.WARNING)
 
 
 def run(args: argparse.Namespace) -> dict:
-    from colocate.serving.supervisor import checkpoint_dir
+    from colocate.cluster.supervisor import checkpoint_dir
 
     results = Path(args.results)
     results.mkdir(parents=True, exist_ok=True)

@@ -24,8 +24,8 @@ import psutil
 
 from colocate.config import DeploymentConfig
 from colocate.memory.probe import device_process_memory
-from colocate.serving.deploy import Deployment, load_with_demo_tokens
-from colocate.serving.supervisor import checkpoint_dir
+from colocate.cluster.deploy import Deployment, load_with_demo_tokens
+from colocate.cluster.supervisor import checkpoint_dir
 from colocation_load import ColocateTarget, OpenAITarget, Target
 
 SCENARIOS = ("alone", "shared", "fused", "unshared", "peer")

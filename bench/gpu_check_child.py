@@ -28,7 +28,7 @@ def checksum(model) -> float:
 
 
 def serve(launch_file: str) -> None:
-    from colocate.serving.service import ServiceRuntime
+    from colocate.service.runtime import ServiceRuntime
 
     runtime = ServiceRuntime(pickle.loads(Path(launch_file).read_bytes()))
     print(json.dumps({"pid": os.getpid(), "port": runtime.port}), flush=True)

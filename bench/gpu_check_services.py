@@ -162,7 +162,7 @@ def layout_check(ctx: Ctx, share: bool, scrape: dict) -> dict:
     from colocate.config import load_config
     from colocate.memory.arbiter import MemoryArbiter
     from colocate.memory.weight_store import WeightStore
-    from colocate.serving.launch import prepare_launches
+    from colocate.cluster.launch import prepare_launches
 
     os.environ[TOKEN_ENV] = TOKEN
     config = load_config(deployment_yaml(ctx, share))

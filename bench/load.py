@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_with_deployment(config: str, limits: dict) -> dict:
-    from colocate.serving.deploy import Deployment, load_with_demo_tokens
+    from colocate.cluster.deploy import Deployment, load_with_demo_tokens
 
     with tempfile.TemporaryDirectory() as scratch:
         path = tiny_deployment_yaml(Path(scratch)) if config == "tiny" else Path(config)

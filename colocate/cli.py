@@ -62,14 +62,16 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from colocate.serving.deploy import run_serve
+    from colocate.cluster.deploy import run_serve
+    from colocate.serve_demo import send_demo_requests
 
     return run_serve(args.config, args.address, host=args.host,
-                     torch_threads=args.torch_threads, demo=args.demo, grace=args.grace)
+                     torch_threads=args.torch_threads, grace=args.grace,
+                     on_ready=send_demo_requests if args.demo else None)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from colocate.serving.cluster_status import run_status
+    from colocate.cluster.cluster_status import run_status
 
     return run_status(args.address, timeout=args.timeout)
 

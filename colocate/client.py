@@ -24,17 +24,17 @@ grpc.RpcError, whose .code() and .details() say why.
 """
 from __future__ import annotations
 
-import ipaddress
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import grpc
 
-from colocate.serving.proto_gen import colocate_pb2 as pb
-from colocate.serving.proto_gen import colocate_pb2_grpc as pb_grpc
-from colocate.serving.proto_gen import health_pb2, health_pb2_grpc
-from colocate.serving.tls import channel_credentials
+from colocate.service.proto_gen import colocate_pb2 as pb
+from colocate.service.proto_gen import colocate_pb2_grpc as pb_grpc
+from colocate.service.proto_gen import health_pb2, health_pb2_grpc
+from colocate.service.targets import address_list_target
+from colocate.service.tls import channel_credentials
 
 _FINISH_REASONS = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length",
                    pb.FINISH_REASON_ABORT: "abort"}
@@ -123,25 +123,6 @@ def _generate_request(prompt: str | Sequence[int], request_id: str | None,
         request.prompt_token_ids.SetInParent()
         request.prompt_token_ids.ids.extend(prompt)
     return request
-
-
-def address_list_target(addresses: Sequence[str]) -> str:
-    """Several "host:port" as one gRPC target: "ipv4:a:p,b:q" when every host is an
-    IPv4 literal, "ipv6:[a]:p,..." when every one is IPv6; otherwise plain
-    comma-joined, which only this module's Client understands."""
-    hosts = [a.rsplit(":", 1)[0].strip("[]") for a in addresses]
-    versions = set()
-    for host in hosts:
-        try:
-            versions.add(ipaddress.ip_address(host).version)
-        except ValueError:
-            return ",".join(addresses)
-    if versions == {4}:
-        return "ipv4:" + ",".join(addresses)
-    if versions == {6}:
-        return "ipv6:" + ",".join(f"[{h}]:{a.rsplit(':', 1)[1]}"
-                                  for h, a in zip(hosts, addresses))
-    return ",".join(addresses)
 
 
 def channel_target(target: str) -> tuple[str, tuple]:

@@ -128,7 +128,7 @@ class DeviceSpec:
     node: str | None = None          # a Ray node id, an IP or a label `key=value`; None: any
     restart: str = "never"           # "anywhere": re-place it on another node if its node dies
     # "fused": the services of one model run in one process and decode as one batch
-    # (colocate/serving/group_runtime.py); "isolated": a process per service.
+    # (colocate/service/group_runtime.py); "isolated": a process per service.
     batching: str = "isolated"
 
     @property

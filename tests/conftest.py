@@ -66,7 +66,7 @@ def service_pools_whole(request):
     yield
     if "deployment" not in request.fixturenames:
         return
-    from colocate.serving.deploy import Deployment
+    from colocate.cluster.deploy import Deployment
     from tests.deployment.helpers import wait_service_pools_empty
 
     deployment = request.getfixturevalue("deployment")

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import ray
 
-from colocate.serving.placement import CPU_DEVICE_RESOURCE
+from colocate.cluster.placement import CPU_DEVICE_RESOURCE
 
 
 def node_args(zone: str) -> dict:
@@ -63,7 +63,7 @@ class LocalCluster:
 
 @pytest.fixture(scope="module")
 def ray_cluster():
-    from colocate.serving.deploy import init_ray
+    from colocate.cluster.deploy import init_ray
 
     had_local_ray = ray.is_initialized()
     if had_local_ray:

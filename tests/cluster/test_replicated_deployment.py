@@ -17,9 +17,9 @@ import torch
 
 from colocate.client import Client
 from colocate.sampling_params import SamplingParams
-from colocate.serving.deploy import Deployment
-from colocate.serving.placement import PlacementError
-from colocate.serving.registry import NAMESPACE, deployment_names, supervisor_name
+from colocate.cluster.deploy import Deployment
+from colocate.cluster.placement import PlacementError
+from colocate.cluster.registry import NAMESPACE, deployment_names, supervisor_name
 from tests.cluster.helpers import (KV_TOKENS, SERVICE, entry, free_ports,
                                    replicated_deployment, token_of)
 

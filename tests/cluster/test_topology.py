@@ -6,7 +6,7 @@ import pytest
 
 from colocate.client import channel_target
 from colocate.config_values import ConfigError
-from colocate.serving.placement import (CPU_DEVICE_RESOURCE, FALLBACK_BUNDLE, Node,
+from colocate.cluster.placement import (CPU_DEVICE_RESOURCE, FALLBACK_BUNDLE, Node,
                                         PlacementError, plan)
 from tests.cluster.helpers import entry, replicated_deployment
 

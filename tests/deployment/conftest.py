@@ -8,7 +8,7 @@ import pytest
 def ray_session():
     import ray
 
-    from colocate.serving.deploy import init_ray
+    from colocate.cluster.deploy import init_ray
 
     started = init_ray(None)
     yield

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 
 from colocate.config import load_config
-from colocate.serving import deploy
-from colocate.serving.supervisor import (DeploymentError, default_torch_threads,
+from colocate.cluster import deploy
+from colocate.cluster.supervisor import (DeploymentError, default_torch_threads,
                                          preset_checkpoint)
 from tests.deployment.helpers import cpu_deployment
 
@@ -36,7 +36,7 @@ def test_demo_tokens_fill_only_unset_variables():
 
 
 def test_tokens_never_show_in_a_printed_launch():
-    from colocate.serving.service import ServiceLaunch
+    from colocate.service.runtime import ServiceLaunch
 
     fields = {f.name: f for f in dataclasses.fields(ServiceLaunch)}
     assert fields["tenants"].repr is False

@@ -12,7 +12,7 @@ import ray
 import torch
 
 from colocate.sampling_params import SamplingParams
-from colocate.serving.deploy import Deployment
+from colocate.cluster.deploy import Deployment
 from tests.deployment.helpers import cpu_deployment, scrape_by_service, stream_tokens, token_of
 
 pytestmark = pytest.mark.slow

@@ -7,7 +7,7 @@ import torch
 
 from colocate.client import Client
 from colocate.sampling_params import SamplingParams
-from colocate.serving.deploy import Deployment
+from colocate.cluster.deploy import Deployment
 from tests.deployment.helpers import cpu_deployment, stream_tokens, token_of
 
 

@@ -14,7 +14,7 @@ import subprocess
 import pytest
 import yaml
 
-from colocate.serving import deploy
+from colocate.cluster import deploy
 from tests.deployment.helpers import colocate_command, free_ports, wait_for_line
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ import torch
 
 from colocate.memory.sizing import KV_BLOCK_SIZE
 from colocate.sampling_params import SamplingParams
-from colocate.serving.deploy import Deployment
+from colocate.cluster.deploy import Deployment
 from tests.deployment.helpers import cpu_deployment, scrape_by_service, stream_tokens, token_of
 
 NAMES = ["svc-a", "svc-b", "svc-c"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from colocate.serving.deploy import Deployment
+from colocate.cluster.deploy import Deployment
 from tests.deployment.helpers import cpu_deployment, stream_tokens, token_of
 
 NAMES = ["pss-a", "pss-b", "pss-c"]

@@ -18,7 +18,7 @@ import pytest
 from colocate.memory import cuda_devices, probe
 from colocate.memory.cuda_devices import ProbeError, gpu_uuid, use_pci_bus_order
 from colocate.metrics.device import measured_memory
-from colocate.serving.supervisor import service_cuda_env
+from colocate.cluster.supervisor import service_cuda_env
 
 GIB = 2**30
 

@@ -14,7 +14,7 @@ from colocate.metrics.endpoint import MetricsEndpoint
 from colocate.metrics.exporter import DeviceCollector
 from colocate.metrics.rejections import REJECT_REASONS, RejectionCounter
 from colocate.metrics.samples import DEVICE
-from colocate.serving.grpc_server import rejection_reason
+from colocate.service.grpc_server import rejection_reason
 from tests.metrics import fixtures
 
 
@@ -101,7 +101,7 @@ def test_catalog_names_follow_prometheus_conventions():
 
 def test_rejection_reasons_of_errors():
     from colocate.engine.engine import PromptTooLongError
-    from colocate.serving.engine_protocol import EngineDeadError, QueueFullError
+    from colocate.service.engine_protocol import EngineDeadError, QueueFullError
 
     assert rejection_reason(PromptTooLongError("x")) == "too_long"
     assert rejection_reason(ValueError("x")) == "invalid"

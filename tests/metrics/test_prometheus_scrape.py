@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from colocate.metrics.samples import DEVICE
-from colocate.serving.deploy import Deployment
+from colocate.cluster.deploy import Deployment
 from tests.deployment.helpers import cpu_deployment, free_ports, stream_tokens, token_of
 from tests.metrics.dashboard import DASHBOARD, panel_queries
 from tests.metrics.prometheus_server import PrometheusServer, prometheus_binary

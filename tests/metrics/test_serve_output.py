@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import io
 
-from colocate.serving.deploy import Endpoint, print_endpoints
+from colocate.cluster.deploy import Endpoint, print_endpoints
 
 
 def test_serve_prints_one_metrics_url_per_device():

@@ -25,7 +25,7 @@ SERVICES = {
 
 @pytest.fixture(scope="package")
 def deployment(ray_session, tiny_model_dir, tmp_path_factory):  # noqa: F811
-    from colocate.serving.deploy import Deployment
+    from colocate.cluster.deploy import Deployment
 
     config = reliability_deployment(tmp_path_factory.mktemp("reliability"),
                                     str(tiny_model_dir), SERVICES)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from colocate.engine.engine import LLMEngine
-from tests.serving.served import TENANTS, TOKEN, Service, ServiceStarter  # noqa: F401
+from tests.service.served import TENANTS, TOKEN, Service, ServiceStarter  # noqa: F401
 
 
 @pytest.fixture

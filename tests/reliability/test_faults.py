@@ -106,7 +106,7 @@ def test_a_failing_step_ends_its_requests_with_internal_only(deployment, targets
 
 def test_an_engine_that_keeps_failing_is_restarted(deployment, targets, supervisor,
                                                    tmp_path):
-    from colocate.serving.async_engine import MAX_CONSECUTIVE_STEP_FAILURES
+    from colocate.service.async_engine import MAX_CONSECUTIVE_STEP_FAILURES
 
     restarts = service_rows(deployment)["svc-c"]["restarts"]
     ray.get(_actor(supervisor, "svc-c").inject_fault.remote(
@@ -144,7 +144,7 @@ def test_repeated_failed_or_hung_health_checks_restart(deployment, supervisor, t
 
 
 def test_fault_injection_is_refused_without_the_test_flag(tiny_model_dir):
-    from colocate.serving.fault_injection import FaultInjector
+    from colocate.service.fault_injection import FaultInjector
 
     with pytest.raises(PermissionError):
         FaultInjector(enabled=False).arm("step")

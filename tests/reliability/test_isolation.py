@@ -170,8 +170,8 @@ def test_two_supervisors_on_one_device_cannot_book_the_same_bytes(ray_session,
     exactly one is admitted, and the refusal names the other supervisor's booking.
     Their shared ledger lives in tmp_path, away from other runs on this host."""
     from colocate.memory.arbiter import MemoryArbiter
-    from colocate.serving.deploy import Deployment
-    from colocate.serving.supervisor import DeploymentError
+    from colocate.cluster.deploy import Deployment
+    from colocate.cluster.supervisor import DeploymentError
 
     probe = reliability_deployment(tmp_path / "probe", str(tiny_model_dir), {"x": {}})
     arbiter = MemoryArbiter.for_device(probe.gpus[0], probe)

@@ -13,9 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from colocate.client import Client
-from colocate.serving.fault_injection import FaultInjector, FaultyRunner
-from tests.serving.conftest import TENANTS, TOKEN
-from tests.serving.helpers import SlowRunner, make_llm_engine, wait_until
+from colocate.service.fault_injection import FaultInjector, FaultyRunner
+from tests.service.conftest import TENANTS, TOKEN
+from tests.service.helpers import SlowRunner, make_llm_engine, wait_until
 
 ENDINGS = ("finish", "cancel", "deadline", "error", "abort")
 NUM_BLOCKS = 24                      # 23 usable blocks of 4 tokens: 92 token slots
@@ -23,8 +23,8 @@ NUM_BLOCKS = 24                      # 23 usable blocks of 4 tokens: 92 token sl
 
 @pytest.fixture(scope="module")
 def service():
-    from colocate.serving.async_engine import AsyncEngine
-    from colocate.serving.grpc_server import model_info_from_engine, serve
+    from colocate.service.async_engine import AsyncEngine
+    from colocate.service.grpc_server import model_info_from_engine, serve
 
     faults = FaultInjector(enabled=True)
     llm_engine = make_llm_engine(FaultyRunner(SlowRunner(0.001), faults),

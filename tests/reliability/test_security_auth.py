@@ -9,11 +9,11 @@ import grpc
 import pytest
 
 from colocate.client import Client
-from colocate.serving import auth
-from colocate.serving.auth import Authenticator
+from colocate.service import auth
+from colocate.service.auth import Authenticator
 from tests.reliability.security_fixtures import engine_with_tokenizer
 from tests.reliability.security_fixtures import start_server  # noqa: F401  (fixture)
-from tests.serving.helpers import rpc_error
+from tests.service.helpers import rpc_error
 
 # Every Generation rpc, called through the client; Tokenize both ways.
 CALLS = {

@@ -7,10 +7,10 @@ import grpc
 import pytest
 
 from colocate.client import Client
-from colocate.serving.deploy import Deployment
+from colocate.cluster.deploy import Deployment
 from tests.deployment.helpers import cpu_deployment
 from tests.reliability.security_certs import pki  # noqa: F401  (fixture)
-from tests.serving.helpers import rpc_error
+from tests.service.helpers import rpc_error
 
 pytestmark = pytest.mark.slow
 

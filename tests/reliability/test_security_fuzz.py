@@ -17,10 +17,10 @@ import pytest
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
-from colocate.serving.async_engine import AsyncEngine
-from colocate.serving.grpc_server import model_info_from_engine, serve
-from colocate.serving.proto_gen import colocate_pb2 as pb
-from colocate.serving.proto_gen import colocate_pb2_grpc as pb_grpc
+from colocate.service.async_engine import AsyncEngine
+from colocate.service.grpc_server import model_info_from_engine, serve
+from colocate.service.proto_gen import colocate_pb2 as pb
+from colocate.service.proto_gen import colocate_pb2_grpc as pb_grpc
 
 TOKEN = "fuzz-token"
 MAX_MODEL_LEN = 32            # keeps every accepted request short

@@ -6,9 +6,9 @@ import grpc
 import pytest
 
 from colocate.client import Client
-from colocate.serving.proto_gen import colocate_pb2 as pb
+from colocate.service.proto_gen import colocate_pb2 as pb
 from tests.reliability.security_fixtures import TOKEN, start_server  # noqa: F401  (fixture)
-from tests.serving.helpers import SlowRunner, make_llm_engine, rpc_error, wait_until
+from tests.service.helpers import SlowRunner, make_llm_engine, rpc_error, wait_until
 
 LIMIT = 64 * 1024
 

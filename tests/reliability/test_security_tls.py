@@ -7,10 +7,10 @@ import pytest
 
 from colocate.client import Client
 from colocate.config import TLSSpec
-from colocate.serving.tls import channel_credentials, server_credentials
+from colocate.service.tls import channel_credentials, server_credentials
 from tests.reliability.security_certs import pki  # noqa: F401  (fixture)
 from tests.reliability.security_fixtures import TOKEN, start_server  # noqa: F401  (fixture)
-from tests.serving.helpers import rpc_error
+from tests.service.helpers import rpc_error
 
 
 def server_tls(pki, mutual: bool) -> TLSSpec:
@@ -83,7 +83,7 @@ def test_unreadable_files_are_named(tmp_path, pki):
 
 
 def test_serve_fails_before_starting_when_a_file_is_missing(tmp_path, pki):
-    from colocate.serving.grpc_server import serve
+    from colocate.service.grpc_server import serve
 
     class NeverStarted:
         def start(self):

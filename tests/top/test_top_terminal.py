@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from colocate.serving.deploy import Deployment
+from colocate.cluster.deploy import Deployment
 from tests.deployment.helpers import cpu_deployment, free_ports, stream_tokens, token_of
 
 pytestmark = pytest.mark.slow

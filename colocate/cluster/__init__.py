@@ -1,0 +1,1 @@
+"""The cluster layer: supervisors, deployments, placement, status (Ray lives here)."""

@@ -1,0 +1,62 @@
+"""Engines served over real gRPC on 127.0.0.1:0, for the serving and security
+tests: one starter, stopped together after the test."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from colocate.client import Client
+from colocate.engine.engine import LLMEngine
+from colocate.service.async_engine import AsyncEngine
+from colocate.service.grpc_server import ColocateServer, model_info_from_engine, serve
+from tests.service.helpers import make_llm_engine
+
+TENANTS = {"token-team-a": "team-a", "token-team-b": "team-b"}
+TOKEN = "token-team-a"
+
+
+@dataclass
+class Service:
+    llm_engine: LLMEngine
+    engine: AsyncEngine
+    server: ColocateServer
+    clients: list = field(default_factory=list)
+
+    @property
+    def target(self) -> str:
+        return self.server.target
+
+    def client(self, token: str | None = TOKEN, timeout: float | None = 30) -> Client:
+        client = Client(self.server.target, token, timeout=timeout)   # None: no header
+        self.clients.append(client)
+        return client
+
+    def stop(self) -> None:
+        for c in self.clients:
+            c.close()
+        self.server.stop()
+        self.engine.shutdown()
+
+
+class ServiceStarter:
+    """Starts services (fake-runner engines unless given one) with `serve_defaults`
+    under any per-call serve() settings; `stop_all` ends every one it started."""
+
+    def __init__(self, name: str, **serve_defaults) -> None:
+        self.name = name
+        self.serve_defaults = serve_defaults
+        self.started: list[Service] = []
+
+    def start(self, llm_engine: LLMEngine | None = None, engine: AsyncEngine | None = None,
+              tenants=TENANTS, name: str | None = None, serve_kwargs: dict | None = None,
+              **engine_kwargs) -> Service:
+        llm_engine = llm_engine or make_llm_engine()
+        engine = engine or AsyncEngine(llm_engine, **engine_kwargs)
+        server = serve(engine, 0, tenants, name or self.name,
+                       model_info_from_engine(llm_engine, model_name="fake"),
+                       **{**self.serve_defaults, **(serve_kwargs or {})})
+        self.started.append(Service(llm_engine, engine, server))
+        return self.started[-1]
+
+    def stop_all(self) -> None:
+        for s in self.started:
+            s.stop()

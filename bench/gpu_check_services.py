@@ -65,7 +65,7 @@ def free_port() -> int:
 def random_reader(device: torch.device):
     """A float reader for WeightStore.publish that makes random tensors on `device`
     (on a GPU the quantization then runs there too, in seconds instead of minutes)."""
-    from colocate.model.loader import hf_tensor_shapes
+    from colocate.model.checkpoint import hf_tensor_shapes
 
     def read(_path, cfg, dt, _where):
         gen = torch.Generator(device=device).manual_seed(0)

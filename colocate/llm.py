@@ -12,7 +12,8 @@ from colocate.engine.block_pool import KV_BLOCK_SIZE
 from colocate.engine.config import EngineConfig
 from colocate.engine.outputs import RequestOutput
 from colocate.model.kv_cache import resolve_kv_cache_dtype
-from colocate.model.loader import load_model, parse_dtype
+from colocate.model.checkpoint import parse_dtype
+from colocate.quant.loading import load_model
 from colocate.model.chat_template import is_conversation_list
 from colocate.model.model_config import LlamaConfig
 from colocate.model.tokenizer import load_tokenizer

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from colocate import LLM, SamplingParams
-from colocate.model.loader import load_model
+from colocate.quant.loading import load_model
 from colocate.engine.config import EngineConfig
 from colocate.worker.engine_factory import GroupMember, build_engine_group
 

@@ -12,7 +12,7 @@ from colocate.worker.engine_factory import build_engine
 from colocate.memory.sizing import ModelFootprint
 from colocate.model.kv_cache import quantize_kv
 from colocate.model.llama import allocate_kv_caches
-from colocate.model.loader import load_model
+from colocate.quant.loading import load_model
 from tests.model_steps import run_schedule
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from colocate.model.attention_metadata import AttentionMetadata
 from colocate.model.llama import allocate_kv_caches
-from colocate.model.loader import load_model
+from colocate.quant.loading import load_model
 from colocate.model.tiny import write_tiny_checkpoint
 
 

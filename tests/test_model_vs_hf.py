@@ -13,7 +13,7 @@ import transformers
 
 from colocate.model.attention_metadata import AttentionMetadata
 from colocate.model.llama import allocate_kv_caches
-from colocate.model.loader import load_model
+from colocate.quant.loading import load_model
 from colocate.model.tiny import write_tiny_checkpoint
 
 PROMPT_LENS = [1, 5, 17, 64, 129, 300]

@@ -66,7 +66,7 @@ from colocate.memory.cuda_ipc import IpcExports, Reducer, rebuild_cuda_tensor
 from colocate.memory.shm_tensors import (TensorSpec, map_file_read_only, pack, plan_layout,
                                          unpack, write_file)
 from colocate.model.llama import LlamaForCausalLM
-from colocate.model.loader import parse_dtype, read_hf_tensors
+from colocate.model.checkpoint import parse_dtype, read_hf_tensors
 from colocate.model.model_config import LlamaConfig
 from colocate.quant.config import QuantConfig
 from colocate.quant.loading import build_model, checkpoint_quant_config, read_model_state

@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from colocate.model.loader import hf_tensor_shapes
+from colocate.model.checkpoint import hf_tensor_shapes
 from colocate.model.model_config import LlamaConfig
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]     # ids 0, 1, 2

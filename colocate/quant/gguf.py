@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from colocate.model.gguf_file import GGUFFile, TensorInfo
-from colocate.model.loader import hf_tensor_shapes
+from colocate.model.checkpoint import hf_tensor_shapes
 from colocate.model.model_config import LlamaConfig
 from colocate.quant.qtensors import Int4Weight, Int8Weight
 

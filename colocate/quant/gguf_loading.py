@@ -18,12 +18,11 @@ import logging
 import torch
 
 from colocate.model.gguf_file import GGUFFile, open_gguf
-from colocate.model.loader import to_model_state_dict
+from colocate.model.checkpoint import LINEAR_PARTS, to_model_state_dict
 from colocate.model.model_config import LlamaConfig
 from colocate.quant import gguf
 from colocate.quant.config import QuantConfig
 from colocate.quant.linear import Int4Linear, Int8Linear
-from colocate.quant.prequantized import _MODEL_LINEARS
 from colocate.quant.qtensors import concat_int4, concat_int8
 
 log = logging.getLogger(__name__)
@@ -109,7 +108,7 @@ def read_gguf_state(config: LlamaConfig, dtype: torch.dtype,
         return quantize_state_dict(state, qc, dtype)
     for layer in range(config.num_hidden_layers):
         base = f"model.layers.{layer}."
-        for fused, parts in _MODEL_LINEARS.items():
+        for fused, parts in LINEAR_PARTS.items():
             weights = [_native(tensors[f"{base}{p}.weight"], f"{base}{p}.weight", config, qc)
                        for p in parts]
             if qc.method == "int4":

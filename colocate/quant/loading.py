@@ -1,7 +1,10 @@
-"""The quantization-aware half of loading a model: which state dict, which modules.
+"""Loading a model, quantization-aware: which state dict, which modules, and
+load_model, which puts them together.
 
-Shared by model/loader.py (a model per process) and memory/weight_store.py (one
-published copy per device), so both build exactly the same module structure.
+read_model_state and build_model are shared by load_model (a model per process) and
+memory/weight_store.py (one published copy per device), so both build exactly the
+same module structure. The checkpoint files themselves are read by
+colocate/model/checkpoint.py, below this package.
 """
 from __future__ import annotations
 
@@ -10,13 +13,13 @@ from pathlib import Path
 import torch
 
 from colocate.model.llama import LlamaForCausalLM
-from colocate.model.loader import read_hf_tensors, to_model_state_dict
+from colocate.model.checkpoint import parse_dtype, read_hf_tensors, to_model_state_dict
 from colocate.model.model_config import LlamaConfig
 from colocate.quant.config import QuantConfig
 from colocate.quant.handler import quantize_state_dict, swap_linears
 from colocate.quant.prequantized import checkpoint_quant_config, read_prequantized
 
-__all__ = ["build_model", "checkpoint_quant_config", "read_model_state"]
+__all__ = ["build_model", "checkpoint_quant_config", "load_model", "read_model_state"]
 
 
 def read_model_state(path: Path, config: LlamaConfig, dtype: torch.dtype,
@@ -43,3 +46,31 @@ def build_model(config: LlamaConfig, qc: QuantConfig | None,
         if qc is not None:
             swap_linears(model, qc, dtype)
     return model
+
+
+def load_model(path: str | Path, dtype: str | torch.dtype = "float32",
+               device: str | torch.device = "cpu", quantization: str | None = None,
+               quant_group_size: int | None = None) -> LlamaForCausalLM:
+    """Read a checkpoint (an HF directory, AWQ / GPTQ included, or a .gguf file) into an
+    eval-mode model, built on the meta device and loaded with assign: no random init.
+
+    quantization None | "int8" | "int4" (group size `quant_group_size`, default 128)
+    quantizes the decoder linears at load (colocate/quant); a pre-quantized AWQ / GPTQ
+    checkpoint is recognised from config.json and loaded as int4 either way.
+
+    Raises FileNotFoundError for a missing config / weights file / shard and ValueError,
+    naming the tensor or field, for a missing tensor, a shape mismatch, an unsupported
+    architecture or rope type, a dtype other than float32 / bfloat16 / float16 / auto,
+    or a quantization setting that cannot be honoured.
+    """
+    path = Path(path)
+    if dtype != "auto":
+        parse_dtype(dtype)          # a bad dtype string fails before any file is read
+    config = LlamaConfig.from_pretrained(path)
+    torch_dtype = parse_dtype(dtype, config)
+    qc = checkpoint_quant_config(config.raw, quantization, quant_group_size, str(device))
+    state = read_model_state(path, config, torch_dtype, device, qc)
+    model = build_model(config, qc, torch_dtype)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.rotary.rebuild(device, torch_dtype)
+    return model.eval()

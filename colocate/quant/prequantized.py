@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from colocate.model.loader import FUSED, checkpoint_files, hf_tensor_shapes
+from colocate.model.checkpoint import LINEAR_PARTS, checkpoint_files, hf_tensor_shapes
 from colocate.model.model_config import LlamaConfig
 from colocate.quant import awq, gptq
 from colocate.quant.config import QuantConfig
@@ -22,9 +22,6 @@ from colocate.quant.linear import Int4Linear
 from colocate.quant.qtensors import Int4Weight, concat_int4
 
 PACKED = ("qweight", "qzeros", "scales", "g_idx")
-# model linear -> the HF linears it is made of (unfused ones map to themselves)
-_MODEL_LINEARS = {**FUSED, "self_attn.o_proj": ("self_attn.o_proj",),
-                  "mlp.down_proj": ("mlp.down_proj",)}
 
 
 def checkpoint_quant_config(raw: dict[str, Any], quantization: str | None,
@@ -105,7 +102,7 @@ def read_prequantized(path: Path, config: LlamaConfig, dtype: torch.dtype,
     state = {n: t for n, t in plain.items() if not n.endswith("_proj.bias")}
     for layer in range(config.num_hidden_layers):
         base = f"model.layers.{layer}."
-        for fused, parts in _MODEL_LINEARS.items():
+        for fused, parts in LINEAR_PARTS.items():
             weights = [_unpack(qc, packed[base + p], shapes[f"{base}{p}.weight"],
                                gptq.FORMATS.get(fmt, 0)) for p in parts]
             buffers = Int4Linear.buffers_for(concat_int4(weights), dtype, qc.layout,

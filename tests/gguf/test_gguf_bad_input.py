@@ -11,7 +11,7 @@ import yaml
 
 from colocate import LLM, SamplingParams
 from colocate.config import ConfigError, load_config
-from colocate.model.loader import load_model
+from colocate.quant.loading import load_model
 from colocate.quant.linear import Int4Linear, Int8Linear
 from tests.gguf.tiny_gguf import write_tiny_gguf
 

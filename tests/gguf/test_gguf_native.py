@@ -11,7 +11,7 @@ from gguf.quants import dequantize, quantize
 
 from colocate import LLM, SamplingParams
 from colocate.model.gguf_file import GGUFFile
-from colocate.model.loader import load_model
+from colocate.quant.loading import load_model
 from colocate.quant import gguf as G
 from colocate.quant.linear import Int4Linear, Int8Linear
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from colocate.model.attention import ATTENTION_BACKEND_ENV
-from colocate.model.loader import load_model
+from colocate.quant.loading import load_model
 from tests.model_steps import run_schedule
 
 

@@ -18,7 +18,7 @@ from colocate.memory.weight_store import (WeightStore, attach, detach, mapped_by
                                           remove_stale_stores)
 from colocate.model.attention_metadata import AttentionMetadata
 from colocate.model.llama import allocate_kv_caches
-from colocate.model.loader import load_model
+from colocate.quant.loading import load_model
 
 # A service stand-in: attach the pickled handle, touch every weight (so its pages
 # count in PSS), report a checksum, then hold the mapping until stdin closes.

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from colocate.model.loader import load_model
+from colocate.quant.loading import load_model
 from colocate.model.model_config import LlamaConfig
 from colocate.quant import awq, gptq
 from colocate.quant.config import QuantConfig

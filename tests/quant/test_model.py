@@ -9,7 +9,7 @@ from colocate import LLM, SamplingParams
 from colocate.memory.weight_store import WeightStore, attach, detach
 from colocate.model.attention_metadata import AttentionMetadata
 from colocate.model.llama import allocate_kv_caches
-from colocate.model.loader import load_model
+from colocate.quant.loading import load_model
 from colocate.quant import linear_bytes, weight_bytes
 from colocate.quant.linear import Int4Linear, Int8Linear
 

@@ -1,9 +1,8 @@
-"""Load an HF LLaMA checkpoint (config.json + safetensors, single or sharded) into LlamaForCausalLM.
-
-The model is built on the meta device, so no memory is spent on random init; the
-checkpoint tensors are read, checked against the expected shapes, cast, fused
-(q/k/v -> qkv_proj, gate/up -> gate_up_proj) and assigned in place of the meta
-parameters.
+"""Read an HF LLaMA checkpoint (config.json + safetensors, single or sharded): its
+files, the tensor shapes its config implies, the tensors themselves checked against
+those shapes and cast, and the mapping onto the model's own (fused) parameter names
+(q/k/v -> qkv_proj, gate/up -> gate_up_proj). The model itself is assembled by
+colocate/quant/loading.py (load_model), which also handles quantized checkpoints.
 """
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from colocate.model.llama import LlamaForCausalLM
 from colocate.model.model_config import MODEL_DTYPES, LlamaConfig
 
 DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}
@@ -23,6 +21,9 @@ FUSED = {
     "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
     "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
 }
+# model linear -> the HF linears it is made of (unfused ones map to themselves)
+LINEAR_PARTS = {**FUSED, "self_attn.o_proj": ("self_attn.o_proj",),
+                "mlp.down_proj": ("mlp.down_proj",)}
 
 
 def parse_dtype(dtype: str | torch.dtype, config: LlamaConfig | None = None) -> torch.dtype:
@@ -116,33 +117,3 @@ def to_model_state_dict(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
                     pieces = [out.pop(f"{prefix}{p}.{kind}") for p in parts]
                     out[f"{prefix}{fused}.{kind}"] = torch.cat(pieces, dim=0)
     return out
-
-
-def load_model(path: str | Path, dtype: str | torch.dtype = "float32",
-               device: str | torch.device = "cpu", quantization: str | None = None,
-               quant_group_size: int | None = None) -> LlamaForCausalLM:
-    """Read config.json and the safetensors weights under `path` into an eval-mode model.
-
-    quantization None | "int8" | "int4" (group size `quant_group_size`, default 128)
-    quantizes the decoder linears at load (colocate/quant); a pre-quantized AWQ / GPTQ
-    checkpoint is recognised from config.json and loaded as int4 either way.
-
-    Raises FileNotFoundError for a missing config / weights file / shard and ValueError,
-    naming the tensor or field, for a missing tensor, a shape mismatch, an unsupported
-    architecture or rope type, a dtype other than float32 / bfloat16 / float16 / auto,
-    or a quantization setting that cannot be honoured.
-    """
-    # colocate.quant reads checkpoints with this module's helpers: import it here.
-    from colocate.quant.loading import build_model, checkpoint_quant_config, read_model_state
-
-    path = Path(path)
-    if dtype != "auto":
-        parse_dtype(dtype)          # a bad dtype string fails before any file is read
-    config = LlamaConfig.from_pretrained(path)
-    torch_dtype = parse_dtype(dtype, config)
-    qc = checkpoint_quant_config(config.raw, quantization, quant_group_size, str(device))
-    state = read_model_state(path, config, torch_dtype, device, qc)
-    model = build_model(config, qc, torch_dtype)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.rotary.rebuild(device, torch_dtype)
-    return model.eval()

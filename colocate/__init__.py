@@ -5,7 +5,7 @@ from colocate.sampling_params import SamplingParams
 # Before anything initialises CUDA: CUDA's device indices then agree with NVML's.
 use_pci_bus_order()
 
-__version__ = "0.1.0"
+from colocate.version import __version__  # noqa: E402
 
 
 def __getattr__(name):

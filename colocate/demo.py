@@ -16,7 +16,8 @@ DEMO_PROMPTS = [
 
 
 def run_demo(model_dir: str, num_prompts: int = 8, max_tokens: int = 64) -> int:
-    from colocate import LLM, SamplingParams
+    from colocate.llm import LLM
+    from colocate.sampling_params import SamplingParams
 
     t0 = time.perf_counter()
     llm = LLM(model=model_dir, dtype="float32")

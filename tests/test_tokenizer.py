@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from colocate.model.tiny import write_tiny_checkpoint
-from colocate.model.tokenizer import IncrementalDetokenizer, Tokenizer
+from colocate.engine.detokenizer import IncrementalDetokenizer
+from colocate.model.tokenizer import Tokenizer
 
 TEXTS = [
     "hello world",

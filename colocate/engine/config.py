@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from colocate.engine.block_pool import KV_BLOCK_SIZE, pool_blocks
-from colocate.model.model_config import KV_CACHE_DTYPES
 
 
 @dataclass(frozen=True)
@@ -22,7 +21,9 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     block_size: int = KV_BLOCK_SIZE
     enable_prefix_caching: bool = True
-    kv_cache_dtype: str = "auto"         # "auto" (the model's dtype) | "int8"
+    # "auto" (the model's dtype) | "int8"; checked where the cache is built
+    # (model/kv_cache.py: resolve_kv_cache_dtype), which knows the device too.
+    kv_cache_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -33,9 +34,6 @@ class EngineConfig:
         if self.kv_cache_tokens < self.block_size:
             raise ValueError(f"kv_cache_tokens must be >= block_size ({self.block_size}), "
                              f"got {self.kv_cache_tokens}")
-        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, "
-                             f"got {self.kv_cache_dtype!r}")
 
     @property
     def num_blocks(self) -> int:

@@ -18,7 +18,7 @@ class RequestTextState:
         params = request.sampling_params
         self.detokenizer = None
         if tokenizer is not None:
-            from colocate.model.tokenizer import IncrementalDetokenizer
+            from colocate.engine.detokenizer import IncrementalDetokenizer
 
             self.detokenizer = IncrementalDetokenizer(
                 tokenizer, request.prompt_token_ids,

@@ -13,7 +13,7 @@ import os
 
 import psutil
 
-from colocate import __version__
+from colocate.version import __version__
 from colocate.config import DeploymentConfig, DeviceSpec
 from colocate.memory.arbiter import MemoryArbiter
 from colocate.memory.probe import cuda_process_memory, device_process_memory

@@ -128,3 +128,38 @@ def wait_for_line(proc: subprocess.Popen, text: str, timeout: float) -> list[str
     threading.Thread(target=read, daemon=True).start()
     assert found.wait(timeout), f"no {text!r} in:\n{''.join(lines)}"
     return lines
+
+
+def offline_and_concurrent(targets: dict[str, str], requests: dict, model_dir,
+                           kv_tokens: int) -> tuple[dict, dict]:
+    """(what the offline LLM gives each request, what each service streamed when all
+    were called at once). requests: service -> (prompt, sampling keywords)."""
+    import torch
+
+    from colocate.llm import LLM
+    from colocate.sampling_params import SamplingParams
+
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(1)        # as the services run: thread count moves float sums
+    try:
+        llm = LLM(model=str(model_dir), kv_cache_tokens=kv_tokens, max_model_len=256)
+        expected = {name: llm.generate([prompt], SamplingParams(**sampling))[0].token_ids
+                    for name, (prompt, sampling) in requests.items()}
+    finally:
+        torch.set_num_threads(threads_before)
+    got, errors = {}, []
+
+    def call(name):
+        prompt, sampling = requests[name]
+        try:
+            got[name] = stream_tokens(targets[name], token_of(name), prompt, **sampling)
+        except Exception as exc:       # reported below, not lost in the thread
+            errors.append((name, exc))
+
+    workers = [threading.Thread(target=call, args=(n,)) for n in requests]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+    assert not errors, errors
+    return expected, got

@@ -9,11 +9,10 @@ import time
 import grpc
 import pytest
 import ray
-import torch
 
-from colocate.sampling_params import SamplingParams
 from colocate.cluster.deploy import Deployment
-from tests.deployment.helpers import cpu_deployment, scrape_by_service, stream_tokens, token_of
+from tests.deployment.helpers import (cpu_deployment, offline_and_concurrent, scrape_by_service,
+                                      stream_tokens, token_of)
 
 pytestmark = pytest.mark.slow
 NAMES = ["fu-a", "fu-b", "fu-c"]
@@ -50,31 +49,9 @@ def test_one_process_serves_every_service(deployment):
 
 
 def test_concurrent_streams_match_offline_llm(targets, tiny_model_dir):
-    from colocate import LLM
-
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        llm = LLM(model=str(tiny_model_dir), kv_cache_tokens=KV_TOKENS, max_model_len=256)
-        expected = {name: llm.generate([prompt], SamplingParams(**sampling))[0].token_ids
-                    for name, (prompt, sampling) in REQUESTS.items()}
-    finally:
-        torch.set_num_threads(threads_before)
-    got, errors = {}, []
-
-    def call(name):
-        prompt, sampling = REQUESTS[name]
-        try:
-            got[name] = stream_tokens(targets[name], token_of(name), prompt, **sampling)
-        except Exception as exc:       # reported below, not lost in the thread
-            errors.append((name, exc))
-
-    workers = [threading.Thread(target=call, args=(n,)) for n in NAMES]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(120)
-    assert not errors and got == expected
+    expected, got = offline_and_concurrent(targets, REQUESTS, tiny_model_dir, KV_TOKENS)
+    assert got == expected
+    assert all(len(t) == 16 for t in got.values())
 
 
 def test_another_services_token_is_unauthenticated(targets):

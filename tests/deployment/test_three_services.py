@@ -11,12 +11,11 @@ import time
 import grpc
 import pytest
 import ray
-import torch
 
 from colocate.memory.sizing import KV_BLOCK_SIZE
-from colocate.sampling_params import SamplingParams
 from colocate.cluster.deploy import Deployment
-from tests.deployment.helpers import cpu_deployment, scrape_by_service, stream_tokens, token_of
+from tests.deployment.helpers import (cpu_deployment, offline_and_concurrent, scrape_by_service,
+                                      stream_tokens, token_of)
 
 NAMES = ["svc-a", "svc-b", "svc-c"]
 KV_TOKENS = 256                               # 16 blocks per service
@@ -49,33 +48,8 @@ def service_rows(deployment) -> dict[str, dict]:
     return {s["name"]: s for s in device["services"]}
 
 
-def test_concurrent_streams_match_offline_llm(deployment, targets, tiny_model_dir):
-    from colocate import LLM
-
-    threads_before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        llm = LLM(model=str(tiny_model_dir), kv_cache_tokens=KV_TOKENS, max_model_len=256)
-        expected = {name: llm.generate([prompt], SamplingParams(**sampling))[0].token_ids
-                    for name, (prompt, sampling) in REQUESTS.items()}
-    finally:
-        torch.set_num_threads(threads_before)
-
-    got, errors = {}, []
-
-    def call(name):
-        prompt, sampling = REQUESTS[name]
-        try:
-            got[name] = stream_tokens(targets[name], token_of(name), prompt, **sampling)
-        except Exception as exc:       # reported below, not lost in the thread
-            errors.append((name, exc))
-
-    workers = [threading.Thread(target=call, args=(n,)) for n in NAMES]
-    for w in workers:
-        w.start()
-    for w in workers:
-        w.join(120)
-    assert not errors
+def test_concurrent_streams_match_offline_llm(targets, tiny_model_dir):
+    expected, got = offline_and_concurrent(targets, REQUESTS, tiny_model_dir, KV_TOKENS)
     assert got == expected
     assert all(len(t) == 16 for t in got.values())
 

@@ -9,7 +9,8 @@ replaying the same seeded requests (see colocation_load.py):
   alone     the first service of the config's first device entry, one tenant's load;
   shared    all N services of that entry on one copy of the weights, N such loads,
             a process each (batching: isolated);
-  fused     the same N services in one process, decoding as one batch (batching: fused);
+  fused     the same N services in one process, decoding as one batch (batching: fused),
+            with the threads the N isolated processes had between them;
   unshared  the same with `share_weights: false` (one copy per service);
   peer      the same N loads to other servers over an OpenAI-compatible streaming API:
             N `transformers serve` processes started here on CPU, or --peer-url.
@@ -108,6 +109,11 @@ def describe_load(specs: list[LoadSpec]) -> str:
 def start_servers(name: str, configs: dict, args: argparse.Namespace, results: Path):
     """The scenario's servers (a context manager with .targets and .memory()), or the
     reason they cannot run here."""
+    if name == "fused":
+        # One process instead of N: it gets the threads the N isolated ones had between
+        # them (up to the cores), or fusing would be measured on a fraction of the CPU.
+        threads = min(os.cpu_count() or 1, args.threads * len(configs["fused"].gpus[0].services))
+        return ColocateServers(configs[name], threads, args.startup_timeout), None
     if name != "peer":
         return ColocateServers(configs[name], args.threads, args.startup_timeout), None
     gpu = configs["shared"].gpus[0]
@@ -171,7 +177,7 @@ def run(args: argparse.Namespace) -> dict:
     config = load_bench_config(config_path)
     configs = scenario_configs(config)
     gpu = configs["shared"].gpus[0]
-    prompts = PromptMaker(checkpoint_dir(config.models[gpu.services[0].model]) / "tokenizer.json")
+    prompts = PromptMaker(checkpoint_dir(config.models[gpu.services[0].model]))
     specs = load_specs(args)
     runs = [{"rate": s.rate, "concurrency": s.concurrency, "load": s.label, "scenarios": {}}
             for s in specs]

@@ -91,9 +91,10 @@ class PromptMaker:
     so the text is re-encoded and trimmed a few times until it lands within a token or
     two of the target; the server's own count is recorded beside the target."""
 
-    def __init__(self, tokenizer_json: str | Path) -> None:
-        from tokenizers import Tokenizer
-        self._tok = Tokenizer.from_file(str(tokenizer_json))
+    def __init__(self, checkpoint: str | Path) -> None:
+        """checkpoint: a model directory (its tokenizer.json) or a GGUF file."""
+        from colocate.model.tokenizer import Tokenizer
+        self._tok = Tokenizer.from_pretrained(checkpoint).backend
         self._vocab = self._tok.get_vocab_size()
 
     def count(self, text: str) -> int:

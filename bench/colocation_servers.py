@@ -132,8 +132,13 @@ class ColocateServers:
 
 
 def measure(device: str, pids: dict[str, int], extra: dict | None = None) -> dict:
-    by_pid = device_process_memory(device, list(pids.values()))
-    per = {label: by_pid.get(pid, 0) for label, pid in pids.items()}
+    """Memory per process, each counted once: the services of a fused group share
+    one process, listed under their names joined."""
+    by_pid = device_process_memory(device, list(set(pids.values())))
+    labels: dict[int, list[str]] = {}
+    for label, pid in pids.items():
+        labels.setdefault(pid, []).append(label)
+    per = {"+".join(names): by_pid.get(pid, 0) for pid, names in labels.items()}
     return {"kind": "cuda (NVML)" if device.startswith("cuda") else "PSS",
             "total_bytes": sum(per.values()), "per_process": per, **(extra or {})}
 
@@ -259,7 +264,7 @@ class UrlPeers:
 def cpu_seconds(pids: dict[str, int]) -> float:
     """User + system CPU seconds the processes have used so far (their threads too)."""
     total = 0.0
-    for pid in pids.values():
+    for pid in set(pids.values()):      # a fused group's services share one process
         try:
             t = psutil.Process(pid).cpu_times()
             total += t.user + t.system

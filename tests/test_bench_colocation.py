@@ -176,7 +176,7 @@ class FakeTarget:
 
 @pytest.fixture(scope="module")
 def prompts(tiny):
-    return PromptMaker(tiny / "tokenizer.json")
+    return PromptMaker(tiny)
 
 
 def test_closed_loop_sends_the_count_and_measures_every_gap(prompts):

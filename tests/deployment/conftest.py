@@ -14,3 +14,9 @@ def ray_session():
     yield
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def targets(deployment):
+    """service -> the target its tenants dial, for the module's `deployment`."""
+    return {e.service: e.target for e in deployment.endpoints()}

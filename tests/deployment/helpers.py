@@ -163,3 +163,9 @@ def offline_and_concurrent(targets: dict[str, str], requests: dict, model_dir,
         w.join(120)
     assert not errors, errors
     return expected, got
+
+
+def service_rows(deployment) -> dict[str, dict]:
+    """service name -> its row in the (one-device) deployment's status."""
+    (device,) = deployment.status()
+    return {s["name"]: s for s in device["services"]}

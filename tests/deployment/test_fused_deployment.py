@@ -12,7 +12,7 @@ import ray
 
 from colocate.cluster.deploy import Deployment
 from tests.deployment.helpers import (cpu_deployment, offline_and_concurrent, scrape_by_service,
-                                      stream_tokens, token_of)
+                                      service_rows, stream_tokens, token_of)
 
 pytestmark = pytest.mark.slow
 NAMES = ["fu-a", "fu-b", "fu-c"]
@@ -33,18 +33,10 @@ def deployment(ray_session, tiny_model_dir, tmp_path_factory):
         yield dep
 
 
-@pytest.fixture(scope="module")
-def targets(deployment):
-    return {e.service: e.target for e in deployment.endpoints()}
-
-
-def rows(deployment) -> dict[str, dict]:
-    (device,) = deployment.status()
-    return {s["name"]: s for s in device["services"]}
 
 
 def test_one_process_serves_every_service(deployment):
-    pids = {r["stats"].pid for r in rows(deployment).values()}
+    pids = {r["stats"].pid for r in service_rows(deployment).values()}
     assert len(pids) == 1
 
 
@@ -70,7 +62,7 @@ def test_a_flood_fills_only_its_own_pool(deployment, targets):
         w.start()
     samples = []
     while any(w.is_alive() for w in workers):
-        samples.append({n: r["stats"] for n, r in rows(deployment).items()})
+        samples.append({n: r["stats"] for n, r in service_rows(deployment).items()})
         time.sleep(0.05)
     loaded = [s["fu-a"] for s in samples if s["fu-a"] is not None]
     assert max(s.kv_blocks_used for s in loaded) > KV_TOKENS // 16 // 2
@@ -106,7 +98,7 @@ def test_a_failed_step_fails_its_requests_and_the_group_goes_on(deployment, targ
 def test_a_killed_group_is_unavailable_then_restarted_whole(deployment, targets):
     supervisor = deployment.supervisor("cpu")
     (before,) = deployment.status()
-    old_pid = rows(deployment)["fu-a"]["stats"].pid
+    old_pid = service_rows(deployment)["fu-a"]["stats"].pid
     handle = ray.get(supervisor.service_actor.remote("fu-c"))
     ray.kill(handle.actor, no_restart=True)
     codes = set()
@@ -118,13 +110,13 @@ def test_a_killed_group_is_unavailable_then_restarted_whole(deployment, targets)
     assert codes == {grpc.StatusCode.UNAVAILABLE}
     deadline = time.monotonic() + 120
     while not all(r["restarts"] == 1 and r["state"] == "running"
-                  for r in rows(deployment).values()):
-        assert time.monotonic() < deadline, rows(deployment)
+                  for r in service_rows(deployment).values()):
+        assert time.monotonic() < deadline, service_rows(deployment)
         time.sleep(0.2)
     (after,) = deployment.status()
     assert after["reserved_bytes"] == before["reserved_bytes"]
     assert sorted(after["ledger"]) == sorted(before["ledger"])
-    assert len({r["stats"].pid for r in rows(deployment).values()} - {old_pid}) == 1
+    assert len({r["stats"].pid for r in service_rows(deployment).values()} - {old_pid}) == 1
     for name in NAMES:
         assert len(stream_tokens(targets[name], token_of(name), [1, 2], max_tokens=2,
                                  ignore_eos=True)) == 2

@@ -15,7 +15,7 @@ import ray
 from colocate.memory.sizing import KV_BLOCK_SIZE
 from colocate.cluster.deploy import Deployment
 from tests.deployment.helpers import (cpu_deployment, offline_and_concurrent, scrape_by_service,
-                                      stream_tokens, token_of)
+                                      service_rows, stream_tokens, token_of)
 
 NAMES = ["svc-a", "svc-b", "svc-c"]
 KV_TOKENS = 256                               # 16 blocks per service
@@ -38,14 +38,6 @@ def deployment(ray_session, tiny_model_dir, tmp_path_factory):
         yield dep
 
 
-@pytest.fixture(scope="module")
-def targets(deployment):
-    return {e.service: e.target for e in deployment.endpoints()}
-
-
-def service_rows(deployment) -> dict[str, dict]:
-    (device,) = deployment.status()
-    return {s["name"]: s for s in device["services"]}
 
 
 def test_concurrent_streams_match_offline_llm(targets, tiny_model_dir):

@@ -10,7 +10,7 @@ import grpc
 
 from colocate.client import Client
 from colocate.config import DeploymentConfig
-from tests.deployment.helpers import cpu_deployment, token_of
+from tests.deployment.helpers import cpu_deployment, service_rows, token_of
 
 # Every streamed call gets a deadline: a hang shows as DEADLINE_EXCEEDED, never
 # as a stuck test.
@@ -61,9 +61,6 @@ def p99(values: list[float]) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
 
 
-def service_rows(deployment) -> dict[str, dict]:
-    (device,) = deployment.status()
-    return {s["name"]: s for s in device["services"]}
 
 
 def wait_restarted(deployment, name: str, restarts: int, timeout: float = 60.0) -> float:

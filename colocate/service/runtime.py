@@ -38,7 +38,7 @@ from colocate.model.tokenizer import load_tokenizer
 from colocate.service.async_engine import AsyncEngine
 from colocate.service.engine_loop import EngineLoop
 from colocate.service.engine_protocol import EngineDeadError
-from colocate.service.fault_injection import FaultInjector, FaultyRunner
+from colocate.service import test_hooks
 from colocate.service.grpc_server import model_info_from_engine, serve
 from colocate.worker.engine_factory import build_engine
 
@@ -57,7 +57,7 @@ class ServiceLaunch:
     torch_threads: int = 1
     weights_shared: bool = True    # one published copy for every service of the model
     kv_budget_bytes: int = 0       # the arbiter's KV figure for this service
-    test_hooks: bool = False       # accept inject_fault (tests only)
+    test_hooks: str | None = None  # tests only: "module:factory" (service/test_hooks.py)
     # token -> tenant name. Kept out of repr so a logged launch never leaks a token.
     tenants: dict[str, str] = field(default_factory=dict, repr=False)
 
@@ -170,9 +170,9 @@ class ServiceRuntime:
         self.llm_engine = build_engine(
             model, config, load_tokenizer(Path(launch.checkpoint_dir)),
             EngineConfig.from_service(spec, launch.kv_tokens), dtype=dtype, device=device)
-        self.faults = FaultInjector(launch.test_hooks)
-        if launch.test_hooks:
-            self.llm_engine.runner = FaultyRunner(self.llm_engine.runner, self.faults)
+        self.hooks = test_hooks.load_test_hooks(launch.test_hooks)
+        if self.hooks is not None:
+            self.llm_engine.runner = self.hooks.wrap_runner(self.llm_engine.runner)
         self.door = ServiceDoor(launch, self.llm_engine)
         self.engine, self.server = self.door.engine, self.door.server
 
@@ -182,7 +182,7 @@ class ServiceRuntime:
 
     def ping(self) -> bool:
         """True while the engine loop runs; False once it failed or stopped."""
-        return self.faults.on_ping() and self.door.ping()
+        return test_hooks.ping_allowed(self.hooks) and self.door.ping()
 
     def stats(self) -> ServiceStats:
         return self.door.stats()
@@ -192,8 +192,8 @@ class ServiceRuntime:
 
     def inject_fault(self, kind: str, count: int = 1, message: str = "injected fault",
                      seconds: float = 0.0) -> None:
-        """Tests only (see fault_injection.py); refused unless launched with test_hooks."""
-        self.faults.arm(kind, count, message=message, seconds=seconds)
+        """Tests only (see service/test_hooks.py); refused unless launched with hooks."""
+        test_hooks.arm(self.hooks, kind, count, message, seconds)
 
     def shutdown(self, grace: float = 10.0) -> bool:
         """Drain and stop (ServiceDoor.close), then unmap the weights."""

@@ -10,46 +10,28 @@ import grpc
 import pytest
 import ray
 
-from colocate.cluster.deploy import Deployment
-from tests.deployment.helpers import (cpu_deployment, offline_and_concurrent, scrape_by_service,
-                                      service_rows, stream_tokens, token_of)
+from tests.faults import HOOKS
+from tests.deployment.helpers import scrape_by_service, service_rows, stream_tokens, token_of
+from tests.deployment.service_contract import KV_TOKENS, ServiceContract, three_services
 
 pytestmark = pytest.mark.slow
 NAMES = ["fu-a", "fu-b", "fu-c"]
-KV_TOKENS = 256
-REQUESTS = {
-    "fu-a": ("The quick brown fox", dict(max_tokens=16, temperature=0.0)),
-    "fu-b": ("Once upon a time", dict(max_tokens=16, temperature=0.8, seed=7)),
-    "fu-c": ([1, 50, 60, 70, 80], dict(max_tokens=16, temperature=1.0, top_k=40, seed=3)),
-}
 
 
 @pytest.fixture(scope="module")
 def deployment(ray_session, tiny_model_dir, tmp_path_factory):
-    config = cpu_deployment(tmp_path_factory.mktemp("fused"), str(tiny_model_dir), NAMES,
-                            kv_tokens=KV_TOKENS, device_extra={"batching": "fused"})
-    with Deployment(config, torch_threads=1, health_interval_s=0.5, test_hooks=True) as dep:
-        dep.wait_ready(timeout=180)
+    with three_services(tmp_path_factory.mktemp("fused"), tiny_model_dir, NAMES,
+                        device_extra={"batching": "fused"}, test_hooks=HOOKS) as dep:
         yield dep
 
 
+class TestServiceContract(ServiceContract):
+    NAMES = NAMES
 
 
 def test_one_process_serves_every_service(deployment):
     pids = {r["stats"].pid for r in service_rows(deployment).values()}
     assert len(pids) == 1
-
-
-def test_concurrent_streams_match_offline_llm(targets, tiny_model_dir):
-    expected, got = offline_and_concurrent(targets, REQUESTS, tiny_model_dir, KV_TOKENS)
-    assert got == expected
-    assert all(len(t) == 16 for t in got.values())
-
-
-def test_another_services_token_is_unauthenticated(targets):
-    with pytest.raises(grpc.RpcError) as err:
-        stream_tokens(targets["fu-a"], token_of("fu-b"), "Hello", max_tokens=2)
-    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
 def test_a_flood_fills_only_its_own_pool(deployment, targets):

@@ -60,3 +60,20 @@ class ServiceStarter:
     def stop_all(self) -> None:
         for s in self.started:
             s.stop()
+
+
+# ChatML, as SmolLM2 and many others write it; enough to render any conversation.
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] "
+          "+ '<|im_end|>\\n' }}{% endfor %}{% if add_generation_prompt %}"
+          "{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def with_chat_template(model_dir, into):
+    """A copy of a checkpoint directory with a ChatML chat_template.jinja added."""
+    import shutil
+    from pathlib import Path
+
+    into = Path(into)
+    shutil.copytree(model_dir, into, dirs_exist_ok=True)
+    (into / "chat_template.jinja").write_text(CHATML)
+    return into

@@ -29,16 +29,19 @@ MAX_REQUEST_BYTES = 16 * 1024
 # or DEADLINE_EXCEEDED would mean the server, not the request, is at fault.
 CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
                  grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.FAILED_PRECONDITION}
-# About 10 s on a shared 2-core machine; FUZZ_EXAMPLES=2000 for a longer hunt.
+# About 10 s on a shared 2-core machine (Chat: about 20 s more); FUZZ_EXAMPLES=2000 for a longer hunt.
 FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 200)), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.fixture(scope="module")
-def stub(tiny_model_dir):
+def stub(tiny_model_dir, tmp_path_factory):
     from colocate.llm import LLM
+    from tests.service.served import with_chat_template
 
-    llm = LLM(model=str(tiny_model_dir), kv_cache_tokens=256, max_model_len=MAX_MODEL_LEN,
+    # With a chat template, so that Chat reaches the rendering and the engine too.
+    model_dir = with_chat_template(tiny_model_dir, tmp_path_factory.mktemp("fuzz") / "tiny")
+    llm = LLM(model=str(model_dir), kv_cache_tokens=256, max_model_len=MAX_MODEL_LEN,
               max_num_seqs=4)
     engine = AsyncEngine(llm.engine, max_queued_requests=8)
     server = serve(engine, 0, {TOKEN: "fuzzer"}, "fuzz",
@@ -144,6 +147,28 @@ def test_random_generate_requests_get_ok_or_a_client_error(stub, req, streaming)
     if code == grpc.StatusCode.OK:
         assert req.WhichOneof("prompt_input") is not None
     # Nothing is left behind, accepted or not.
+    assert not engine.has_unfinished_requests()
+
+
+chat_message = st.builds(pb.ChatMessage, role=st.one_of(st.sampled_from(
+    ["system", "user", "assistant", ""]), short_text), content=st.one_of(short_text, unicode))
+chat_request = st.builds(
+    lambda msgs, s, rid, set_sampling: pb.ChatRequest(
+        messages=msgs, request_id=rid, **({"sampling": s} if set_sampling else {})),
+    st.lists(chat_message, max_size=4), sampling(), st.one_of(st.just(""), unicode),
+    st.booleans())
+
+
+@settings(FUZZ, max_examples=60)
+@given(req=chat_request)
+@example(req=pb.ChatRequest(messages=[pb.ChatMessage(role="user", content="{{ 7 * 7 }}")]))
+@example(req=pb.ChatRequest(messages=[pb.ChatMessage(role="user", content="é" * 200)]))
+def test_random_chat_requests_get_ok_or_a_client_error(stub, req):
+    generation, engine = stub
+    code = outcome(lambda: list(generation.Chat(req, metadata=METADATA, timeout=60)))
+    event(code.name)
+    if code == grpc.StatusCode.OK:
+        assert len(req.messages) > 0
     assert not engine.has_unfinished_requests()
 
 

@@ -61,7 +61,7 @@ class OpenAIApp:
                  on_reject: OnReject | None = None) -> None:
         self.engine, self.auth, self.names = engine, authenticator, list(names)
         self.service_name, self.max_in_flight = service_name, max_in_flight
-        self.on_reject = on_reject or (lambda reason: None)
+        self.on_reject = on_reject
         self.in_flight = 0
         self.pool = ThreadPoolExecutor(max_in_flight, thread_name_prefix=f"http-{service_name}")
 
@@ -92,7 +92,6 @@ class OpenAIApp:
     async def _generate(self, request: web.Request, parse: Callable) -> web.StreamResponse:
         tenant = self._tenant(request)
         if self.in_flight >= self.max_in_flight:
-            self.on_reject("overloaded")
             raise OpenAIError(429, f"{self.in_flight} requests are in flight on this port "
                                    f"(the limit is {self.max_in_flight}); retry later")
         self.in_flight += 1
@@ -169,25 +168,19 @@ class OpenAIApp:
         """fn on the pool; an engine error becomes the OpenAIError a client expects."""
         try:
             return await loop.run_in_executor(self.pool, fn, *args)
-        except OpenAIError as exc:
-            if exc.status == 400:
-                self.on_reject("invalid")
+        except OpenAIError:
             raise
         except Exception as exc:
-            reason = rejection_reason(exc)
-            if reason is not None:
-                self.on_reject(reason)
             for kind, status in _STATUS_OF:
                 if isinstance(exc, kind):
                     param = field_named(str(exc)) if status == 400 else None
-                    raise OpenAIError(status, str(exc), param) from None
+                    raise OpenAIError(status, str(exc), param, rejection_reason(exc)) from None
             raise
 
     def _tenant(self, request: web.Request) -> str:
         header = request.headers.get("Authorization")
         tenant = self.auth.tenant_of([("authorization", header)] if header else None)
         if tenant is None:
-            self.on_reject("auth")
             message = "invalid bearer token" if header else "missing bearer token"
             log.info("refused %s %s: %s", request.method, request.path, message)
             raise OpenAIError(401, message)
@@ -201,23 +194,30 @@ def _event(body: dict) -> bytes:
     return b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n"
 
 
-@web.middleware
-async def _errors(request: web.Request, handler):
-    """Every answer that is not a success in OpenAI's error shape; a bug is a 500
-    with a fixed message (the traceback goes to the log only)."""
-    try:
-        return await handler(request)
-    except OpenAIError as exc:
-        return web.json_response(exc.body(), status=exc.status)
-    except web.HTTPException as exc:        # aiohttp's own: 404 route, 405 method, ...
-        if exc.status < 400:
+def error_middleware(on_reject: OnReject | None):
+    """Every answer that is not a success in OpenAI's error shape, each refusal counted
+    by reason; a bug is a 500 with a fixed message (the traceback goes to the log only)."""
+
+    @web.middleware
+    async def errors(request: web.Request, handler):
+        try:
+            return await handler(request)
+        except OpenAIError as exc:
+            if on_reject is not None and exc.reason is not None:
+                on_reject(exc.reason)
+            return web.json_response(exc.body(), status=exc.status)
+        except web.HTTPException as exc:        # aiohttp's own: 404 route, 405 method, ...
+            if exc.status < 400:
+                raise
+            return web.json_response(OpenAIError(exc.status, exc.reason).body(),
+                                     status=exc.status)
+        except (asyncio.CancelledError, ConnectionError):
             raise
-        return web.json_response(OpenAIError(exc.status, exc.reason).body(), status=exc.status)
-    except (asyncio.CancelledError, ConnectionError):
-        raise
-    except Exception:
-        log.exception("%s %s failed", request.method, request.path)
-        return web.json_response(OpenAIError(500, "internal error").body(), status=500)
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            return web.json_response(OpenAIError(500, "internal error").body(), status=500)
+
+    return errors
 
 
 class HttpServer:
@@ -227,7 +227,8 @@ class HttpServer:
                  max_request_bytes: int) -> None:
         self.app, self.host, self.tls = app, host, tls
         self._loop = asyncio.new_event_loop()
-        web_app = web.Application(client_max_size=max_request_bytes, middlewares=[_errors])
+        web_app = web.Application(client_max_size=max_request_bytes,
+                                  middlewares=[error_middleware(app.on_reject)])
         web_app[MAX_BYTES] = max_request_bytes
         web_app.add_routes(app.routes())
         # No access log: a line per request is noise, and headers stay out of logs.

@@ -42,9 +42,14 @@ class OpenAIError(Exception):
              404: "not_found_error", 413: "invalid_request_error", 429: "rate_limit_error",
              503: "service_unavailable", 500: "internal_error"}
 
-    def __init__(self, status: int, message: str, param: str | None = None) -> None:
+    # A refusal's reason for the rejection counter (colocate/metrics/rejections.py).
+    REASONS = {400: "invalid", 401: "auth", 404: "invalid", 429: "overloaded"}
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 reason: str | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.param = status, message, param
+        self.reason = reason or self.REASONS.get(status)
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.TYPES.get(self.status, "error"),

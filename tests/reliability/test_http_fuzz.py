@@ -7,29 +7,24 @@ from __future__ import annotations
 
 import http.client
 import json
-import os
 
 import pytest
-from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from colocate.service.async_engine import AsyncEngine
-from tests.service.served import TOKEN, ServiceStarter, with_chat_template
+from tests.reliability.fuzz_helpers import fuzz_settings, tiny_chat_llm
+from tests.service.served import TOKEN, ServiceStarter
 
 MAX_MODEL_LEN = 96            # room for a short chat (ChatML costs the tiny tokenizer ~40)
 MAX_REQUEST_BYTES = 16 * 1024
 CLIENT_ERRORS = {400, 404, 413, 429}
-FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 60)), deadline=None,
-                suppress_health_check=[HealthCheck.too_slow])
+FUZZ = fuzz_settings(60)
 
 
 @pytest.fixture(scope="module")
 def served(tiny_model_dir, tmp_path_factory):
-    from colocate.llm import LLM
-
-    model_dir = with_chat_template(tiny_model_dir, tmp_path_factory.mktemp("fuzz") / "tiny")
-    llm = LLM(model=str(model_dir), kv_cache_tokens=512, max_model_len=MAX_MODEL_LEN,
-              max_num_seqs=4)
+    llm = tiny_chat_llm(tiny_model_dir, tmp_path_factory, MAX_MODEL_LEN, 512)
     starter = ServiceStarter("http-fuzz")
     service = starter.start(llm.engine, engine=AsyncEngine(llm.engine, max_queued_requests=8),
                             http=dict(names=["tiny"], max_request_bytes=MAX_REQUEST_BYTES))

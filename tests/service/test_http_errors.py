@@ -165,3 +165,16 @@ def test_a_disconnect_mid_stream_frees_the_blocks(make_service):
     wait_until(lambda: not service.llm_engine.has_unfinished_requests()
                and service.engine.stats().kv_blocks_used == 0, what="blocks back")
     assert service.llm_engine.kv.num_used_blocks == 0
+
+
+def test_refusals_are_counted_by_reason(make_service):
+    from colocate.metrics.rejections import RejectionCounter
+
+    counter = RejectionCounter()
+    service = make_service(make_llm_engine(max_model_len=64),
+                           http=dict(names=["fake"], on_reject=counter.add))
+    call(service, "GET", "/v1/models", token="wrong")
+    call(service, "POST", "/v1/completions", {"prompt": [1], "temperature": -1})
+    call(service, "POST", "/v1/completions", {"prompt": [1], "max_tokens": 100})
+    assert call(service, "POST", "/v1/completions", {"prompt": [1], "max_tokens": 2})[0] == 200
+    assert counter.counts() == {"auth": 1, "invalid": 1, "too_long": 1, "overloaded": 0}

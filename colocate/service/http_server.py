@@ -225,6 +225,7 @@ class HttpServer:
 
     def __init__(self, app: OpenAIApp, host: str, port: int, tls: TLSSpec | None,
                  max_request_bytes: int) -> None:
+        ssl_context = server_ssl_context(tls) if tls is not None else None  # fail first
         self.app, self.host, self.tls = app, host, tls
         self._loop = asyncio.new_event_loop()
         web_app = web.Application(client_max_size=max_request_bytes,
@@ -234,7 +235,6 @@ class HttpServer:
         # No access log: a line per request is noise, and headers stay out of logs.
         self._runner = web.AppRunner(web_app, handler_cancellation=True, access_log=None,
                                      shutdown_timeout=1.0)
-        ssl_context = server_ssl_context(tls) if tls is not None else None
         self._thread = threading.Thread(target=self._loop.run_forever,
                                         name=f"http-{app.service_name}", daemon=True)
         self._thread.start()

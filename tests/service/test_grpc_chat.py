@@ -79,3 +79,24 @@ def test_cli_generate_chat_sends_one_user_message(make_service, chat_dir, capsys
     want = service.client().chat([{"role": "user", "content": "Hello"}], max_tokens=5,
                                  temperature=0.0)
     assert code == 0 and out == "".join(d.text for d in want) + "\n"
+
+
+def test_the_demo_asks_a_chat_model_through_chat_and_others_hello(make_service, chat_dir,
+                                                                   tiny_model_dir):
+    import io
+    from types import SimpleNamespace
+
+    from colocate.serve_demo import send_demo_requests
+
+    chat = make_service(engine_with_tokenizer(chat_dir))
+    plain = make_service(engine_with_tokenizer(tiny_model_dir))
+    tenant = SimpleNamespace(token=TOKEN)
+    cfg = SimpleNamespace(services=lambda: [(None, SimpleNamespace(name=n, tenants=[tenant]))
+                                            for n in ("a", "b")])
+    endpoints = [SimpleNamespace(service="a", target=chat.target),
+                 SimpleNamespace(service="b", target=plain.target)]
+    out = io.StringIO()
+    send_demo_requests(cfg, endpoints, out, max_tokens=4)
+    a, b = out.getvalue().splitlines()[:2]
+    assert a.startswith("  a: 'What is the capital of France?' -> ")
+    assert b.startswith("  b: 'Hello' -> ")

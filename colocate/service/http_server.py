@@ -160,6 +160,9 @@ class OpenAIApp:
                 await response.write(_event(writer.usage_chunk(final)))
         except OpenAIError as exc:           # the headers are gone: say it in the stream
             await response.write(_event(exc.body()))
+        except Exception:                     # the engine failed this request (INTERNAL)
+            log.exception("a streamed %s failed", "chat" if parsed.chat else "completion")
+            await response.write(_event(OpenAIError(500, "internal error").body()))
         await response.write(b"data: [DONE]\n\n")
         await response.write_eof()
         return response

@@ -178,3 +178,20 @@ def test_refusals_are_counted_by_reason(make_service):
     call(service, "POST", "/v1/completions", {"prompt": [1], "max_tokens": 100})
     assert call(service, "POST", "/v1/completions", {"prompt": [1], "max_tokens": 2})[0] == 200
     assert counter.counts() == {"auth": 1, "invalid": 1, "too_long": 1, "overloaded": 0}
+
+
+def test_a_failing_engine_is_a_500_without_detail_plain_or_streamed(make_service):
+    from tests.service.helpers import FailingRunner
+
+    service = make_service(make_llm_engine(FailingRunner()), http=dict(names=["fake"]))
+    assert_error(call(service, "POST", "/v1/completions", {"prompt": [1, 2]}), 500,
+                 words="internal error")
+    conn = http.client.HTTPConnection(service.http.host, service.http.port, timeout=30)
+    conn.request("POST", "/v1/completions", headers={"Authorization": f"Bearer {TOKEN}"},
+                 body=json.dumps({"prompt": [1, 2], "stream": True}))
+    response = conn.getresponse()
+    events = response.read().decode().split("\n\n")
+    conn.close()
+    assert response.status == 200 and events[-2:] == ["data: [DONE]", ""]
+    assert json.loads(events[-3][len("data: "):])["error"]["message"] == "internal error"
+    assert "simulated" not in "".join(events)

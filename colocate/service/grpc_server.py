@@ -3,7 +3,8 @@ standard health service beside it, and serve().
 
 Errors become status codes here and nowhere else: ValueError (SamplingParams or
 engine validation, whose messages name the field and the limit) is
-INVALID_ARGUMENT, a full queue RESOURCE_EXHAUSTED, a stopped engine UNAVAILABLE,
+INVALID_ARGUMENT (but a Chat to a model without a chat template is
+FAILED_PRECONDITION), a full queue RESOURCE_EXHAUSTED, a stopped engine UNAVAILABLE,
 anything else INTERNAL with a fixed message; tracebacks go to the log, never to
 the client. A call that ends early, because the client cancelled, disconnected
 or let its deadline pass, aborts its request: gRPC runs the call's callbacks at

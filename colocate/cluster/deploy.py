@@ -51,12 +51,14 @@ gpus:
       - name: chat-{x}
         model: smollm2
         port: {port}
+        http_port: {http_port}
         max_model_len: 2048
         kv_cache: {{dtype: {kv}, tokens: 4096}}
         max_num_seqs: 16
         max_num_batched_tokens: 512
         tenants: [{{name: tenant-{x}, token_env: TENANT_{x.upper()}_TOKEN}}]
-""" for x, port, kv in (("a", 50051, "auto"), ("b", 50052, "auto"), ("c", 50053, "int8")))
+""" for x, port, http_port, kv in (("a", 50051, 8001, "auto"), ("b", 50052, 8002, "auto"),
+                                   ("c", 50053, 8003, "int8")))
 
 def default_config_path() -> Path:
     """deploy/examples/cpu-3x-smollm2.yaml beside the package (an editable install),

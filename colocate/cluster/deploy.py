@@ -51,12 +51,14 @@ gpus:
       - name: chat-{x}
         model: smollm2
         port: {port}
+        http_port: {http_port}
         max_model_len: 2048
         kv_cache: {{dtype: {kv}, tokens: 4096}}
         max_num_seqs: 16
         max_num_batched_tokens: 512
         tenants: [{{name: tenant-{x}, token_env: TENANT_{x.upper()}_TOKEN}}]
-""" for x, port, kv in (("a", 50051, "auto"), ("b", 50052, "auto"), ("c", 50053, "int8")))
+""" for x, port, http_port, kv in (("a", 50051, 8001, "auto"), ("b", 50052, 8002, "auto"),
+                                   ("c", 50053, 8003, "int8")))
 
 def default_config_path() -> Path:
     """deploy/examples/cpu-3x-smollm2.yaml beside the package (an editable install),
@@ -97,6 +99,7 @@ class Endpoint:
     state: str
     restarts: int
     entry: str = ""               # the device entry (one per replica of a service)
+    http_url: str = ""            # the OpenAI-compatible API's base URL, if it has one
 
 
 class Deployment:
@@ -173,14 +176,18 @@ class Deployment:
     def endpoints(self) -> list[Endpoint]:
         envs = {s.name: tuple(t.token_env for t in s.tenants)
                 for _, s in self.config.services()}
+        http = {s.name: (s.http_port, s.tls is not None) for _, s in self.config.services()}
         out = []
         for dev in self.status(with_stats=False):
             for s in dev["services"]:
                 # A server bound to every interface is reached at its node's address.
                 host = dev["node_ip"] if s["host"] in ("0.0.0.0", "::") else s["host"]
+                http_port, tls = http[s["name"]]
+                url = (f"{'https' if tls else 'http'}://{host}:{http_port}/v1"
+                       if http_port is not None else "")
                 out.append(Endpoint(s["name"], dev["device"], f"{host}:{s['port']}",
                                     envs[s["name"]], s["state"], s["restarts"],
-                                    dev["entry"]))
+                                    dev["entry"], url))
         return out
 
     def targets(self) -> dict[str, str]:
@@ -350,7 +357,8 @@ def print_endpoints(endpoints: list[Endpoint], generated: Mapping[str, str],
     width = max(len(e.service) for e in endpoints)
     print("\nready:", file=out)
     for e in endpoints:
-        print(f"  {e.service:<{width}}  {e.target}  ({e.entry or e.device}; tokens in "
+        http = f"  {e.http_url}" if e.http_url else ""
+        print(f"  {e.service:<{width}}  {e.target}{http}  ({e.entry or e.device}; tokens in "
               f"{', '.join('$' + v for v in e.token_envs)})", file=out)
     replicated = {name: t for name, t in (targets or {}).items()
                   if sum(e.service == name for e in endpoints) > 1}
@@ -372,4 +380,10 @@ def print_endpoints(endpoints: list[Endpoint], generated: Mapping[str, str],
     first = endpoints[0]
     target = (targets or {}).get(first.service, first.target)
     print(f"\ntry:\n  colocate generate --target {target} "
-          f"--token \"${first.token_envs[0]}\" \"Hello\"\n", file=out, flush=True)
+          f"--token \"${first.token_envs[0]}\" \"Hello\"", file=out, flush=True)
+    if first.http_url:
+        print(f"  curl {first.http_url}/chat/completions -H \"Authorization: Bearer "
+              f"${first.token_envs[0]}\" -H 'Content-Type: application/json' -d "
+              f"'{{\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'",
+              file=out, flush=True)
+    print(file=out, flush=True)

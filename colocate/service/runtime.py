@@ -1,5 +1,5 @@
 """ServiceRuntime: one service's process. Maps the shared weights, builds its engine over
-its own KV pool, and serves it over gRPC.
+its own KV pool, and serves it over gRPC (and, with `http_port:`, OpenAI's HTTP API).
 
 The supervisor hands every service a ServiceLaunch: the weight handle it got from the
 WeightStore, the service's KV budget in tokens as the MemoryArbiter admitted it, and
@@ -40,6 +40,7 @@ from colocate.service.engine_loop import EngineLoop
 from colocate.service.engine_protocol import EngineDeadError
 from colocate.service import test_hooks
 from colocate.service.grpc_server import model_info_from_engine, serve
+from colocate.service.http_server import HttpServer, serve_http
 from colocate.worker.engine_factory import build_engine
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,7 @@ class ServiceDoor:
             weight_bytes=launch.weights.tensor_bytes, weights_shared=launch.weights_shared,
             kv_cache_bytes=launch.kv_budget_bytes)
         self.rejections = RejectionCounter()
+        self.http: HttpServer | None = None
         try:
             self.server = serve(self.engine, spec.port, launch.tenants, spec.name, info,
                                 host=launch.host, on_reject=self.rejections.add,
@@ -105,8 +107,21 @@ class ServiceDoor:
         except BaseException:
             self.engine.shutdown()
             raise
-        log.info("service %s serving on %s:%d (pid %d, %d KV blocks)", spec.name,
-                 launch.host, self.server.port, os.getpid(), launch.num_blocks - 1)
+        if spec.http_port is not None:
+            try:
+                self.http = serve_http(self.engine, spec.http_port, launch.tenants, spec.name,
+                                       spec.model_names, host=launch.host, tls=spec.tls,
+                                       max_request_bytes=spec.max_request_bytes,
+                                       max_in_flight=spec.rpc_limit,
+                                       on_reject=self.rejections.add)
+            except BaseException:
+                self.server.stop(0)
+                self.engine.shutdown()
+                raise
+        log.info("service %s serving on %s:%d%s (pid %d, %d KV blocks)", spec.name,
+                 launch.host, self.server.port,
+                 f", HTTP on {self.http.port}" if self.http is not None else "",
+                 os.getpid(), launch.num_blocks - 1)
 
     @property
     def port(self) -> int:
@@ -149,6 +164,8 @@ class ServiceDoor:
                         self.name, grace)
         # The streams have their final outputs; a second lets the handlers send them.
         self.server.stop(1.0)
+        if self.http is not None:
+            self.http.stop()
         self.engine.shutdown()
         return drained
 

@@ -30,12 +30,13 @@ def requests_for(names: list[str]) -> dict:
 
 
 @contextlib.contextmanager
-def three_services(workdir, model_dir, names, *, device_extra=None, **deployment_options):
+def three_services(workdir, model_dir, names, *, device_extra=None, per_service=None,
+                   **deployment_options):
     """A ready deployment of `names` on the CPU. One torch thread each, as the offline
     reference uses: thread count can change float summation order, and so a sampled
     token."""
     config = cpu_deployment(workdir, str(model_dir), names, kv_tokens=KV_TOKENS,
-                            device_extra=device_extra)
+                            device_extra=device_extra, per_service=per_service)
     with Deployment(config, torch_threads=1, health_interval_s=0.5,
                     **deployment_options) as dep:
         dep.wait_ready(timeout=180)

@@ -1,6 +1,6 @@
 """`batching: fused`: three services of the tiny checkpoint in ONE process, decoding
-as one batch, through the real supervisor, Ray and gRPC; each keeps its own door,
-tenants, pool and prefix cache, and the group is restarted as one."""
+as one batch, through the real supervisor, Ray and gRPC; each keeps its own doors
+(gRPC and OpenAI HTTP), tenants, pool and prefix cache, and the group is restarted as one."""
 from __future__ import annotations
 
 import threading
@@ -11,7 +11,8 @@ import pytest
 import ray
 
 from tests.faults import HOOKS
-from tests.deployment.helpers import scrape_by_service, service_rows, stream_tokens, token_of
+from tests.deployment.helpers import (free_ports, scrape_by_service, service_rows, stream_tokens,
+                                      token_of)
 from tests.deployment.service_contract import KV_TOKENS, ServiceContract, three_services
 
 pytestmark = pytest.mark.slow
@@ -20,8 +21,10 @@ NAMES = ["fu-a", "fu-b", "fu-c"]
 
 @pytest.fixture(scope="module")
 def deployment(ray_session, tiny_model_dir, tmp_path_factory):
+    http = {name: {"http_port": port} for name, port in zip(NAMES, free_ports(len(NAMES)))}
     with three_services(tmp_path_factory.mktemp("fused"), tiny_model_dir, NAMES,
-                        device_extra={"batching": "fused"}, test_hooks=HOOKS) as dep:
+                        device_extra={"batching": "fused"}, per_service=http,
+                        test_hooks=HOOKS) as dep:
         yield dep
 
 
@@ -32,6 +35,28 @@ class TestServiceContract(ServiceContract):
 def test_one_process_serves_every_service(deployment):
     pids = {r["stats"].pid for r in service_rows(deployment).values()}
     assert len(pids) == 1
+
+
+def test_each_member_serves_openai_http_on_its_own_port(deployment, targets):
+    import openai
+
+    from colocate.client import Client
+
+    urls = {e.service: e.http_url for e in deployment.endpoints()}
+    assert len(set(urls.values())) == len(NAMES) and all(urls.values())
+    for name in NAMES:
+        sdk = openai.OpenAI(base_url=urls[name], api_key=token_of(name), max_retries=0)
+        assert [m.id for m in sdk.models.list().data] == ["m"]
+        reply = sdk.completions.create(model="m", prompt=[1, 50, 60], max_tokens=5,
+                                       temperature=0, extra_body={"ignore_eos": True})
+        with Client(targets[name], token_of(name), timeout=60) as client:
+            want = client.generate_text([1, 50, 60], max_tokens=5, temperature=0.0,
+                                        ignore_eos=True)
+        assert reply.choices[0].text == want and reply.usage.completion_tokens == 5
+    # a member's tenant is a stranger at another member's HTTP door, as over gRPC
+    stranger = openai.OpenAI(base_url=urls["fu-a"], api_key=token_of("fu-b"), max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        stranger.completions.create(model="m", prompt=[1, 2], max_tokens=2)
 
 
 def test_a_flood_fills_only_its_own_pool(deployment, targets):

@@ -104,6 +104,7 @@ class ServiceSpec:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_concurrent_rpcs: int | None = None   # None: derived, see rpc_limit
     weight: float = 1.0               # its share of a fused group's step, against the others
+    sleep_after_idle: float | None = None   # seconds idle before its KV pool is given back
 
     @property
     def rpc_limit(self) -> int:
@@ -300,6 +301,11 @@ class _Reader(ValueReader):
                              f"expected a non-empty list, got {kind(raw_services)}")
         services = tuple(self.service(s, f"{key}.services[{i}]", models, tls)
                          for i, s in enumerate(raw_services))
+        for i, service in enumerate(services):
+            if batching == "fused" and service.sleep_after_idle is not None:
+                raise self.error(f"{key}.services[{i}].sleep_after_idle",
+                                 "not with batching: fused (the group's services share one "
+                                 "KV cache); use batching: isolated")
         spec = DeviceSpec(device=device, services=services, memory=memory, headroom=headroom,
                           share_weights=share, metrics_port=metrics_port, tls=tls, name=name,
                           node=node, restart=restart, batching=batching)
@@ -317,7 +323,7 @@ class _Reader(ValueReader):
                                    "tenants"),
                          optional=("max_num_seqs", "max_num_batched_tokens",
                                    "max_queued_requests", "tls", "max_request_bytes",
-                                   "max_concurrent_rpcs", "weight"))
+                                   "max_concurrent_rpcs", "weight", "sleep_after_idle"))
         name = self.string(s["name"], f"{key}.name")
         model = self.string(s["model"], f"{key}.model")
         if model not in models:
@@ -343,6 +349,8 @@ class _Reader(ValueReader):
                                              f"{key}.max_queued_requests"),
             tls=self.tls(s["tls"], f"{key}.tls") if "tls" in s else device_tls,
             weight=self.positive_number(s.get("weight", 1.0), f"{key}.weight"),
+            sleep_after_idle=(self.duration(s["sleep_after_idle"], f"{key}.sleep_after_idle")
+                              if "sleep_after_idle" in s else None),
             max_request_bytes=self.size(s.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES),
                                         f"{key}.max_request_bytes",
                                         maximum=MAX_REQUEST_BYTES_LIMIT),

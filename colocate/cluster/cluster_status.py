@@ -90,7 +90,8 @@ def _entry_lines(entry: dict, addresses: dict[str, list[str]]) -> list[str]:
         if s.get("stats") is not None:
             st = s["stats"]
             load = (f", {st.num_running} running, {st.num_waiting} waiting, "
-                    f"KV {st.kv_blocks_used}/{st.kv_blocks_total} blocks")
+                    f"KV {st.kv_blocks_used}/{st.kv_blocks_total} blocks"
+                    + (", sleeping" if st.sleeping else ""))
         health = s["state"] if status else f"{state} (unhealthy)"
         lines.append(f"    service {s['name']} at {target}: {health}, "
                      f"{s.get('restarts', 0)} restart(s){load}")

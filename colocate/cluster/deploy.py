@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Mapping, TextIO
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError
 
 from colocate.config import DeploymentConfig, DeviceSpec, load_config
+from colocate.cluster.apply import apply_to, tenant_tokens, unwrap
 from colocate.cluster.fleet import Fleet, Placed
 from colocate.cluster.placement import (CPU_DEVICE_RESOURCE, LOCAL_CPU_DEVICE_SLOTS,
                                         PLACEMENT_TIMEOUT_S, PlacementError)  # noqa: F401
@@ -83,11 +84,6 @@ def load_with_demo_tokens(path: Path, env: Mapping[str, str] | None = None
     return load_config(path, {**env, **generated}), generated
 
 
-def tenant_tokens(gpu: DeviceSpec) -> dict[str, dict[str, str]]:
-    """service name -> {bearer token: tenant name}, as the services authenticate."""
-    return {s.name: {t.token: t.name for t in s.tenants} for s in gpu.services}
-
-
 @dataclass(frozen=True)
 class Endpoint:
     service: str
@@ -137,7 +133,7 @@ class Deployment:
                            placement_timeout_s=placement_timeout_s)
         try:
             self.fleet.place()
-            _unwrap(lambda: ray.get([s.start.remote() for s in self.supervisors.values()]))
+            unwrap(lambda: ray.get([s.start.remote() for s in self.supervisors.values()]))
         except BaseException:
             self.shutdown()
             raise
@@ -148,7 +144,7 @@ class Deployment:
         return self.fleet.actors()
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> list[Endpoint]:
-        _unwrap(lambda: ray.get([s.wait_ready.remote(timeout)
+        unwrap(lambda: ray.get([s.wait_ready.remote(timeout)
                                  for s in self.supervisors.values()]))
         # From here on, a lost node is noticed (and, if allowed, its entries re-placed).
         self.fleet.watch(self.health_interval_s, timeout)
@@ -206,6 +202,14 @@ class Deployment:
 
     def supervisor(self, entry: str):
         return self.supervisors[entry]
+
+    def apply(self, config: DeploymentConfig) -> list[str]:
+        """Change the running deployment to `config` live (apply.py): every entry or
+        none; only the services that differ are started, stopped or restarted. One
+        summary line per entry; DeploymentError, with nothing changed, if refused."""
+        lines = apply_to(self.supervisors, config, self.shutdown_grace_s)
+        self.config = config
+        return lines
 
     def shutdown(self) -> None:
         """Stop every service and supervisor, letting requests in flight finish first
@@ -268,19 +272,6 @@ def init_ray(address: str | None) -> bool:
     return True
 
 
-def _unwrap(call):
-    """Run a ray.get, turning a supervisor's DeploymentError back into a plain one
-    (its message, without the remote traceback Ray wraps it in)."""
-    try:
-        return call()
-    except RayTaskError as exc:
-        if isinstance(exc.cause, DeploymentError):
-            raise DeploymentError(str(exc.cause)) from None
-        raise
-    except RayActorError as exc:
-        raise DeploymentError(f"a supervisor died: {exc}") from None
-
-
 # ---- colocate serve ------------------------------------------------------------------
 
 def run_serve(config: str | None, address: str | None = None, *, host: str = "127.0.0.1",
@@ -311,6 +302,7 @@ def run_serve(config: str | None, address: str | None = None, *, host: str = "12
         print(f"colocate serve: {exc}", file=sys.stderr)
         return 1
     stop = _stop_on_signals()     # after ray.init, which installs a SIGTERM handler of its own
+    reload = _event_on(signal.SIGHUP)
     with deployment:
         try:
             endpoints = deployment.wait_ready()
@@ -324,12 +316,35 @@ def run_serve(config: str | None, address: str | None = None, *, host: str = "12
         print("serving; Ctrl-C to stop", file=out, flush=True)
         try:
             while not stop.wait(1.0):     # a timed wait keeps Ctrl-C prompt
-                pass
+                if reload.is_set():
+                    reload.clear()
+                    _reload(deployment, config, out)
         except KeyboardInterrupt:
             pass
         print("\nstopping ...", file=out, flush=True)
     print("stopped", file=out)
     return 0
+
+
+def _event_on(sig: int) -> threading.Event:
+    event = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(sig, lambda *_: event.set())
+    return event
+
+
+def _reload(deployment: Deployment, path: str | None, out: TextIO) -> None:
+    """SIGHUP: apply the YAML file again, live (Deployment.apply)."""
+    if path is None:
+        print("SIGHUP: the built-in default has no file to reload", file=out, flush=True)
+        return
+    try:
+        lines = deployment.apply(load_config(path))
+    except (ValueError, DeploymentError) as exc:      # ConfigError is a ValueError
+        print(f"reload of {path} refused, nothing changed: {exc}", file=out, flush=True)
+        return
+    for line in lines:
+        print(f"reloaded {path}: {line}", file=out, flush=True)
 
 
 def _stop_on_signals() -> threading.Event:

@@ -10,9 +10,11 @@ keys and values, and their scales when int8) is a view into one region:
 - CUDA: one torch allocation; once dropped, `torch.cuda.empty_cache()` hands the
   segment back to the driver instead of keeping it in torch's caching allocator.
 
-The region is zero-filled when allocated (see kv_cache.allocate_kv_caches for why
-zeros), which also makes the pages resident: the budget the arbiter booked is held
-while awake, not merely promised.
+The region is zeroed and resident when allocated (see kv_cache.allocate_kv_caches for
+why zeros): the budget the arbiter booked is held while awake, not merely promised.
+On Linux the CPU mapping is populated by the kernel at mmap time (MAP_POPULATE), whose
+fresh anonymous pages are zeros: measured here 2-5x faster than touching every page
+with a memset, and a wake's latency is mostly this.
 """
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ log = logging.getLogger(__name__)
 
 # Every view starts on this boundary: enough for any dtype and for vector loads.
 _ALIGN = 256
+_POPULATE = getattr(mmap, "MAP_POPULATE", 0)          # Linux only
+_CPU_MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _POPULATE
 
 
 def _aligned(n: int) -> int:
@@ -80,11 +84,12 @@ class KVCacheMemory:
             return
         size = self.nbytes
         if self.device.type == "cpu":
-            self._region = mmap.mmap(-1, size)
+            self._region = mmap.mmap(-1, size, flags=_CPU_MAP_FLAGS)
             base = torch.frombuffer(self._region, dtype=torch.uint8)          # (size,)
+            if not _POPULATE:
+                base.zero_()         # make the pages resident (they are zeros already)
         else:
-            base = torch.empty(size, dtype=torch.uint8, device=self.device)
-        base.zero_()                 # zeros, and resident pages (see the module note)
+            base = torch.zeros(size, dtype=torch.uint8, device=self.device)
         caches, offset = [], 0
         for _ in range(self.num_layers):
             views = []

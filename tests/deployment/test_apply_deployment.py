@@ -9,6 +9,7 @@ import threading
 import pytest
 
 from colocate.client import Client
+from colocate.cluster.apply import run_apply
 from colocate.cluster.deploy import Deployment
 from colocate.cluster.supervisor import DeploymentError
 from tests.deployment.helpers import cpu_deployment, stream_tokens, token_of
@@ -49,6 +50,24 @@ def test_a_change_that_does_not_fit_changes_nothing(deployment, tmp_path, tiny_m
     with pytest.raises(DeploymentError, match="the new plan does not fit: service resized"):
         deployment.apply(too_big)
     assert snapshot(deployment) == before
+
+
+def test_the_cli_finds_the_deployment_and_refuses_what_does_not_fit(
+        deployment, tmp_path, tiny_model_dir, monkeypatch, capsys):
+    names = ["steady", "leaving", "resized"]
+    before = snapshot(deployment)
+    too_big = cpu_deployment(tmp_path, str(tiny_model_dir), names, memory="4GiB",
+                             per_service={"resized": {"kv_cache": {"budget": "8GiB"}}})
+    for i, name in enumerate(names):       # the YAML's tokens, from the environment
+        monkeypatch.setenv(f"TOKEN_{i}", token_of(name))
+    # Ray is connected in this process: run_apply uses it and leaves it connected.
+    assert run_apply(too_big.source, None, deployment.name) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("colocate apply: refused, nothing changed: cpu: the new plan "
+                          "does not fit: service resized"), err
+    assert snapshot(deployment) == before
+    assert run_apply(too_big.source, None, "no-such-deployment") == 1
+    assert "no deployment 'no-such-deployment'" in capsys.readouterr().err
 
 
 def test_add_remove_and_resize_while_a_neighbour_streams(deployment, tmp_path, tiny_model_dir,

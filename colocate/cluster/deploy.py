@@ -167,6 +167,8 @@ class Deployment:
         return rows
 
     def endpoints(self) -> list[Endpoint]:
+        # A service a `colocate apply` from another process added is not in this
+        # driver's config: it is listed without its token variables.
         envs = {s.name: tuple(t.token_env for t in s.tenants)
                 for _, s in self.config.services()}
         out = []
@@ -175,7 +177,7 @@ class Deployment:
                 # A server bound to every interface is reached at its node's address.
                 host = dev["node_ip"] if s["host"] in ("0.0.0.0", "::") else s["host"]
                 out.append(Endpoint(s["name"], dev["device"], f"{host}:{s['port']}",
-                                    envs[s["name"]], s["state"], s["restarts"],
+                                    envs.get(s["name"], ()), s["state"], s["restarts"],
                                     dev["entry"]))
         return out
 

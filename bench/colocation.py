@@ -17,7 +17,9 @@ replaying the same seeded requests (see colocation_load.py):
 --door http drives the colocate scenarios through their own OpenAI-compatible HTTP
 ports with the peers' client, so that every scenario is measured through one door.
 Writes colocation.json, colocation.md and PNG plots under --results and prints a
-table. Asserts nothing about speed: the machine may be shared.
+table. With --bursty, instead: the services busy in turns, static budgets against
+sleep_after_idle (colocation_bursty.py), to bursty.json and bursty.md. Asserts nothing
+about speed: the machine may be shared.
 """
 from __future__ import annotations
 
@@ -30,6 +32,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))    # run as a script, not a package
 from common import machine_info, write_json  # noqa: E402
+from colocation_bursty import markdown as bursty_markdown  # noqa: E402
+from colocation_bursty import run_bursty  # noqa: E402
 from colocation_load import LoadSpec, PromptMaker, run_load  # noqa: E402
 from colocation_report import (headline_ratios, markdown_report, scenario_result,  # noqa: E402
                                terminal_report, write_plots)
@@ -80,6 +84,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--startup-timeout", type=float, default=300.0)
     p.add_argument("--request-timeout", type=float, default=300.0)
     p.add_argument("--results", default="results/colocation", help="output directory")
+    bursty = p.add_argument_group("bursty load (colocation_bursty.py): static budgets "
+                                  "against sleep_after_idle")
+    bursty.add_argument("--bursty", action="store_true", help="run the bursty load instead "
+                        "of the scenarios above")
+    bursty.add_argument("--burst", type=float, default=10.0,
+                        help="seconds each service is busy in its turn")
+    bursty.add_argument("--cycles", type=int, default=3, help="rounds of turns")
+    bursty.add_argument("--sleep-after", type=float, default=2.0,
+                        help="sleep_after_idle of every service in the sleep scenario")
+    bursty.add_argument("--sample", type=float, default=1.0,
+                        help="seconds between memory samples")
     args = p.parse_args(argv)
     args.peer_url = [u for arg in args.peer_url for u in arg.split(",") if u]
     unknown = set(args.scenarios.split(",")) - set(SCENARIOS)
@@ -258,8 +273,44 @@ def measure_loads(name: str, servers, prompts: PromptMaker, specs: list[LoadSpec
         print(f"   {o['completed']} done, {o['failed']} failed in {wall:.0f} s", flush=True)
 
 
+def run_bursty_load(args: argparse.Namespace) -> dict:
+    """--bursty: the config's services in turns, static budgets against sleep."""
+    from colocate.cluster.supervisor import checkpoint_dir
+
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    machine = {**machine_info(), "load_average_before": list(os.getloadavg())}
+    config = load_bench_config(args.config or write_default_config(
+        results / "deployment.yaml", args.model, args.services, kv_tokens=args.kv_tokens,
+        max_model_len=args.max_model_len, max_num_seqs=16))
+    prompts = PromptMaker(checkpoint_dir(config.models[config.gpus[0].services[0].model]))
+    spec = load_specs(args)[0]
+    args.prompt_range, args.output_range = spec.prompt_tokens, spec.output_tokens
+
+    def servers(cfg):
+        started = ColocateServers(cfg, args.threads, args.startup_timeout)
+        warm_up(started.targets, prompts, spec)
+        return started
+
+    start_private_ray()
+    try:
+        result = run_bursty(args, config, prompts, servers)
+    finally:
+        import ray
+        ray.shutdown()
+    return {"machine": machine, "config": describe(config), **result}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.bursty:
+        result = run_bursty_load(args)
+        results = Path(args.results)
+        write_json(results / "bursty.json", result)
+        (results / "bursty.md").write_text(bursty_markdown(result))
+        print("\n" + bursty_markdown(result))
+        print(f"wrote {results / 'bursty.json'} and {results / 'bursty.md'}")
+        return 0
     result = run(args)
     results = Path(args.results)
     plots, why_not = write_plots(result["runs"], results)

@@ -1,4 +1,4 @@
-"""The `colocate` command: tiny-model | demo | plan | serve | generate | status | top."""
+"""The `colocate` command: tiny-model | demo | plan | serve | apply | generate | status | top."""
 from __future__ import annotations
 
 import argparse
@@ -70,6 +70,12 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return run_serve(args.config, args.address, host=args.host,
                      torch_threads=args.torch_threads, grace=args.grace,
                      on_ready=send_demo_requests if args.demo else None)
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    from colocate.cluster.apply import run_apply
+
+    return run_apply(args.config, args.address, args.deployment, grace=args.grace)
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -152,6 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace", type=float, default=10.0,
                    help="seconds requests in flight get to finish on Ctrl-C / SIGTERM")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser(
+        "apply", help="change a running deployment live to a new YAML",
+        description="Check the new YAML's plan on every device first (refusing the whole "
+                    "change, exit 1, if it does not fit); then start, stop (drained) or "
+                    "restart only the services that differ. `colocate serve` does the "
+                    "same with its own file on SIGHUP.")
+    p.add_argument("config", help="the new deployment YAML")
+    p.add_argument("--address", default="auto",
+                   help="the Ray cluster (HOST:PORT, or auto for the one this host is in)")
+    p.add_argument("--deployment", default=None,
+                   help="the deployment's name (default: the YAML's name, else the only one)")
+    p.add_argument("--grace", type=float, default=10.0,
+                   help="seconds a stopped service's requests in flight get to finish")
+    p.set_defaults(func=_cmd_apply)
 
     p = sub.add_parser(
         "status", help="every deployment on a Ray cluster: devices, services, health, ledgers",

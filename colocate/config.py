@@ -27,12 +27,10 @@ QUANTIZATIONS = (None, "none", "gguf", "int8", "int4")
 RESTART_POLICIES = ("never", "anywhere")   # what to do with an entry whose node is lost
 BATCHING_MODES = ("isolated", "fused")     # a process per service, or one per model
 DEFAULT_QUANT_GROUP_SIZE = 128
-# gRPC's own default receive limit; 4 MiB of prompt is already ~1M tokens, far
-# beyond any max_model_len, so a bigger message is a mistake or an attack.
+# gRPC's own default receive limit; 4 MiB of prompt (~1M tokens) is a mistake or an attack.
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
 MAX_REQUEST_BYTES_LIMIT = 2**31 - 1        # gRPC keeps the limit in a C int
-# Concurrent calls beyond those that can run or wait in the engine: Tokenize,
-# GetModelInfo, GetStats and health watches must still get through under load.
+# Calls beyond those the engine can run or queue: Tokenize, GetModelInfo, GetStats, health.
 EXTRA_CONCURRENT_RPCS = 16
 _DEVICE_RE = re.compile(r"^(cpu|cuda:[0-9]+)$")
 
@@ -106,6 +104,7 @@ class ServiceSpec:
     weight: float = 1.0               # its share of a fused group's step, against the others
     http_port: int | None = None      # the OpenAI-compatible HTTP door; None: gRPC only
     served_model_name: str | None = None   # the model's name over HTTP; None: the model key
+    sleep_after_idle: float | None = None   # seconds idle before its KV pool is given back
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -307,6 +306,10 @@ class _Reader(ValueReader):
                              f"expected a non-empty list, got {kind(raw_services)}")
         services = tuple(self.service(s, f"{key}.services[{i}]", models, tls)
                          for i, s in enumerate(raw_services))
+        sleepers = [i for i, s in enumerate(services) if s.sleep_after_idle is not None]
+        if batching == "fused" and sleepers:
+            raise self.error(f"{key}.services[{sleepers[0]}].sleep_after_idle", "not with "
+                             "batching: fused (the group's services share one KV cache)")
         spec = DeviceSpec(device=device, services=services, memory=memory, headroom=headroom,
                           share_weights=share, metrics_port=metrics_port, tls=tls, name=name,
                           node=node, restart=restart, batching=batching)
@@ -325,7 +328,7 @@ class _Reader(ValueReader):
                          optional=("max_num_seqs", "max_num_batched_tokens",
                                    "max_queued_requests", "tls", "max_request_bytes",
                                    "max_concurrent_rpcs", "weight", "http_port",
-                                   "served_model_name"))
+                                   "served_model_name", "sleep_after_idle"))
         name = self.string(s["name"], f"{key}.name")
         model = self.string(s["model"], f"{key}.model")
         if model not in models:
@@ -351,6 +354,8 @@ class _Reader(ValueReader):
                                              f"{key}.max_queued_requests"),
             tls=self.tls(s["tls"], f"{key}.tls") if "tls" in s else device_tls,
             weight=self.positive_number(s.get("weight", 1.0), f"{key}.weight"),
+            sleep_after_idle=(self.duration(s["sleep_after_idle"], f"{key}.sleep_after_idle")
+                              if "sleep_after_idle" in s else None),
             max_request_bytes=self.size(s.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES),
                                         f"{key}.max_request_bytes",
                                         maximum=MAX_REQUEST_BYTES_LIMIT),

@@ -7,10 +7,15 @@ of services or devices, only of mappings, strings, numbers, sizes and files.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any
 
 from colocate.sizes import parse_size
+
+
+_DURATION_RE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h)")
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 class ConfigError(ValueError):
@@ -65,6 +70,16 @@ class ValueReader:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
             raise self.error(key, f"expected a number > 0, got {value!r}")
         return float(value)
+
+    def duration(self, value: Any, key: str) -> float:
+        """Seconds > 0, from a number of seconds or a string like 500ms, 2s, 10m, 1h."""
+        if isinstance(value, str):
+            match = _DURATION_RE.fullmatch(value.strip())
+            if match is None:
+                raise self.error(key, f"bad duration {value!r}: expected a number with a "
+                                      "unit (ms, s, m, h), like 30s or 10m")
+            value = float(match[1]) * _DURATION_UNITS[match[2]]
+        return self.positive_number(value, key)
 
     def boolean(self, value: Any, key: str) -> bool:
         if not isinstance(value, bool):

@@ -46,6 +46,11 @@ class DeviceAdmission:
             self.ledger.book(entries, self.own_bytes)
         return demand
 
+    def others_bytes(self) -> int:
+        """What the other supervisors of the device hold now."""
+        with self.ledger.transaction() as entries:
+            return self.ledger.others_bytes(entries)
+
     def release(self, name: str) -> None:
         with self.ledger.transaction() as entries:
             self.arbiter.release(name)

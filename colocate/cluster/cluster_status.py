@@ -7,7 +7,6 @@ device's ledger. An entry whose node is gone shows as the record last saw it.
 """
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from typing import TextIO
@@ -15,7 +14,8 @@ from typing import TextIO
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
-from colocate.cluster.registry import NAMESPACE, deployment_names, record_name
+from colocate.cluster.registry import (NAMESPACE, ClusterUnreachable, deployment_names,
+                                       on_cluster, record_name)
 from colocate.sizes import format_size
 
 ASK_TIMEOUT_S = 10.0
@@ -90,7 +90,8 @@ def _entry_lines(entry: dict, addresses: dict[str, list[str]]) -> list[str]:
         if s.get("stats") is not None:
             st = s["stats"]
             load = (f", {st.num_running} running, {st.num_waiting} waiting, "
-                    f"KV {st.kv_blocks_used}/{st.kv_blocks_total} blocks")
+                    f"KV {st.kv_blocks_used}/{st.kv_blocks_total} blocks"
+                    + (", sleeping" if st.sleeping else ""))
         health = s["state"] if status else f"{state} (unhealthy)"
         lines.append(f"    service {s['name']} at {target}: {health}, "
                      f"{s.get('restarts', 0)} restart(s){load}")
@@ -108,18 +109,10 @@ def _entry_lines(entry: dict, addresses: dict[str, list[str]]) -> list[str]:
 def run_status(address: str | None, out: TextIO = sys.stdout,
                timeout: float = ASK_TIMEOUT_S) -> int:
     """Join the cluster at `address` (default auto), print its deployments, leave."""
-    joined = not ray.is_initialized()
-    if joined:
-        try:
-            ray.init(address=address or "auto", logging_level=logging.WARNING,
-                     log_to_driver=False)
-        except (ConnectionError, RuntimeError, ValueError) as exc:
-            print(f"colocate status: cannot join the Ray cluster at {address or 'auto'}: "
-                  f"{exc}", file=sys.stderr)
-            return 2
     try:
-        out.write(format_status(cluster_status(timeout)))
-    finally:
-        if joined:
-            ray.shutdown()
+        with on_cluster(address, "colocate status"):
+            out.write(format_status(cluster_status(timeout)))
+    except ClusterUnreachable as exc:
+        print(exc, file=sys.stderr)
+        return 2
     return 0

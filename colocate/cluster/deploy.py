@@ -22,10 +22,12 @@ from pathlib import Path
 from typing import Mapping, TextIO
 
 import ray
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, RayActorError
 
 from colocate.config import DeploymentConfig, DeviceSpec, load_config
+from colocate.cluster.apply import apply_to, tenant_tokens, unwrap
 from colocate.cluster.fleet import Fleet, Placed
+from colocate.cluster.serve_report import print_endpoints
 from colocate.cluster.placement import (CPU_DEVICE_RESOURCE, LOCAL_CPU_DEVICE_SLOTS,
                                         PLACEMENT_TIMEOUT_S, PlacementError)  # noqa: F401
 from colocate.cluster.supervisor import (SHUTDOWN_GRACE_S, STARTUP_TIMEOUT_S, DeploymentError,
@@ -85,11 +87,6 @@ def load_with_demo_tokens(path: Path, env: Mapping[str, str] | None = None
     return load_config(path, {**env, **generated}), generated
 
 
-def tenant_tokens(gpu: DeviceSpec) -> dict[str, dict[str, str]]:
-    """service name -> {bearer token: tenant name}, as the services authenticate."""
-    return {s.name: {t.token: t.name for t in s.tenants} for s in gpu.services}
-
-
 @dataclass(frozen=True)
 class Endpoint:
     service: str
@@ -140,7 +137,7 @@ class Deployment:
                            placement_timeout_s=placement_timeout_s)
         try:
             self.fleet.place()
-            _unwrap(lambda: ray.get([s.start.remote() for s in self.supervisors.values()]))
+            unwrap(lambda: ray.get([s.start.remote() for s in self.supervisors.values()]))
         except BaseException:
             self.shutdown()
             raise
@@ -151,7 +148,7 @@ class Deployment:
         return self.fleet.actors()
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> list[Endpoint]:
-        _unwrap(lambda: ray.get([s.wait_ready.remote(timeout)
+        unwrap(lambda: ray.get([s.wait_ready.remote(timeout)
                                  for s in self.supervisors.values()]))
         # From here on, a lost node is noticed (and, if allowed, its entries re-placed).
         self.fleet.watch(self.health_interval_s, timeout)
@@ -174,6 +171,8 @@ class Deployment:
         return rows
 
     def endpoints(self) -> list[Endpoint]:
+        # A service a `colocate apply` from another process added is not in this
+        # driver's config: it is listed without its token variables.
         envs = {s.name: tuple(t.token_env for t in s.tenants)
                 for _, s in self.config.services()}
         http = {s.name: (s.http_port, s.tls is not None) for _, s in self.config.services()}
@@ -182,11 +181,11 @@ class Deployment:
             for s in dev["services"]:
                 # A server bound to every interface is reached at its node's address.
                 host = dev["node_ip"] if s["host"] in ("0.0.0.0", "::") else s["host"]
-                http_port, tls = http[s["name"]]
+                http_port, tls = http.get(s["name"], (None, False))
                 url = (f"{'https' if tls else 'http'}://{host}:{http_port}/v1"
                        if http_port is not None else "")
                 out.append(Endpoint(s["name"], dev["device"], f"{host}:{s['port']}",
-                                    envs[s["name"]], s["state"], s["restarts"],
+                                    envs.get(s["name"], ()), s["state"], s["restarts"],
                                     dev["entry"], url))
         return out
 
@@ -213,6 +212,14 @@ class Deployment:
 
     def supervisor(self, entry: str):
         return self.supervisors[entry]
+
+    def apply(self, config: DeploymentConfig) -> list[str]:
+        """Change the running deployment to `config` live (apply.py): every entry or
+        none; only the services that differ are started, stopped or restarted. One
+        summary line per entry; DeploymentError, with nothing changed, if refused."""
+        lines = apply_to(self.supervisors, config, self.shutdown_grace_s)
+        self.config = config
+        return lines
 
     def shutdown(self) -> None:
         """Stop every service and supervisor, letting requests in flight finish first
@@ -275,19 +282,6 @@ def init_ray(address: str | None) -> bool:
     return True
 
 
-def _unwrap(call):
-    """Run a ray.get, turning a supervisor's DeploymentError back into a plain one
-    (its message, without the remote traceback Ray wraps it in)."""
-    try:
-        return call()
-    except RayTaskError as exc:
-        if isinstance(exc.cause, DeploymentError):
-            raise DeploymentError(str(exc.cause)) from None
-        raise
-    except RayActorError as exc:
-        raise DeploymentError(f"a supervisor died: {exc}") from None
-
-
 # ---- colocate serve ------------------------------------------------------------------
 
 def run_serve(config: str | None, address: str | None = None, *, host: str = "127.0.0.1",
@@ -318,6 +312,7 @@ def run_serve(config: str | None, address: str | None = None, *, host: str = "12
         print(f"colocate serve: {exc}", file=sys.stderr)
         return 1
     stop = _stop_on_signals()     # after ray.init, which installs a SIGTERM handler of its own
+    reload = _event_on(signal.SIGHUP)
     with deployment:
         try:
             endpoints = deployment.wait_ready()
@@ -331,12 +326,35 @@ def run_serve(config: str | None, address: str | None = None, *, host: str = "12
         print("serving; Ctrl-C to stop", file=out, flush=True)
         try:
             while not stop.wait(1.0):     # a timed wait keeps Ctrl-C prompt
-                pass
+                if reload.is_set():
+                    reload.clear()
+                    _reload(deployment, config, out)
         except KeyboardInterrupt:
             pass
         print("\nstopping ...", file=out, flush=True)
     print("stopped", file=out)
     return 0
+
+
+def _event_on(sig: int) -> threading.Event:
+    event = threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(sig, lambda *_: event.set())
+    return event
+
+
+def _reload(deployment: Deployment, path: str | None, out: TextIO) -> None:
+    """SIGHUP: apply the YAML file again, live (Deployment.apply)."""
+    if path is None:
+        print("SIGHUP: the built-in default has no file to reload", file=out, flush=True)
+        return
+    try:
+        lines = deployment.apply(load_config(path))
+    except (ValueError, DeploymentError) as exc:      # ConfigError is a ValueError
+        print(f"reload of {path} refused, nothing changed: {exc}", file=out, flush=True)
+        return
+    for line in lines:
+        print(f"reloaded {path}: {line}", file=out, flush=True)
 
 
 def _stop_on_signals() -> threading.Event:
@@ -347,43 +365,3 @@ def _stop_on_signals() -> threading.Event:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
     return stop
-
-
-def print_endpoints(endpoints: list[Endpoint], generated: Mapping[str, str],
-                    out: TextIO, metrics_urls: Mapping[str, str] | None = None,
-                    targets: Mapping[str, str] | None = None) -> None:
-    """targets: service -> its one target (see Deployment.targets); printed for the
-    services with several replicas."""
-    width = max(len(e.service) for e in endpoints)
-    print("\nready:", file=out)
-    for e in endpoints:
-        http = f"  {e.http_url}" if e.http_url else ""
-        print(f"  {e.service:<{width}}  {e.target}{http}  ({e.entry or e.device}; tokens in "
-              f"{', '.join('$' + v for v in e.token_envs)})", file=out)
-    replicated = {name: t for name, t in (targets or {}).items()
-                  if sum(e.service == name for e in endpoints) > 1}
-    if replicated:
-        print("\nreplicated services (one target, balanced round-robin by the client):",
-              file=out)
-        for name, target in replicated.items():
-            print(f"  {name:<{width}}  {target}", file=out)
-    if metrics_urls:
-        print("\nmetrics (one Prometheus target per device):", file=out)
-        for device, url in metrics_urls.items():
-            print(f"  {device}  {url}", file=out)
-    if generated:
-        # Printing a secret is acceptable only here: a local demo whose tokens were
-        # made up for this run, and die with it.
-        print("\nlocal demo: these tenant tokens were generated for this run only:", file=out)
-        for var, token in generated.items():
-            print(f"  export {var}={token}", file=out)
-    first = endpoints[0]
-    target = (targets or {}).get(first.service, first.target)
-    print(f"\ntry:\n  colocate generate --target {target} "
-          f"--token \"${first.token_envs[0]}\" \"Hello\"", file=out, flush=True)
-    if first.http_url:
-        print(f"  curl {first.http_url}/chat/completions -H \"Authorization: Bearer "
-              f"${first.token_envs[0]}\" -H 'Content-Type: application/json' -d "
-              f"'{{\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'",
-              file=out, flush=True)
-    print(file=out, flush=True)

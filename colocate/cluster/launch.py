@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from colocate.config import DeploymentConfig, DeviceSpec, ModelSpec
+from colocate.memory.cuda_devices import ORDER_ENV, PCI_ORDER
 from colocate.memory.sizing import ServiceDemand
 from colocate.memory.weight_store import WeightStore
 from colocate.service.runtime import ServiceLaunch
@@ -104,3 +105,25 @@ def prepare_launches(gpu: DeviceSpec, config: DeploymentConfig, store: WeightSto
             kv_budget_bytes=demand.kv_bytes, test_hooks=test_hooks,
             tenants=dict(tenants.get(service.name, {}))))
     return launches
+
+
+def service_cuda_env(visible: str) -> dict[str, str]:
+    """A zero-GPU service actor's environment on its supervisor's GPU.
+
+    Ray leaves CUDA_VISIBLE_DEVICES alone for actors without GPUs (pyproject pins the
+    Ray range where that is the default) unless RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1,
+    which would blank it and hide the GPU: it is set to 0 here, whatever the driver's
+    environment says. The PCI order makes the ids mean what NVML's do."""
+    return {"CUDA_VISIBLE_DEVICES": visible, ORDER_ENV: PCI_ORDER,
+            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+
+
+def process_groups(gpu: DeviceSpec, launches: list[ServiceLaunch]) -> list[list[ServiceLaunch]]:
+    """The launches each service process gets: one each (isolated), or one process
+    for all the services of one model (fused)."""
+    if gpu.batching != "fused":
+        return [[launch] for launch in launches]
+    by_model: dict[str, list[ServiceLaunch]] = {}
+    for launch in launches:
+        by_model.setdefault(launch.weights.model_name, []).append(launch)
+    return list(by_model.values())

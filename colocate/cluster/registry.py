@@ -14,7 +14,10 @@ The record lives and dies with the driver, like the supervisors it describes.
 from __future__ import annotations
 
 import collections
+import contextlib
+import logging
 import time
+from collections.abc import Iterator
 
 import ray
 
@@ -28,6 +31,29 @@ def record_name(deployment: str) -> str:
 
 def supervisor_name(deployment: str, entry: str) -> str:
     return f"colocate/{deployment}/{entry}"
+
+
+class ClusterUnreachable(RuntimeError):
+    """The Ray cluster a command was pointed at cannot be joined; the message says so."""
+
+
+@contextlib.contextmanager
+def on_cluster(address: str | None, command: str) -> Iterator[None]:
+    """Join the cluster at `address` (default auto) unless already connected, and
+    leave it afterwards; ClusterUnreachable naming `command` if it cannot be joined."""
+    joined = not ray.is_initialized()
+    if joined:
+        try:
+            ray.init(address=address or "auto", logging_level=logging.WARNING,
+                     log_to_driver=False)
+        except (ConnectionError, RuntimeError, ValueError) as exc:
+            raise ClusterUnreachable(f"{command}: cannot join the Ray cluster at "
+                                     f"{address or 'auto'}: {exc}") from None
+    try:
+        yield
+    finally:
+        if joined:
+            ray.shutdown()
 
 
 def deployment_names() -> list[str]:

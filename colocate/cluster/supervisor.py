@@ -36,7 +36,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from colocate.config import DeploymentConfig, DeviceSpec
 from colocate.memory.arbiter import AdmissionRefused, MemoryArbiter
-from colocate.memory.cuda_devices import ORDER_ENV, PCI_ORDER, gpu_uuid
+from colocate.memory.cuda_devices import gpu_uuid
 from colocate.memory.shared_ledger import SharedLedger
 from colocate.memory.weight_store import WeightStore
 from colocate.metrics.device import device_sample
@@ -44,10 +44,11 @@ from colocate.metrics.endpoint import MetricsEndpoint
 from colocate.metrics.samples import DeviceSample
 from colocate.cluster.admission import DeviceAdmission
 from colocate.cluster.health_monitor import HealthMonitor, ServiceSlot, summary
+from colocate.cluster.live_change import LiveChanges
 # Re-exported: the driver and tests know these by the supervisor's name.
 from colocate.cluster.launch import (DeploymentError, checkpoint_dir,  # noqa: F401
                                      default_torch_threads, preset_checkpoint,
-                                     prepare_launches)
+                                     prepare_launches, process_groups, service_cuda_env)
 from colocate.service.group_runtime import GroupRuntime, MemberHandle
 from colocate.service.runtime import ServiceLaunch, ServiceRuntime
 
@@ -61,17 +62,6 @@ SHUTDOWN_GRACE_S = 10.0         # for requests in flight when a stop begins
 EVENTS_KEPT = 200
 
 
-def service_cuda_env(visible: str) -> dict[str, str]:
-    """A zero-GPU service actor's environment on its supervisor's GPU.
-
-    Ray leaves CUDA_VISIBLE_DEVICES alone for actors without GPUs (pyproject pins the
-    Ray range where that is the default) unless RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1,
-    which would blank it and hide the GPU: it is set to 0 here, whatever the driver's
-    environment says. The PCI order makes the ids mean what NVML's do."""
-    return {"CUDA_VISIBLE_DEVICES": visible, ORDER_ENV: PCI_ORDER,
-            "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
-
-
 # No CPU reservation: the services of a device share its cores (the torch thread
 # count is the real limit), and a 2-core machine must host three of them plus the
 # supervisor. No restarts by Ray either: the supervisor restarts a dead service itself,
@@ -82,17 +72,6 @@ ServiceActor = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=4)(Service
 GroupActor = ray.remote(num_cpus=0, max_restarts=0, max_concurrency=8)(GroupRuntime)
 
 
-def process_groups(gpu: DeviceSpec, launches: list[ServiceLaunch]) -> list[list[ServiceLaunch]]:
-    """The launches each service process gets: one each (isolated), or one process
-    for all the services of one model (fused)."""
-    if gpu.batching != "fused":
-        return [[launch] for launch in launches]
-    by_model: dict[str, list[ServiceLaunch]] = {}
-    for launch in launches:
-        by_model.setdefault(launch.weights.model_name, []).append(launch)
-    return list(by_model.values())
-
-
 def ray_actor(handle):
     """The Ray actor behind a slot's handle (a fused member's is its group's)."""
     return handle.actor if isinstance(handle, MemberHandle) else handle
@@ -100,8 +79,9 @@ def ray_actor(handle):
 
 # ---- the supervisor ------------------------------------------------------------------
 
-class Supervisor:
-    """The supervisor's logic; GPUSupervisor below is this class as a Ray actor."""
+class Supervisor(LiveChanges):
+    """The supervisor's logic; GPUSupervisor below is this class as a Ray actor.
+    Live changes (colocate apply) are in live_change.py."""
 
     def __init__(self, gpu: DeviceSpec, config: DeploymentConfig, *,
                  tenants: dict[str, dict[str, str]], host: str = "127.0.0.1",
@@ -130,6 +110,7 @@ class Supervisor:
         self.test_hooks = test_hooks
         self._tenants = tenants
         self._lock = threading.Lock()           # guards _slots, the admission and _events
+        self._change_lock = threading.Lock()    # one live change at a time
         self._slots: dict[str, ServiceSlot] = {}
         self._events: collections.deque[dict] = collections.deque(maxlen=EVENTS_KEPT)
         self.device, capacity = self._local_device()
@@ -271,6 +252,8 @@ class Supervisor:
             return
         began = time.monotonic()
         with self._lock:
+            if self._slots.get(slot.name) is not slot or slot.state == "stopping":
+                return                   # a live change is stopping or removed it
             peers = self._peers(slot)
             log.warning("restarting %s on %s (%s)", ", ".join(p.name for p in peers),
                         self.gpu.device, slot.error)

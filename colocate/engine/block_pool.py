@@ -159,6 +159,14 @@ class BlockPool:
                 del self.cached[block.block_hash]
             block.block_hash = None
 
+    def forget_contents(self) -> None:
+        """The KV tensors were freed (the engine sleeps): no block holds a prefix any
+        more. Every block must be free; the free order is kept."""
+        self.check_whole()
+        for block in self.blocks[1:]:
+            block.block_hash = None
+        self.cached.clear()
+
     def check_whole(self) -> None:
         """Raise unless every block is back: all free, no reference held."""
         held = [b for b in self.blocks[1:] if b.ref_cnt != 0]

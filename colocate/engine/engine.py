@@ -67,6 +67,7 @@ class LLMEngine:
         self._ids = itertools.count()
         self.num_steps = 0
         self.stats = EngineStatistics()
+        self.sleeping = False
 
     # ---- requests ----------------------------------------------------------
     def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
@@ -109,6 +110,7 @@ class LLMEngine:
                else f"{self.request_id_prefix}{next(self._ids)}")
         if rid in self.scheduler.requests:
             raise ValueError(f"request_id {rid!r} is already in use")
+        self.wake()
         request = Request(rid, prompt_ids, params, self.eos_token_ids)
         self.output_processor.add(request)
         self.scheduler.add_request(request)
@@ -134,6 +136,31 @@ class LLMEngine:
         self.stats.on_finish(request, time.monotonic())
         self.output_processor.remove(request.request_id)
         self.runner.release(request.request_id)
+
+    # ---- sleep and wake ------------------------------------------------------
+    def sleep(self) -> None:
+        """Give the KV pool's memory back (the runner frees its tensors); the next
+        add_request takes a fresh pool first. Only an idle engine sleeps: a request
+        in flight would lose its KV values. Every cached prefix is forgotten, since
+        its values are gone. Only for an engine that owns its runner's cache (not a
+        member of an engine group, whose cache the other members use)."""
+        if self.sleeping:
+            return
+        if self.has_unfinished_requests():
+            raise RuntimeError(f"cannot sleep: {self.scheduler.num_running} running and "
+                               f"{self.scheduler.num_waiting} waiting request(s)")
+        self.kv.forget_contents()
+        self.runner.free_kv_cache()
+        self.sleeping = True
+
+    def wake(self) -> None:
+        """Take the KV pool back (zeroed) if asleep; the time it took is recorded."""
+        if not self.sleeping:
+            return
+        start = time.monotonic()
+        self.runner.allocate_kv_cache()
+        self.sleeping = False
+        self.stats.wake.observe(time.monotonic() - start)
 
     # ---- the step ----------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -176,7 +203,8 @@ class LLMEngine:
             prefix_cache_queries=self.kv.prefix_queries,
             prefix_cache_hits=self.kv.prefix_hits, finished=dict(st.finished),
             ttft=st.ttft.snapshot(), inter_token=st.inter_token.snapshot(),
-            e2e=st.e2e.snapshot(), queue_time=st.queue_time.snapshot())
+            e2e=st.e2e.snapshot(), queue_time=st.queue_time.snapshot(),
+            sleeping=self.sleeping, wake=st.wake.snapshot())
 
     # ---- conveniences --------------------------------------------------------
     def stream(self, prompt: str | Sequence[int], params: SamplingParams) -> Iterator[RequestOutput]:

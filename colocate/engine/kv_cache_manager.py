@@ -124,6 +124,11 @@ class KVCacheManager:
             self.pool.cache_block(blocks[i], request.block_hashes[i])
         self.num_cached_blocks[rid] = num_full
 
+    def forget_contents(self) -> None:
+        """The pool's tensors are gone: forget every cached prefix (no request may
+        hold a block)."""
+        self.pool.forget_contents()
+
     def free(self, request: Request) -> None:
         """Give back all the request's blocks. Tail blocks go first into the free
         queue so they are evicted before the shared prefix they extend."""

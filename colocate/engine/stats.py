@@ -23,6 +23,9 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
                 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 INTER_TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05,
                        0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0)
+# Waking a sleeping service: a pool of a few MiB on a CPU up to tens of GiB on a GPU.
+WAKE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0, 30.0)
 REQUEST_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 20.0,
                    30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0, 960.0)
 
@@ -88,6 +91,8 @@ class StatisticsSnapshot:
     inter_token: HistogramSnapshot | None = None
     e2e: HistogramSnapshot | None = None
     queue_time: HistogramSnapshot | None = None
+    sleeping: bool = False             # the KV pool is given back until the next request
+    wake: HistogramSnapshot | None = None   # seconds each wake took to take the pool back
 
     @property
     def kv_capacity_tokens(self) -> int:
@@ -107,6 +112,7 @@ class EngineStatistics:
     inter_token: Histogram = field(default_factory=lambda: Histogram(INTER_TOKEN_BUCKETS))
     e2e: Histogram = field(default_factory=lambda: Histogram(REQUEST_BUCKETS))
     queue_time: Histogram = field(default_factory=lambda: Histogram(REQUEST_BUCKETS))
+    wake: Histogram = field(default_factory=lambda: Histogram(WAKE_BUCKETS))
 
     def on_token(self, request, now: float) -> None:
         """A request produced an output token at `now` (time.monotonic())."""

@@ -85,6 +85,10 @@ class MemoryArbiter:
 
     # ---- the books -------------------------------------------------------------
 
+    def know_model(self, model: str, footprint: ModelFootprint) -> None:
+        """A model a live change brings to the device (a known one keeps its figures)."""
+        self._footprints.setdefault(model, footprint)
+
     def footprint(self, model: str) -> ModelFootprint:
         if model not in self._footprints:
             raise KeyError(f"{self.device}: no footprint for model {model!r}")

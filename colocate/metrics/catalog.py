@@ -54,6 +54,12 @@ CATALOG: tuple[MetricSpec, ...] = (
     _spec("colocate_kv_cache_budget_bytes", "gauge",
           "The service's KV-cache budget as the memory arbiter charges it."),
     _spec("colocate_kv_cache_capacity_tokens", "gauge", "Tokens the KV-cache pool can hold."),
+    _spec("colocate_service_sleeping", "gauge",
+          "1 while the service sleeps (sleep_after_idle: its KV pool given back, its "
+          "budget still booked), else 0."),
+    _spec("colocate_service_wake_seconds", "histogram",
+          "Time a sleeping service took to take its KV pool back on its next request "
+          "(that request's extra latency)."),
     # ---- work done, per service ----
     _spec("colocate_prompt_tokens_total", "counter",
           "Prompt tokens processed (once per request, recomputation not counted)."),

@@ -26,6 +26,7 @@ _HISTOGRAMS = (
     ("inter_token", "colocate_inter_token_latency_seconds"),
     ("e2e", "colocate_e2e_request_latency_seconds"),
     ("queue_time", "colocate_request_queue_time_seconds"),
+    ("wake", "colocate_service_wake_seconds"),
 )
 
 
@@ -85,6 +86,7 @@ def _add_service(out: _Families, gpu: str, s: ServiceSample) -> None:
             ("colocate_kv_cache_blocks_used", st.kv_blocks_used),
             ("colocate_kv_cache_blocks_capacity", st.kv_blocks_total),
             ("colocate_kv_cache_capacity_tokens", st.kv_capacity_tokens),
+            ("colocate_service_sleeping", int(st.sleeping)),
             ("colocate_prompt_tokens_total", st.prompt_tokens),
             ("colocate_generation_tokens_total", st.generation_tokens),
             ("colocate_preemptions_total", st.preemptions),

@@ -16,11 +16,19 @@ sleeps on the condition variable until a submit, an abort or shutdown wakes it. 
 step whose model run raises fails only the requests that step held; a run of
 failed steps in a row declares the loop dead, since then the fault is in the
 engine, not in one batch: every front's requests end and its health fails.
+
+Sleep (`sleep_after_idle`, a service alone only): once the engine has held no
+request and no inbox has had work for that long, the loop puts the engine to sleep
+(LLMEngine.sleep: the KV pool's memory is given back). Only this thread adds
+requests to the engine, and it sleeps only between steps with nothing queued, so a
+request is never caught by a sleep: one that arrives meanwhile waits in the inbox,
+and adding it wakes the engine first (LLMEngine.add_request).
 """
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from typing import Protocol
 
@@ -106,8 +114,16 @@ class Front(Protocol):
 
 
 class EngineLoop:
-    def __init__(self, stepper: SingleEngine | FusedEngines) -> None:
+    def __init__(self, stepper: SingleEngine | FusedEngines,
+                 sleep_after_idle: float | None = None) -> None:
+        if sleep_after_idle is not None:
+            if not isinstance(stepper, SingleEngine):
+                raise ValueError("sleep_after_idle needs an engine of its own: a fused "
+                                 "group's members share one KV cache")
+            if not sleep_after_idle > 0:
+                raise ValueError(f"sleep_after_idle must be > 0 s, got {sleep_after_idle!r}")
         self.stepper = stepper
+        self.sleep_after_idle = sleep_after_idle
         self.cond = threading.Condition()
         # Guarded by cond.
         self.fronts: dict[LLMEngine, Front] = {}
@@ -161,18 +177,48 @@ class EngineLoop:
         return None
 
     # ---- the thread ----------------------------------------------------------
+    def _until_sleep(self, idle_since: float) -> float | None:
+        """Seconds until the idle engine should sleep; None: never (not configured,
+        or asleep already)."""
+        if self.sleep_after_idle is None or self.stepper.engine.sleeping:
+            return None
+        return idle_since + self.sleep_after_idle - time.monotonic()
+
+    def _wait_for_work(self, wait: float | None, idle_since: float) -> bool:
+        """Under cond: block until there is work or a stop; True when instead the
+        idle time ran out, with nothing in any inbox and no request in the engine."""
+        while not (self.stopping or wait is not None
+                   or any(f.has_inbox() for f in self.fronts.values())):
+            left = self._until_sleep(idle_since)
+            if left is not None and left <= 0:
+                return True
+            self.cond.wait(left)
+        return False
+
+    def _fall_asleep(self) -> None:
+        """Loop thread, idle: give the pool back; the fronts' stats say `sleeping`."""
+        self.stepper.engine.sleep()
+        log.info("engine idle for %.1f s: KV pool released until the next request",
+                 self.sleep_after_idle)
+        with self.cond:
+            for front in self.fronts.values():
+                front.deliver([])
+
     def _run(self) -> None:
         error: BaseException | None = None
         wait: float | None = None          # None: sleep until notified
         failed_in_a_row = 0
+        idle_since = time.monotonic()      # no request in the engine since then
         try:
             while True:
                 with self.cond:
-                    while not (self.stopping or wait is not None
-                               or any(f.has_inbox() for f in self.fronts.values())):
-                        self.cond.wait()
+                    idle_too_long = self._wait_for_work(wait, idle_since)
                     if self.stopping:
                         break
+                if idle_too_long:
+                    self._fall_asleep()
+                    continue
+                with self.cond:
                     if wait:
                         self.cond.wait(wait)
                     inboxes = [(f, f.take_inbox()) for f in self.fronts.values()]
@@ -198,6 +244,7 @@ class EngineLoop:
                         self.fronts[engine].deliver(outs)
                 if not self.stepper.has_unfinished_requests():
                     wait = None
+                    idle_since = time.monotonic()
                 else:
                     wait = 0.0 if self.stepper.num_steps > steps_before else _STALL_WAIT_S
         except Exception as exc:     # the engine is broken: fail every request

@@ -30,6 +30,7 @@ class EngineStats:
     num_waiting: int = 0
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
+    sleeping: bool = False         # the KV pool is given back until the next request
 
 
 class RequestStream(Protocol):

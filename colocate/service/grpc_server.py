@@ -183,7 +183,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                      context: grpc.ServicerContext) -> pb.ModelInfo:
         with _status_on_error(context, "GetModelInfo"):
             self._tenant(context)
-            return self._model_info
+            info = pb.ModelInfo()
+            info.CopyFrom(self._model_info)
+            info.sleeping = self._engine.stats().sleeping
+            return info
 
     def GetStats(self, request: pb.GetStatsRequest,
                  context: grpc.ServicerContext) -> pb.Stats:

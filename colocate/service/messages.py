@@ -83,7 +83,8 @@ def _response(out: RequestOutput, request_id: str, token_ids: list[int], text: s
 
 def stats_to_proto(stats: EngineStats) -> pb.Stats:
     return pb.Stats(num_running=stats.num_running, num_waiting=stats.num_waiting,
-                    kv_blocks_used=stats.kv_blocks_used, kv_blocks_total=stats.kv_blocks_total)
+                    kv_blocks_used=stats.kv_blocks_used, kv_blocks_total=stats.kv_blocks_total,
+                    sleeping=stats.sleeping)
 
 
 def model_info_from_engine(engine: LLMEngine, **fields) -> dict:

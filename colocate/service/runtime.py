@@ -80,6 +80,7 @@ class ServiceStats:
     pss_bytes: int                 # proportional set size: shared pages split by sharers
     healthy: bool
     message: str = ""
+    sleeping: bool = False         # sleep_after_idle: the KV pool is given back for now
 
 
 class ServiceDoor:
@@ -90,7 +91,8 @@ class ServiceDoor:
         spec = launch.spec
         self.launch, self.name, self.llm_engine = launch, spec.name, llm_engine
         self.engine = AsyncEngine(llm_engine, max_queued_requests=spec.max_queued_requests,
-                                  loop=loop)
+                                  loop=loop,
+                                  sleep_after_idle=None if loop else spec.sleep_after_idle)
         quant = launch.weights.quantization or {}
         info = model_info_from_engine(
             llm_engine, model_name=spec.model, dtype=launch.weights.dtype,
@@ -146,7 +148,7 @@ class ServiceDoor:
             name=self.name, pid=os.getpid(), port=self.port, num_running=s.num_running,
             num_waiting=s.num_waiting, kv_blocks_used=s.kv_blocks_used,
             kv_blocks_total=s.kv_blocks_total, pss_bytes=process_pss(),
-            healthy=not message, message=message)
+            healthy=not message, message=message, sleeping=s.sleeping)
 
     def metrics(self) -> ServiceReport:
         """The engine's statistics and the refusals so far, for a metrics scrape."""

@@ -12,7 +12,7 @@ import torch
 
 from colocate.engine.scheduler import SchedulerOutput
 from colocate.model.attention_metadata import AttentionMetadata
-from colocate.model.llama import allocate_kv_caches
+from colocate.model.kv_memory import KVCacheMemory
 from colocate.model.model_config import LlamaConfig
 from colocate.worker.sampler import (SampleResult, Sampler, SamplingRow, make_generator,
                                      prompt_logprobs)
@@ -33,13 +33,25 @@ class ModelRunner:
         self.block_size = block_size
         self.device = device
         # kv_dtype: the cache's storage dtype, torch.int8 for a quantized cache; None: `dtype`.
-        self.kv_caches = allocate_kv_caches(config, num_blocks, block_size,
-                                            kv_dtype or dtype, device)
+        self.kv_memory = KVCacheMemory(config.num_hidden_layers, num_blocks, block_size,
+                                       config.num_key_value_heads, config.head_dim,
+                                       kv_dtype or dtype, device)
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator | None] = {}
 
+    @property
+    def kv_caches(self):
+        return self.kv_memory.caches
+
     def release(self, request_id: str) -> None:
         self.generators.pop(request_id, None)
+
+    # A sleeping engine gives its pool back and takes a fresh, zeroed one to wake.
+    def free_kv_cache(self) -> None:
+        self.kv_memory.release()
+
+    def allocate_kv_cache(self) -> None:
+        self.kv_memory.allocate()
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> dict[str, StepResult]:

@@ -35,8 +35,17 @@ class FakeRunner:
         self.slots: dict[int, int] = {}
         self.steps: list[list[tuple[str, int]]] = []   # per step: (request id, new tokens)
         self.released: list[str] = []
+        self.kv_allocated = True
+
+    def free_kv_cache(self) -> None:
+        self.slots.clear()           # like a freed pool: nothing it held survives
+        self.kv_allocated = False
+
+    def allocate_kv_cache(self) -> None:
+        self.kv_allocated = True
 
     def execute(self, sched):
+        assert self.kv_allocated, "a step ran while the KV cache was freed"
         bs = self.block_size
         results = {}
         self.steps.append([(s.request.request_id, s.num_new_tokens) for s in sched.scheduled])

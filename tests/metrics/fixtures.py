@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from colocate.engine.stats import (INTER_TOKEN_BUCKETS, REQUEST_BUCKETS, TTFT_BUCKETS,
-                                   Histogram, StatisticsSnapshot)
+                                   WAKE_BUCKETS, Histogram, StatisticsSnapshot)
 from colocate.metrics.samples import (DEVICE, DeviceSample, Reservation, ServiceReport,
                                       ServiceSample, WeightCopy)
 
@@ -22,7 +22,8 @@ def stats(**overrides) -> StatisticsSnapshot:
         ttft=histogram(TTFT_BUCKETS, [0.05, 0.1, 3.0]).snapshot(),
         inter_token=histogram(INTER_TOKEN_BUCKETS, [0.02] * 9).snapshot(),
         e2e=histogram(REQUEST_BUCKETS, [0.3, 0.4, 9.0]).snapshot(),
-        queue_time=histogram(REQUEST_BUCKETS, [0.0, 0.0, 0.2]).snapshot())
+        queue_time=histogram(REQUEST_BUCKETS, [0.0, 0.0, 0.2]).snapshot(),
+        sleeping=True, wake=histogram(WAKE_BUCKETS, [0.02]).snapshot())
     return StatisticsSnapshot(**{**fields, **overrides})
 
 

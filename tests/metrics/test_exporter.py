@@ -54,6 +54,8 @@ def test_service_values():
     assert value(s, "colocate_kv_cache_blocks_capacity", **key) == 16
     assert value(s, "colocate_kv_cache_capacity_tokens", **key) == 256
     assert value(s, "colocate_kv_cache_budget_bytes", **key) == 4096
+    assert value(s, "colocate_service_sleeping", **key) == 1
+    assert value(s, "colocate_service_wake_seconds_bucket", le="0.025", **key) == 1
     assert value(s, "colocate_generation_tokens_total", **key) == 12
     assert value(s, "colocate_prefix_cache_hit_tokens_total", **key) == 16
     assert value(s, "colocate_memory_used_bytes", **key) == 123

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import io
 
-from colocate.cluster.deploy import Endpoint, print_endpoints
+from colocate.cluster.deploy import Endpoint
+from colocate.cluster.serve_report import print_endpoints
 
 
 def test_serve_prints_one_metrics_url_per_device():

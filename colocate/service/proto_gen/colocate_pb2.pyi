@@ -148,7 +148,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("service_name", "model_name", "model_path", "dtype", "quantization", "kv_cache_dtype", "max_model_len", "block_size", "kv_cache_tokens", "vocab_size", "weight_bytes", "weights_shared", "kv_cache_bytes")
+    __slots__ = ("service_name", "model_name", "model_path", "dtype", "quantization", "kv_cache_dtype", "max_model_len", "block_size", "kv_cache_tokens", "vocab_size", "weight_bytes", "weights_shared", "kv_cache_bytes", "sleeping")
     SERVICE_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +162,7 @@ class ModelInfo(_message.Message):
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_SHARED_FIELD_NUMBER: _ClassVar[int]
     KV_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SLEEPING_FIELD_NUMBER: _ClassVar[int]
     service_name: str
     model_name: str
     model_path: str
@@ -175,7 +176,8 @@ class ModelInfo(_message.Message):
     weight_bytes: int
     weights_shared: bool
     kv_cache_bytes: int
-    def __init__(self, service_name: _Optional[str] = ..., model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., weights_shared: _Optional[bool] = ..., kv_cache_bytes: _Optional[int] = ...) -> None: ...
+    sleeping: bool
+    def __init__(self, service_name: _Optional[str] = ..., model_name: _Optional[str] = ..., model_path: _Optional[str] = ..., dtype: _Optional[str] = ..., quantization: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ..., max_model_len: _Optional[int] = ..., block_size: _Optional[int] = ..., kv_cache_tokens: _Optional[int] = ..., vocab_size: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., weights_shared: _Optional[bool] = ..., kv_cache_bytes: _Optional[int] = ..., sleeping: _Optional[bool] = ...) -> None: ...
 
 class TokenizeRequest(_message.Message):
     __slots__ = ("text", "token_ids", "skip_special_tokens")
@@ -200,13 +202,15 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total")
+    __slots__ = ("num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total", "sleeping")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SLEEPING_FIELD_NUMBER: _ClassVar[int]
     num_running: int
     num_waiting: int
     kv_blocks_used: int
     kv_blocks_total: int
-    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ...) -> None: ...
+    sleeping: bool
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., sleeping: _Optional[bool] = ...) -> None: ...

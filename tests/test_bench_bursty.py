@@ -1,0 +1,50 @@
+"""bench/colocation_bursty.py's arithmetic, on hand-made inputs: the quantile read from
+histogram buckets as Prometheus reads it, the per-scenario summary and its table. The
+end-to-end run is `bench/colocation.py --bursty`; it asserts nothing about speed."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+from colocation_bursty import (NOT_BUILT, histogram_quantile, markdown,  # noqa: E402
+                               percentile, scenario_config, summarize_scenario)
+from tests.deployment.helpers import cpu_deployment  # noqa: E402
+
+INF = float("inf")
+
+
+def test_histogram_quantile_interpolates_within_the_bucket():
+    buckets = [(0.01, 0.0), (0.1, 10.0), (1.0, 20.0), (INF, 20.0)]
+    assert histogram_quantile(0.5, buckets) == pytest.approx(0.1)
+    assert histogram_quantile(0.25, buckets) == pytest.approx(0.01 + 0.09 * 0.5)
+    assert histogram_quantile(0.99, buckets) == pytest.approx(0.1 + 0.9 * 0.98)
+    assert histogram_quantile(0.5, [(0.1, 0.0), (INF, 0.0)]) is None
+    assert histogram_quantile(0.5, [(0.1, 0.0), (INF, 4.0)]) == 0.1   # past the last bound
+
+
+def test_summary_separates_each_bursts_first_request():
+    rows = [dict(ttft_s=t, error=None, first_in_burst=f)
+            for t, f in ((0.5, True), (0.1, False), (0.1, False), (0.1, False), (0.4, True))]
+    rows.append(dict(ttft_s=None, error="UNAVAILABLE", first_in_burst=False))
+    wakes = {"buckets": [(0.1, 1.0), (1.0, 2.0), (INF, 2.0)], "sum": 0.6}
+    s = summarize_scenario(rows, {"servers_mean_bytes": 2**20, "servers_min_bytes": 2**20,
+                                  "servers_max_bytes": 2**20, "available_mean_bytes": 2**30},
+                           wakes)
+    assert (s["completed"], s["failed"], s["wakes"]) == (5, 1, 2)
+    assert s["first_in_burst_ttft_p50_s"] == 0.4 and s["ttft_p50_s"] == 0.1
+    assert s["wake_mean_s"] == pytest.approx(0.3)
+    table = markdown({"scenarios": {"sleep": s, "lend": {"status": "skipped",
+                                                         "reason": NOT_BUILT["lend"]}}})
+    assert "| sleep | 5 | 1 | 100 / 500 | 400 / 500 |" in table and "| lend | skipped:" in table
+    assert percentile([], 0.5) is None
+
+
+def test_the_sleep_scenario_differs_only_in_sleep_after_idle(tmp_path, tiny_model_dir):
+    config = cpu_deployment(tmp_path, str(tiny_model_dir), ["a", "b"])
+    static, sleep = (scenario_config(config, n, 2.0).gpus[0] for n in ("static", "sleep"))
+    assert [s.sleep_after_idle for s in static.services] == [None, None]
+    assert [s.sleep_after_idle for s in sleep.services] == [2.0, 2.0]
+    assert [s.name for s in sleep.services] == [s.name for s in static.services]

@@ -66,7 +66,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from colocate.serve_demo import send_demo_requests
 
     return run_serve(args.config, args.address, host=args.host,
-                     torch_threads=args.torch_threads, grace=args.grace,
+                     torch_threads=args.torch_threads, grace=args.grace, quiet=args.quiet,
                      on_ready=send_demo_requests if args.demo else None)
 
 
@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after startup, send one request to every service and print it")
     p.add_argument("--grace", type=float, default=10.0,
                    help="seconds requests in flight get to finish on Ctrl-C / SIGTERM")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress for loading and starting (bars on a terminal, else "
+                        "one line per stage)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser(

@@ -33,12 +33,15 @@ from typing import Iterator, TextIO
 log = logging.getLogger(__name__)
 
 MIB = 2**20
+# A stage of known size: a bar and the count; of unknown size: the count and its rate.
+BAR = "{desc}: {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt}{unit} {postfix}[{elapsed}]"
+COUNTER = "{desc}: {n_fmt}{unit} {postfix}[{elapsed}, {rate_fmt}]"
 
 
 class Reporter:
     """Where stages show; each method gets the stage's key (unique per reporter)."""
 
-    def begin(self, key: int, desc: str, total: int, unit: str) -> None: ...
+    def begin(self, key: int, desc: str, total: int | None, unit: str) -> None: ...
 
     def advance(self, key: int, n: int, nbytes: int) -> None: ...
 
@@ -64,8 +67,7 @@ class Bars(Reporter):
         cols, rows = _screen(stream)
         self._bars[key] = tqdm(total=total, desc=desc, unit=f" {unit}s", leave=True,
                                file=stream, ncols=cols, nrows=rows,
-                               bar_format="{desc}: {percentage:3.0f}%|{bar:20}| "
-                                          "{n_fmt}/{total_fmt}{unit} {postfix}[{elapsed}]")
+                               bar_format=BAR if total is not None else COUNTER)
         self._bytes[key] = 0
 
     def advance(self, key, n, nbytes):
@@ -232,7 +234,7 @@ def labelled(label: str) -> Iterator[None]:
 class Stage:
     """One stage of work: advance() as it goes; closing it ends the line."""
 
-    def __init__(self, reporter: Reporter, desc: str, total: int, unit: str):
+    def __init__(self, reporter: Reporter, desc: str, total: int | None, unit: str):
         self.reporter, self.key = reporter, _new_key()
         reporter.begin(self.key, desc, total, unit)
 
@@ -249,6 +251,6 @@ class Stage:
         self.close()
 
 
-def stage(desc: str, total: int, unit: str) -> Stage:
-    """Open a stage of `total` `unit`s on the reporter in effect."""
+def stage(desc: str, total: int | None, unit: str) -> Stage:
+    """Open a stage of `total` `unit`s (None: not known ahead) on the reporter in effect."""
     return Stage(current(), f"{_prefix.get()}{desc}", total, unit)

@@ -127,6 +127,7 @@ class Deployment:
         self.name = name or config.name or f"{Path(config.source).stem}-{secrets.token_hex(3)}"
         self._owns_ray = init_ray(address)
         self._progress_to = progress_to or progress.current()
+        self._progress_relay: ProgressRelay | None = None
 
         def make_supervisor(gpu: DeviceSpec, options: dict, replacement: int = 0):
             # Supervisors take no CPU (see supervisor.py); options hold the bundle,
@@ -148,7 +149,10 @@ class Deployment:
             raise
 
     def _relay(self) -> ProgressRelay:
-        return ProgressRelay(self.supervisors, self._progress_to)
+        """One relay for the start and the wait, so no event is shown twice."""
+        if self._progress_relay is None:
+            self._progress_relay = ProgressRelay(self.supervisors, self._progress_to)
+        return self._progress_relay
 
     @property
     def supervisors(self) -> dict[str, object]:

@@ -3,7 +3,6 @@ service, its request counts follow the requests sent, `s` re-sorts, `q` quits
 cleanly; and one plain frame when stdout is not a terminal."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import select
@@ -13,23 +12,11 @@ import time
 
 import pytest
 
-from colocate.cluster.deploy import Deployment
-from tests.deployment.helpers import cpu_deployment, free_ports, stream_tokens, token_of
+from tests.deployment.helpers import stream_tokens, token_of
+from tests.top.conftest import NAMES
 
 pytestmark = pytest.mark.slow
-NAMES = ["top-a", "top-b"]
 COMMAND = [sys.executable, "-c", "import sys; from colocate.cli import main; sys.exit(main())"]
-
-
-@pytest.fixture(scope="module")
-def deployment(ray_session, tiny_model_dir, tmp_path_factory):
-    config = cpu_deployment(tmp_path_factory.mktemp("top"), str(tiny_model_dir), NAMES)
-    (port,) = free_ports(1)
-    config = dataclasses.replace(config, gpus=(dataclasses.replace(config.gpus[0],
-                                                                   metrics_port=port),))
-    with Deployment(config, torch_threads=1) as dep:
-        dep.wait_ready(timeout=180)
-        yield dep
 
 
 class Screen:

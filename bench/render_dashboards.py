@@ -1,10 +1,10 @@
 """Draw every panel of the Grafana dashboard from a real Prometheus, with matplotlib.
 
 Reads deploy/grafana/colocate.json, runs each panel's PromQL against a Prometheus
-(query_range for time series, an instant query for the table) with the dashboard's
-variables set as Grafana's "All" sets them, and writes one PNG per panel: the same
-queries, units, legends ({{service}} p50 ...) and stacking as the dashboard, so a
-reader sees what Grafana would show before installing it.
+(query_range, the table's too) with the dashboard's variables set as Grafana's "All"
+sets them, and writes one PNG per panel: the same queries, units, legends
+({{service}} p50 ...) and stacking as the dashboard, so a reader sees what Grafana
+would show before installing it.
 
     python bench/render_dashboards.py --prometheus http://127.0.0.1:9090 --out docs/metrics
         [--minutes 10] [--step 2] [--rate-interval 1m]
@@ -80,9 +80,6 @@ class Prometheus:
     def query_range(self, expr: str, start: float, end: float, step: float) -> list[dict]:
         return self._get("/api/v1/query_range", query=expr, start=start, end=end, step=step)
 
-    def query(self, expr: str) -> list[dict]:
-        return self._get("/api/v1/query", query=expr)
-
 
 def _slug(title: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
@@ -133,10 +130,13 @@ def draw_timeseries(plt, prom: Prometheus, panel: dict, out: Path, start: float,
     return Drawn(panel["title"], path, len(series), points)
 
 
-def draw_table(plt, prom: Prometheus, panel: dict, out: Path) -> Drawn:
-    """A table panel: one row per series of its instant queries, its labels as columns."""
+def draw_table(plt, prom: Prometheus, panel: dict, out: Path, start: float, end: float,
+               step: float) -> Drawn:
+    """A table panel: one row per series its queries return over the range, its labels
+    as columns. Over the range rather than at its end: a scrape that timed out on a
+    busy machine leaves the series stale for a moment, and the table would be empty."""
     rows = [row["metric"] for target in panel["targets"]
-            for row in prom.query(expand(target["expr"], "1m"))]
+            for row in prom.query_range(expand(target["expr"], "1m"), start, end, step)]
     columns = sorted({k for r in rows for k in r if k not in ("__name__", "instance", "job")})
     fig, ax = plt.subplots(figsize=(8, 0.4 + 0.3 * max(len(rows), 1)))
     ax.axis("off")
@@ -165,7 +165,7 @@ def render(prometheus: str, out: Path, minutes: float = 10.0, step: float = 2.0,
     drawn = []
     for panel in panels(json.loads(dashboard.read_text())):
         if panel.get("type") == "table":
-            drawn.append(draw_table(plt, prom, panel, out))
+            drawn.append(draw_table(plt, prom, panel, out, start, end, step))
         else:
             drawn.append(draw_timeseries(plt, prom, panel, out, start, end, step,
                                          rate_interval))

@@ -81,8 +81,13 @@ def _cmd_top(args: argparse.Namespace) -> int:
 
     try:
         urls = list(args.url or []) + (urls_from_config(args.config) if args.config else [])
+        if args.address:
+            from colocate.cluster.cluster_status import cluster_status, metrics_urls, on_cluster
+
+            urls += on_cluster(args.address, lambda: metrics_urls(cluster_status()),
+                               "colocate top")
         return run_top(urls, interval=args.interval, once=args.once)
-    except ValueError as err:
+    except (ValueError, ConnectionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -173,6 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deployment YAML: watch every device's metrics_port on this host")
     p.add_argument("--url", action="append",
                    help="a device's /metrics URL (as `colocate serve` prints); repeatable")
+    p.add_argument("--address", default=None,
+                   help="a Ray cluster (HOST:PORT, or auto): watch every device of every "
+                        "deployment on it")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     p.add_argument("--once", action="store_true", help="print one frame and exit")
     p.set_defaults(func=_cmd_top)

@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 
 MIB = 2**20
 # A stage of known size: a bar and the count; of unknown size: the count and its rate.
-BAR = "{desc}: {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt}{unit} {postfix}[{elapsed}]"
-COUNTER = "{desc}: {n_fmt}{unit} {postfix}[{elapsed}, {rate_fmt}]"
+# tqdm puts ", " before a postfix (the bytes so far) itself.
+BAR = "{desc}: {percentage:3.0f}%|{bar:20}| {n_fmt}/{total_fmt}{unit}{postfix} [{elapsed}]"
+COUNTER = "{desc}: {n_fmt}{unit}{postfix} [{elapsed}, {rate_fmt}]"
 
 
 class Reporter:
@@ -74,7 +75,7 @@ class Bars(Reporter):
         bar = self._bars[key]
         if nbytes:
             self._bytes[key] += nbytes
-            bar.set_postfix_str(f"{self._bytes[key] / MIB:.0f} MiB ", refresh=False)
+            bar.set_postfix_str(f"{self._bytes[key] / MIB:.0f} MiB", refresh=False)
         bar.update(n)
 
     def end(self, key):

@@ -126,3 +126,10 @@ def test_load_shows_bars_on_a_terminal(tiny_model_dir):
     n, _ = _file_tensors(tiny_model_dir)
     assert "loading: 100%" in text and f"{n}/{n} tensors" in text, text
     assert "quantizing int8: 100%" in text, text
+
+
+def test_serve_quiet_turns_progress_off():
+    from colocate.cli import build_parser
+
+    assert build_parser().parse_args(["serve", "--quiet"]).quiet is True
+    assert build_parser().parse_args(["serve"]).quiet is False

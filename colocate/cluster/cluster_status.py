@@ -105,21 +105,45 @@ def _entry_lines(entry: dict, addresses: dict[str, list[str]]) -> list[str]:
     return lines
 
 
-def run_status(address: str | None, out: TextIO = sys.stdout,
-               timeout: float = ASK_TIMEOUT_S) -> int:
-    """Join the cluster at `address` (default auto), print its deployments, leave."""
+def metrics_urls(deployments: list[dict]) -> list[str]:
+    """Every running entry's /metrics URL, a wildcard host replaced by its node's IP
+    (as Deployment.metrics_urls does), for `colocate top --address`."""
+    urls = []
+    for snapshot in deployments:
+        for entry in snapshot["entries"]:
+            status = entry.get("status")
+            if status and status.get("metrics_url"):
+                url = status["metrics_url"]
+                for wildcard in ("0.0.0.0", "[::]"):
+                    url = url.replace(f"//{wildcard}:", f"//{status['node_ip']}:")
+                urls.append(url)
+    return urls
+
+
+def on_cluster(address: str | None, read, what: str = "colocate status"):
+    """read() with Ray joined at `address` (default auto), then left; ConnectionError
+    naming the address if it cannot be joined. A Ray already connected is used as is."""
     joined = not ray.is_initialized()
     if joined:
         try:
             ray.init(address=address or "auto", logging_level=logging.WARNING,
                      log_to_driver=False)
         except (ConnectionError, RuntimeError, ValueError) as exc:
-            print(f"colocate status: cannot join the Ray cluster at {address or 'auto'}: "
-                  f"{exc}", file=sys.stderr)
-            return 2
+            raise ConnectionError(f"{what}: cannot join the Ray cluster at "
+                                  f"{address or 'auto'}: {exc}") from None
     try:
-        out.write(format_status(cluster_status(timeout)))
+        return read()
     finally:
         if joined:
             ray.shutdown()
+
+
+def run_status(address: str | None, out: TextIO = sys.stdout,
+               timeout: float = ASK_TIMEOUT_S) -> int:
+    """Join the cluster at `address` (default auto), print its deployments, leave."""
+    try:
+        out.write(format_status(on_cluster(address, lambda: cluster_status(timeout))))
+    except ConnectionError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     return 0

@@ -64,6 +64,7 @@ def test_top_follows_requests_and_quits(deployment):
     try:
         first = screen.wait_for(lambda f: all(_done(f, n) is not None for n in NAMES))
         assert all(len(line) <= 80 for line in first.splitlines())
+        assert all(re.search(rf"^{n}\s+serving\s", first, re.M) for n in NAMES), first
         assert "capacity 16.0 GiB" in first
         before = _done(first, "top-a")
         target = {e.service: e.target for e in deployment.endpoints()}["top-a"]
@@ -94,3 +95,20 @@ def test_top_prints_one_frame_when_not_a_terminal(deployment):
 def test_top_without_an_endpoint_says_so():
     out = subprocess.run([*COMMAND, "top"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "no metrics endpoint" in out.stderr
+
+
+def test_top_address_watches_every_device_on_the_cluster(deployment):
+    """--address joins the Ray cluster and finds each deployment's devices there."""
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    out = subprocess.run([*COMMAND, "top", "--address", address, "--once"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert all(re.search(rf"^{n}\s+serving\s", out.stdout, re.M) for n in NAMES), out.stdout
+
+
+def test_top_address_that_cannot_be_joined_says_so():
+    out = subprocess.run([*COMMAND, "top", "--address", "127.0.0.1:1"], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "cannot join the Ray cluster at 127.0.0.1:1" in out.stderr

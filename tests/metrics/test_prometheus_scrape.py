@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,8 +22,7 @@ from tests.deployment.helpers import cpu_deployment, free_ports, stream_tokens, 
 from tests.metrics.dashboard import DASHBOARD, panel_queries
 from tests.metrics.prometheus_server import PrometheusServer, prometheus_binary
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-import render_dashboards  # noqa: E402
+import render_dashboards  # noqa: E402  (bench/, on the path prometheus_server puts it)
 
 REPO = Path(__file__).resolve().parents[2]
 KV_TOKENS = 256

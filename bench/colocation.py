@@ -14,6 +14,8 @@ replaying the same seeded requests (see colocation_load.py):
   unshared  the same with `share_weights: false` (one copy per service);
   peer      the same N loads to other servers over an OpenAI-compatible streaming API:
             N `transformers serve` processes started here on CPU, or --peer-url.
+--door http drives the colocate scenarios through their own OpenAI-compatible HTTP
+ports with the peers' client, so that every scenario is measured through one door.
 Writes colocation.json, colocation.md and PNG plots under --results and prints a
 table. Asserts nothing about speed: the machine may be shared.
 """
@@ -69,6 +71,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads per server process, "
                    "in every scenario alike")
     p.add_argument("--scenarios", default=",".join(SCENARIOS))
+    p.add_argument("--door", choices=("grpc", "http"), default="grpc",
+                   help="how the colocate scenarios are driven: gRPC Generate, or their "
+                        "OpenAI-compatible HTTP port, through the same client as the peers")
     p.add_argument("--peer-url", action="append", default=[], help="an OpenAI-compatible "
                    "server (vLLM, SGLang, TGI); repeat or comma-separate, 1 or N of them")
     p.add_argument("--peer-model", help="model name the peers serve (default: the checkpoint)")
@@ -113,9 +118,10 @@ def start_servers(name: str, configs: dict, args: argparse.Namespace, results: P
         # One process instead of N: it gets the threads the N isolated ones had between
         # them (up to the cores), or fusing would be measured on a fraction of the CPU.
         threads = min(os.cpu_count() or 1, args.threads * len(configs["fused"].gpus[0].services))
-        return ColocateServers(configs[name], threads, args.startup_timeout), None
+        return ColocateServers(configs[name], threads, args.startup_timeout, args.door), None
     if name != "peer":
-        return ColocateServers(configs[name], args.threads, args.startup_timeout), None
+        return ColocateServers(configs[name], args.threads, args.startup_timeout,
+                               args.door), None
     gpu = configs["shared"].gpus[0]
     if args.peer_url:
         from colocate.cluster.supervisor import checkpoint_dir
@@ -193,7 +199,7 @@ def run(args: argparse.Namespace) -> dict:
         r["ratios"] = headline_ratios(r["scenarios"])
     return {"machine": machine, "config": describe(configs["shared"]),
             "settings": {"scenario_source": str(args.config or f"{args.services} x {args.model}"),
-                         "torch_threads": args.threads,
+                         "torch_threads": args.threads, "door": args.door,
                          "load_description": describe_load(specs), "argv": sys.argv[1:]},
             "skipped": skipped, "runs": runs}
 

@@ -177,11 +177,15 @@ class OpenAITarget:
     `extra` goes into every body: how to make that server ignore EOS differs
     (vLLM and SGLang take `ignore_eos`; `transformers serve` a generation config)."""
 
-    def __init__(self, name: str, base_url: str, model: str, extra: dict | None = None) -> None:
+    def __init__(self, name: str, base_url: str, model: str, extra: dict | None = None,
+                 token: str | None = None) -> None:
         self.name = name
         self.url = base_url.rstrip("/") + "/v1/completions"
         self.model = model
         self.extra = extra or {}
+        self.headers = {"Content-Type": "application/json"}
+        if token is not None:                     # a colocate service's tenant
+            self.headers["Authorization"] = f"Bearer {token}"
 
     def body(self, prompt: str, max_tokens: int) -> dict:
         extra = {k: (v.replace("{max_tokens}", str(max_tokens)) if isinstance(v, str) else v)
@@ -191,7 +195,7 @@ class OpenAITarget:
 
     def stream(self, prompt: str, max_tokens: int, timeout: float) -> Iterator[Chunk]:
         req = urllib.request.Request(self.url, json.dumps(self.body(prompt, max_tokens)).encode(),
-                                     {"Content-Type": "application/json"})
+                                     self.headers)
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             for raw in resp:                       # one SSE line at a time, unchunked
                 line = raw.decode().strip()

@@ -63,6 +63,14 @@ gpus:
     return path
 
 
+def with_http_ports(config: DeploymentConfig) -> DeploymentConfig:
+    """The first device entry's services, each with an HTTP door (a free port unless set)."""
+    gpu = config.gpus[0]
+    services = tuple(s if s.http_port is not None else replace(s, http_port=free_port())
+                     for s in gpu.services)
+    return replace(config, gpus=(replace(gpu, services=services), *config.gpus[1:]))
+
+
 def load_bench_config(path: str | Path) -> DeploymentConfig:
     """The YAML with a made-up token for every tenant variable that is unset: the
     benchmark is the only client of the servers it starts, and they die with it."""
@@ -86,7 +94,12 @@ def scenario_configs(config: DeploymentConfig) -> dict[str, DeploymentConfig]:
 class ColocateServers:
     """One scenario's deployment, started on enter and shut down on exit."""
 
-    def __init__(self, config: DeploymentConfig, torch_threads: int, timeout_s: float) -> None:
+    def __init__(self, config: DeploymentConfig, torch_threads: int, timeout_s: float,
+                 door: str = "grpc") -> None:
+        """door: "grpc" (Client.generate) or "http" (the services' OpenAI-compatible
+        /v1/completions, as the peers are driven; a free http_port where none is set)."""
+        if door == "http":
+            config = with_http_ports(config)
         self.config, self.gpu = config, config.gpus[0]
         self.deployment = Deployment(config, torch_threads=torch_threads)
         try:
@@ -96,8 +109,17 @@ class ColocateServers:
             raise
         token = {s.name: s.tenants[0].token for s in self.gpu.services}
         by_name = {e.service: e for e in endpoints}
-        self.targets: list[Target] = [ColocateTarget(s.name, by_name[s.name].target,
-                                                     token[s.name]) for s in self.gpu.services]
+        if door == "http":
+            # The same body and reading as the peers get, plus the tenant's token; the
+            # final usage chunk gives the exact token count.
+            extra = {"ignore_eos": True, "stream_options": {"include_usage": True}}
+            self.targets: list[Target] = [
+                OpenAITarget(s.name, by_name[s.name].http_url.removesuffix("/v1"),
+                             s.model_names[0], extra, token=token[s.name])
+                for s in self.gpu.services]
+        else:
+            self.targets = [ColocateTarget(s.name, by_name[s.name].target, token[s.name])
+                            for s in self.gpu.services]
         # status() lists the services' pids; the supervisor's own is asked of it.
         supervisor = self.deployment.supervisor(self.gpu.device)
         import ray

@@ -45,7 +45,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     try:
         with Client(args.target, token, timeout=args.timeout, tls=args.tls,
                     tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key) as client:
-            for delta in client.generate(prompt, **sampling):
+            deltas = (client.chat([{"role": "user", "content": prompt}], **sampling)
+                      if args.chat else client.generate(prompt, **sampling))
+            for delta in deltas:
                 sys.stdout.write(delta.text)
                 sys.stdout.flush()          # show each piece as it arrives
                 wrote = wrote or bool(delta.text)
@@ -121,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt", help='the prompt text; "-" reads it from stdin')
     p.add_argument("--target", required=True, help="the service's HOST:PORT")
     p.add_argument("--token", help="a tenant's bearer token (default: $COLOCATE_TOKEN)")
+    p.add_argument("--chat", action="store_true",
+                   help="send the prompt as one user message, through the model's chat template")
     p.add_argument("--max-tokens", type=int)
     p.add_argument("--temperature", type=float, help="0 is greedy")
     p.add_argument("--top-p", type=float)

@@ -4,6 +4,8 @@
         for delta in client.generate("Hello", max_tokens=32, temperature=0):
             print(delta.text, end="", flush=True)
         result = client.complete("Hello", max_tokens=32)    # all at once
+        for delta in client.chat([{"role": "user", "content": "Hi"}], max_tokens=32):
+            ...                                              # through the chat template
         client.tokenize("Hello"), client.model_info(), client.health()
 
 A service that serves TLS takes tls_ca= (the CA that signed its certificate;
@@ -25,7 +27,7 @@ grpc.RpcError, whose .code() and .details() say why.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -169,8 +171,24 @@ class Client:
                  timeout: float | None = None, **sampling) -> Iterator[GenerateDelta]:
         """Stream a completion. Stopping the iteration early (break, close) cancels
         the call, and the service frees the request's cache at once."""
-        call = self._stub.Generate(_generate_request(prompt, request_id, sampling),
-                                   metadata=self._metadata, timeout=self._deadline(timeout))
+        return self._stream(self._stub.Generate(_generate_request(prompt, request_id, sampling),
+                                                metadata=self._metadata,
+                                                timeout=self._deadline(timeout)))
+
+    def chat(self, messages: Sequence[Mapping[str, str]], *, request_id: str | None = None,
+             timeout: float | None = None, **sampling) -> Iterator[GenerateDelta]:
+        """Stream the reply to a conversation ([{"role": "user", "content": "Hi"}, ...]),
+        which the service renders through its model's chat template; stopping early
+        cancels the call, as generate() does."""
+        request = pb.ChatRequest(sampling=sampling_to_proto(**sampling),
+                                 request_id=request_id or "")
+        for m in messages:
+            request.messages.add(role=m["role"], content=m["content"])
+        return self._stream(self._stub.Chat(request, metadata=self._metadata,
+                                            timeout=self._deadline(timeout)))
+
+    @staticmethod
+    def _stream(call) -> Iterator[GenerateDelta]:
         try:
             for msg in call:
                 yield GenerateDelta.from_proto(msg)

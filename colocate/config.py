@@ -104,6 +104,13 @@ class ServiceSpec:
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
     max_concurrent_rpcs: int | None = None   # None: derived, see rpc_limit
     weight: float = 1.0               # its share of a fused group's step, against the others
+    http_port: int | None = None      # the OpenAI-compatible HTTP door; None: gRPC only
+    served_model_name: str | None = None   # the model's name over HTTP; None: the model key
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """The names an HTTP request may give the model; the first is listed."""
+        return tuple(dict.fromkeys(n for n in (self.served_model_name, self.model) if n))
 
     @property
     def rpc_limit(self) -> int:
@@ -317,7 +324,8 @@ class _Reader(ValueReader):
                                    "tenants"),
                          optional=("max_num_seqs", "max_num_batched_tokens",
                                    "max_queued_requests", "tls", "max_request_bytes",
-                                   "max_concurrent_rpcs", "weight"))
+                                   "max_concurrent_rpcs", "weight", "http_port",
+                                   "served_model_name"))
         name = self.string(s["name"], f"{key}.name")
         model = self.string(s["model"], f"{key}.model")
         if model not in models:
@@ -349,6 +357,9 @@ class _Reader(ValueReader):
             max_concurrent_rpcs=(self.integer(s["max_concurrent_rpcs"],
                                               f"{key}.max_concurrent_rpcs")
                                  if "max_concurrent_rpcs" in s else None),
+            http_port=self.port(s["http_port"], f"{key}.http_port") if "http_port" in s else None,
+            served_model_name=(self.string(s["served_model_name"], f"{key}.served_model_name")
+                               if "served_model_name" in s else None),
         )
         # Checked once whole: a replica must equal its first copy but for the port.
         self.topology.claim_service(spec, key)

@@ -68,11 +68,11 @@ class Topology:
             raise self._error(f"{key}.name", f"duplicate service name {service.name!r}, "
                                              f"already used by {claim.key}")
         for field in dataclasses.fields(service):
-            if field.name != "port" and field.compare and \
+            if field.name not in ("port", "http_port") and field.compare and \
                     getattr(service, field.name) != getattr(first, field.name):
                 raise self._error(f"{key}.{field.name}",
                                   f"replica of {service.name!r} differs from {claim.key}; "
-                                  f"replicas may differ only in port")
+                                  f"replicas may differ only in port and http_port")
 
 
 def _may_share_host(a: _Claim, b: _Claim) -> bool:

@@ -1,7 +1,6 @@
 """LLM: the offline API. Load a checkpoint, generate for a batch of prompts."""
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from colocate.engine.outputs import RequestOutput
 from colocate.model.kv_cache import resolve_kv_cache_dtype
 from colocate.model.checkpoint import parse_dtype
 from colocate.quant.loading import load_model
-from colocate.model.chat_template import is_conversation_list
+from colocate.model.chat_template import NoChatTemplateError, is_conversation_list
 from colocate.model.model_config import LlamaConfig
 from colocate.model.tokenizer import load_tokenizer
 from colocate.prompt_inputs import normalize_prompts
@@ -34,9 +33,6 @@ def resolve_device(name: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda:N', got {name!r}")
     return device
-
-
-
 
 
 
@@ -84,15 +80,12 @@ class LLM:
         """Reply to one conversation (a list of {"role", "content"} messages) or to a list
         of conversations, through the checkpoint's chat template, as vLLM's LLM.chat.
         Replies stop at EOS or at the template's end-of-turn token."""
-        if self.tokenizer is None or self.tokenizer.chat_template is None:
-            raise ValueError("this model has no chat template (GGUF tokenizer.chat_template, "
-                             "chat_template.jinja or tokenizer_config.json); use generate()")
+        if self.tokenizer is None:
+            raise NoChatTemplateError()
         conversations = messages if is_conversation_list(messages) else [messages]
         prompts = [self.tokenizer.apply_chat_template(c, add_generation_prompt)
                    for c in conversations]
-        stops = list(self.tokenizer.end_of_turn_ids())
-        params = [dataclasses.replace(p, stop_token_ids=list(dict.fromkeys(p.stop_token_ids
-                                                                           + stops)))
+        params = [self.tokenizer.chat_params(p)
                   for p in _per_prompt(sampling_params, len(prompts))]
         return self._run(prompts, params)
 

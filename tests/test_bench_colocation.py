@@ -205,3 +205,23 @@ def test_prompts_are_close_to_their_length_in_tokens(prompts):
     rng = random.Random(0)
     for length in (8, 32, 200):
         assert abs(prompts.count(prompts.make(rng, length)) - length) <= 2
+
+
+@pytest.mark.slow          # starts one deployment
+def test_the_http_door_drives_colocate_like_the_peers(tiny, tmp_path):
+    """--door http: the same load through the services' OpenAI-compatible ports."""
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--model", str(tiny), "--services", "1",
+         "--requests", str(REQUESTS), "--rate", "50", "--prompt-tokens", "8,24",
+         "--output-tokens", "3,6", "--kv-tokens", "256", "--max-model-len", "128",
+         "--scenarios", "alone", "--door", "http", "--startup-timeout", "120",
+         "--request-timeout", "60", "--results", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "colocation.json").read_text())
+    assert data["settings"]["door"] == "http"
+    alone = data["runs"][0]["scenarios"]["alone"]
+    assert alone["status"] == "ok" and alone["overall"]["failed"] == 0, alone["overall"]
+    done = alone["records"]
+    assert len(done) == REQUESTS
+    assert all(rec["output_tokens"] == rec["max_tokens"] for rec in done)

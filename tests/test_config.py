@@ -174,6 +174,10 @@ ERRORS = [
     (f"{S0}.kv_cache.dtype", "fp8", "gpus[0].services[0].kv_cache.dtype", "'fp8' is not one of"),
     ("gpus.1.services.0.port", 50051, "gpus[1].services[0].port", "duplicate port 50051"),
     ("gpus.1.metrics_port", 50052, "gpus[1].metrics_port", "duplicate port 50052"),
+    (f"{S0}.http_port", 50052, "gpus[0].services[1].port", "duplicate port 50052"),
+    (f"{S0}.http_port", 9400, "gpus[0].services[0].http_port", "duplicate port 9400"),
+    (f"{S0}.http_port", "8000", "gpus[0].services[0].http_port", "expected an integer"),
+    (f"{S0}.served_model_name", "", "gpus[0].services[0].served_model_name", ""),
     ("gpus.0.services.1.name", "svc-a", "gpus[0].services[1].name", "duplicate service name"),
     (f"{S0}.model", "llama", "gpus[0].services[0].model", "'llama' is not defined"),
     (f"{S0}.port", None, "gpus[0].services[0].port", "missing required key"),
@@ -206,6 +210,15 @@ def test_error_names_key_and_problem(tmp_path, where, value, key, problem):
     _set(data, where, value)
     message = load_error(tmp_path, data)
     assert f": {key}: " in message and problem in message, message
+
+
+def test_http_port_and_served_model_name(tmp_path):
+    data = copy.deepcopy(base_config())
+    data["gpus"][0]["services"][0].update(http_port=8001, served_model_name="chat-13b")
+    a, b = load_config(write(tmp_path, data), env=ENV).gpus[0].services
+    assert (a.http_port, a.served_model_name, a.model_names) == (8001, "chat-13b",
+                                                                 ("chat-13b", "m"))
+    assert (b.http_port, b.model_names) == (None, ("m",))
 
 
 def test_group_size_only_with_int4(tmp_path):

@@ -53,12 +53,14 @@ gpus:
       - name: chat-{x}
         model: smollm2
         port: {port}
+        http_port: {http_port}
         max_model_len: 2048
         kv_cache: {{dtype: {kv}, tokens: 4096}}
         max_num_seqs: 16
         max_num_batched_tokens: 512
         tenants: [{{name: tenant-{x}, token_env: TENANT_{x.upper()}_TOKEN}}]
-""" for x, port, kv in (("a", 50051, "auto"), ("b", 50052, "auto"), ("c", 50053, "int8")))
+""" for x, port, http_port, kv in (("a", 50051, 8001, "auto"), ("b", 50052, 8002, "auto"),
+                                   ("c", 50053, 8003, "int8")))
 
 def default_config_path() -> Path:
     """deploy/examples/cpu-3x-smollm2.yaml beside the package (an editable install),
@@ -99,6 +101,7 @@ class Endpoint:
     state: str
     restarts: int
     entry: str = ""               # the device entry (one per replica of a service)
+    http_url: str = ""            # the OpenAI-compatible API's base URL, if it has one
 
 
 class Deployment:
@@ -115,8 +118,9 @@ class Deployment:
         in flight may run on once shutdown() begins. name: the deployment's name on
         the cluster (default: the YAML's `name`, else its file name and a random
         suffix). progress_to: where the supervisors' loading and starting stages show
-        (default: progress.current(): bars on a terminal). supervisor_options: the rest of Supervisor's keywords
-        (health_timeout_s, failed_checks_before_restart, ledger_dir, test_hooks).
+        (default: progress.current(): bars on a terminal). supervisor_options: the
+        rest of Supervisor's keywords (health_timeout_s, failed_checks_before_restart,
+        ledger_dir, test_hooks).
 
         Raises DeploymentError (PlacementError when an entry has no node) before any
         service starts if the deployment cannot be placed whole."""
@@ -126,8 +130,6 @@ class Deployment:
         self.health_interval_s = health_interval_s
         self.name = name or config.name or f"{Path(config.source).stem}-{secrets.token_hex(3)}"
         self._owns_ray = init_ray(address)
-        self._progress_to = progress_to or progress.current()
-        self._progress_relay: ProgressRelay | None = None
 
         def make_supervisor(gpu: DeviceSpec, options: dict, replacement: int = 0):
             # Supervisors take no CPU (see supervisor.py); options hold the bundle,
@@ -142,17 +144,13 @@ class Deployment:
                            placement_timeout_s=placement_timeout_s)
         try:
             self.fleet.place()
-            _unwrap(lambda: self._relay().get([s.start.remote()
-                                               for s in self.supervisors.values()]))
+            # One relay for the start and the wait, so no stage is shown twice.
+            self._relay = ProgressRelay(self.supervisors, progress_to or progress.current())
+            _unwrap(lambda: self._relay.get([s.start.remote()
+                                             for s in self.supervisors.values()]))
         except BaseException:
             self.shutdown()
             raise
-
-    def _relay(self) -> ProgressRelay:
-        """One relay for the start and the wait, so no event is shown twice."""
-        if self._progress_relay is None:
-            self._progress_relay = ProgressRelay(self.supervisors, self._progress_to)
-        return self._progress_relay
 
     @property
     def supervisors(self) -> dict[str, object]:
@@ -160,8 +158,8 @@ class Deployment:
         return self.fleet.actors()
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> list[Endpoint]:
-        _unwrap(lambda: self._relay().get([s.wait_ready.remote(timeout)
-                                           for s in self.supervisors.values()]))
+        _unwrap(lambda: self._relay.get([s.wait_ready.remote(timeout)
+                                         for s in self.supervisors.values()]))
         # From here on, a lost node is noticed (and, if allowed, its entries re-placed).
         self.fleet.watch(self.health_interval_s, timeout)
         return self.endpoints()
@@ -185,14 +183,18 @@ class Deployment:
     def endpoints(self) -> list[Endpoint]:
         envs = {s.name: tuple(t.token_env for t in s.tenants)
                 for _, s in self.config.services()}
+        http = {s.name: (s.http_port, s.tls is not None) for _, s in self.config.services()}
         out = []
         for dev in self.status(with_stats=False):
             for s in dev["services"]:
                 # A server bound to every interface is reached at its node's address.
                 host = dev["node_ip"] if s["host"] in ("0.0.0.0", "::") else s["host"]
+                http_port, tls = http[s["name"]]
+                url = (f"{'https' if tls else 'http'}://{host}:{http_port}/v1"
+                       if http_port is not None else "")
                 out.append(Endpoint(s["name"], dev["device"], f"{host}:{s['port']}",
                                     envs[s["name"]], s["state"], s["restarts"],
-                                    dev["entry"]))
+                                    dev["entry"], url))
         return out
 
     def targets(self) -> dict[str, str]:
@@ -365,7 +367,8 @@ def print_endpoints(endpoints: list[Endpoint], generated: Mapping[str, str],
     width = max(len(e.service) for e in endpoints)
     print("\nready:", file=out)
     for e in endpoints:
-        print(f"  {e.service:<{width}}  {e.target}  ({e.entry or e.device}; tokens in "
+        http = f"  {e.http_url}" if e.http_url else ""
+        print(f"  {e.service:<{width}}  {e.target}{http}  ({e.entry or e.device}; tokens in "
               f"{', '.join('$' + v for v in e.token_envs)})", file=out)
     replicated = {name: t for name, t in (targets or {}).items()
                   if sum(e.service == name for e in endpoints) > 1}
@@ -387,4 +390,10 @@ def print_endpoints(endpoints: list[Endpoint], generated: Mapping[str, str],
     first = endpoints[0]
     target = (targets or {}).get(first.service, first.target)
     print(f"\ntry:\n  colocate generate --target {target} "
-          f"--token \"${first.token_envs[0]}\" \"Hello\"\n", file=out, flush=True)
+          f"--token \"${first.token_envs[0]}\" \"Hello\"", file=out, flush=True)
+    if first.http_url:
+        print(f"  curl {first.http_url}/chat/completions -H \"Authorization: Bearer "
+              f"${first.token_envs[0]}\" -H 'Content-Type: application/json' -d "
+              f"'{{\"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'",
+              file=out, flush=True)
+    print(file=out, flush=True)

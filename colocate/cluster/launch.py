@@ -79,7 +79,7 @@ def prepare_launches(gpu: DeviceSpec, config: DeploymentConfig, store: WeightSto
                      demands: Mapping[str, ServiceDemand], *, device: str, host: str,
                      torch_threads: int, tenants: Mapping[str, Mapping[str, str]],
                      preset_dir: Path | None = None,
-                     test_hooks: bool = False) -> list[ServiceLaunch]:
+                     test_hooks: str | None = None) -> list[ServiceLaunch]:
     """Publish each model once (once per service when weights are not shared, so
     unshared really means separate copies) and describe every service's start.
 

@@ -109,12 +109,13 @@ class Supervisor:
                  health_timeout_s: float = PING_TIMEOUT_S,
                  failed_checks_before_restart: int = FAILED_CHECKS_BEFORE_RESTART,
                  preset_dir: str | None = None, metrics_host: str | None = None,
-                 ledger_dir: str | None = None, test_hooks: bool = False,
+                 ledger_dir: str | None = None, test_hooks: str | None = None,
                  replacement: int = 0) -> None:
         """tenants: service name -> {token: tenant name}, resolved by the driver.
         metrics_host: where /metrics listens; default `host`. ledger_dir: where the
-        device's shared ledger lives (default /dev/shm). test_hooks: let tests
-        inject faults into the services (ServiceRuntime.inject_fault). replacement:
+        device's shared ledger lives (default /dev/shm). test_hooks: tests only, the
+        "module:factory" each service makes its fault hooks from (service/test_hooks.py,
+        ServiceRuntime.inject_fault). replacement:
         how many times this entry has been re-placed after a lost node (metrics)."""
         self.gpu = gpu
         self.replacement = replacement
@@ -372,8 +373,7 @@ class Supervisor:
 
     # ---- stopping ------------------------------------------------------------
     def shutdown(self, grace: float = SHUTDOWN_GRACE_S) -> None:
-        """Stop the checks; let the services finish their requests in flight (`grace` s,
-        refusing new ones: draining); stop them; release budgets and weights."""
+        """Stop the checks, drain the services (`grace` s; new calls refused), stop, release."""
         self.monitor.stop()
         with self._lock:     # /metrics says draining; scrapes ask only running services
             slots = [s for s in self._slots.values() if s.state != "stopped"]

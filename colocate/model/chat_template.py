@@ -28,6 +28,16 @@ class ChatTemplateError(ValueError):
     """A template that does not compile, or messages it refuses."""
 
 
+class NoChatTemplateError(ValueError):
+    """The model has no chat template, so a conversation cannot be rendered. A
+    ValueError for the offline API; the serving doors answer it as a precondition
+    the model does not meet (gRPC FAILED_PRECONDITION), not as a bad field."""
+
+    def __init__(self) -> None:
+        super().__init__("this model has no chat template (GGUF tokenizer.chat_template, "
+                         "chat_template.jinja or tokenizer_config.json); send a plain prompt")
+
+
 def _raise(message: str) -> None:
     raise ChatTemplateError(message)
 

@@ -1,12 +1,14 @@
 """Text <-> token ids through a checkpoint's tokenizer.json, and streaming detokenization."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 from tokenizers import Tokenizer as _HFTokenizer
 
-from colocate.model.chat_template import ChatTemplate
+from colocate.model.chat_template import ChatTemplate, NoChatTemplateError
+from colocate.sampling_params import SamplingParams
 
 # Decoding half of a multi-byte character (or a lone byte-level piece) yields this.
 
@@ -71,7 +73,7 @@ class Tokenizer:
         """One conversation -> prompt token ids, as HF's apply_chat_template(tokenize=True):
         the rendered text already holds the template's special tokens, so none are added."""
         if self.chat_template is None:
-            raise ValueError("the tokenizer has no chat template")
+            raise NoChatTemplateError()
         text = self.chat_template.render(messages, add_generation_prompt)
         return self.encode(text, add_special_tokens=False)
 
@@ -80,6 +82,11 @@ class Tokenizer:
         eot = () if self.chat_template is None else self.chat_template.end_of_turn_tokens(
             self.backend.get_vocab(with_added_tokens=True))
         return tuple(dict.fromkeys(self.eos_token_ids + eot))
+
+    def chat_params(self, params: SamplingParams) -> SamplingParams:
+        """`params` for a chat reply: its stop token ids plus end_of_turn_ids()."""
+        stops = list(dict.fromkeys(params.stop_token_ids + list(self.end_of_turn_ids())))
+        return dataclasses.replace(params, stop_token_ids=stops)
 
 
 def _hf_chat_template(path: Path) -> ChatTemplate | None:

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 
 from colocate.engine.engine import LLMEngine
 from colocate.engine.outputs import RequestOutput
+from colocate.model.chat_template import NoChatTemplateError
 from colocate.sampling_params import SamplingParams
 from colocate.service.engine_loop import MAX_CONSECUTIVE_STEP_FAILURES, EngineLoop, SingleEngine
 from colocate.service.engine_protocol import EngineDeadError, EngineStats, QueueFullError
@@ -203,6 +204,20 @@ class AsyncEngine:
 
     # The protocol's name for submit (Ray Serve LLM calls it generate).
     generate = submit
+
+    # ---- chat: both doors render a conversation here ----------------------------
+    def chat_prompt(self, messages) -> list[int]:
+        """A conversation -> prompt token ids through the model's chat template.
+        NoChatTemplateError when there is none; ValueError for bad messages."""
+        if self.engine.tokenizer is None:
+            raise NoChatTemplateError()
+        return self.engine.tokenizer.apply_chat_template(messages)
+
+    def submit_chat(self, prompt_ids: list[int], params: SamplingParams,
+                    request_id: str | None = None) -> AsyncRequestStream:
+        """submit() a rendered conversation; the reply also stops at the template's
+        end-of-turn token."""
+        return self.submit(prompt_ids, self.engine.tokenizer.chat_params(params), request_id)
 
     # Tokenizing reads only the tokenizer (whose Rust core is safe to share
     # between threads) and the frozen limits, so it needs neither the lock nor

@@ -54,6 +54,14 @@ class EngineProtocol(Protocol):
         """Queue a request. Raises ValueError (naming the field) on bad input,
         QueueFullError when the queue is full, EngineDeadError when not running."""
 
+    def chat_prompt(self, messages) -> list[int]:
+        """A conversation's prompt ids through the chat template. Raises
+        NoChatTemplateError when the model has none, ValueError on bad messages."""
+
+    def submit_chat(self, prompt_ids: list[int], params: SamplingParams,
+                    request_id: str | None = None) -> RequestStream:
+        """generate() for a chat_prompt(): the reply also stops at end of turn."""
+
     def tokenize(self, text: str) -> list[int]:
         """The token ids generate() would feed the model for `text`. Raises
         ValueError when there is no tokenizer or the text is empty."""

@@ -28,7 +28,7 @@ from colocate.engine.config import EngineConfig
 from colocate.model.model_config import LlamaConfig
 from colocate.model.tokenizer import load_tokenizer
 from colocate.service.engine_loop import EngineLoop, FusedEngines
-from colocate.service.fault_injection import FaultInjector, FaultyRunner
+from colocate.service import test_hooks
 from colocate.service.runtime import ServiceDoor, ServiceLaunch, ServiceStats
 from colocate.worker.engine_factory import GroupMember, build_engine_group
 
@@ -54,9 +54,9 @@ class GroupRuntime:
              for s, launch in zip(specs, launches)],
             dtype=getattr(torch, first.weights.dtype), device=torch.device(first.device),
             max_num_batched_tokens=max(s.max_num_batched_tokens for s in specs))
-        self.faults = FaultInjector(first.test_hooks)
-        if first.test_hooks:
-            faulty = FaultyRunner(self.group.runner, self.faults)
+        self.hooks = test_hooks.load_test_hooks(first.test_hooks)
+        if self.hooks is not None:
+            faulty = self.hooks.wrap_runner(self.group.runner)
             self.group.runner = faulty
             for engine in self.group.members.values():
                 engine.runner = faulty
@@ -77,7 +77,7 @@ class GroupRuntime:
         return self.doors[name].port
 
     def ping(self, name: str) -> bool:
-        return self.faults.on_ping() and self.doors[name].ping()
+        return test_hooks.ping_allowed(self.hooks) and self.doors[name].ping()
 
     def stats(self, name: str) -> ServiceStats:
         return self.doors[name].stats()
@@ -88,7 +88,7 @@ class GroupRuntime:
     def inject_fault(self, name: str, kind: str, count: int = 1,
                      message: str = "injected fault", seconds: float = 0.0) -> None:
         """Tests only; a step fault hits the group's next steps, whoever is in them."""
-        self.faults.arm(kind, count, message=message, seconds=seconds)
+        test_hooks.arm(self.hooks, kind, count, message, seconds)
 
     def shutdown(self, name: str, grace: float = 10.0) -> bool:
         """Drain and close one service's door; the last one stops the loop and unmaps

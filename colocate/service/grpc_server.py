@@ -3,7 +3,8 @@ standard health service beside it, and serve().
 
 Errors become status codes here and nowhere else: ValueError (SamplingParams or
 engine validation, whose messages name the field and the limit) is
-INVALID_ARGUMENT, a full queue RESOURCE_EXHAUSTED, a stopped engine UNAVAILABLE,
+INVALID_ARGUMENT (but a Chat to a model without a chat template is
+FAILED_PRECONDITION), a full queue RESOURCE_EXHAUSTED, a stopped engine UNAVAILABLE,
 anything else INTERNAL with a fixed message; tracebacks go to the log, never to
 the client. A call that ends early, because the client cancelled, disconnected
 or let its deadline pass, aborts its request: gRPC runs the call's callbacks at
@@ -23,6 +24,7 @@ import grpc
 from colocate.config import DEFAULT_MAX_REQUEST_BYTES, TLSSpec
 from colocate.engine.engine import PromptTooLongError
 from colocate.engine.outputs import RequestOutput
+from colocate.model.chat_template import NoChatTemplateError
 from colocate.service import messages
 from colocate.service.auth import AuthInterceptor, Authenticator
 from colocate.service.engine_protocol import EngineDeadError, EngineProtocol, QueueFullError
@@ -44,6 +46,7 @@ class _Unauthenticated(Exception):
 
 
 _STATUS_OF = [
+    (NoChatTemplateError, grpc.StatusCode.FAILED_PRECONDITION),    # also a ValueError
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
     (QueueFullError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (EngineDeadError, grpc.StatusCode.UNAVAILABLE),
@@ -102,15 +105,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             raise _Unauthenticated("missing or invalid bearer token")
         return tenant
 
-    def _outputs(self, request: pb.GenerateRequest, request_id: str,
+    def _outputs(self, submit: Callable[[str], Iterator[RequestOutput]], request_id: str,
                  context: grpc.ServicerContext) -> Iterator[RequestOutput]:
-        """Submit the request and yield its outputs; whatever ends the call
-        (cancel, disconnect, deadline, server stop) aborts the request."""
+        """submit(engine request id) queues the request; yield its outputs. Whatever
+        ends the call (cancel, disconnect, deadline, server stop) aborts it."""
         tenant = self._tenant(context)
-        params = messages.sampling_from_proto(request.sampling)
-        prompt = messages.prompt_from_proto(request)
         # Namespaced by tenant: two tenants may pick the same request_id.
-        stream = self._engine.generate(prompt, params, f"{tenant}/{request_id}")
+        stream = submit(f"{tenant}/{request_id}")
         # gRPC runs the callback when the call ends for any reason, even while
         # this thread waits for the next token; after a normal end it is a no-op.
         if not context.add_callback(stream.close):
@@ -121,22 +122,44 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         finally:
             stream.close()
 
+    def _generation(self, request: pb.GenerateRequest, request_id: str,
+                    context: grpc.ServicerContext) -> Iterator[RequestOutput]:
+        def submit(engine_id: str):
+            params = messages.sampling_from_proto(request.sampling)
+            return self._engine.generate(messages.prompt_from_proto(request), params, engine_id)
+        return self._outputs(submit, request_id, context)
+
+    def _stream(self, outputs: Iterator[RequestOutput],
+                request_id: str) -> Iterator[pb.GenerateResponse]:
+        sent_prompt_logprobs = False
+        for out in outputs:
+            first = not sent_prompt_logprobs and out.prompt_logprobs is not None
+            yield messages.delta_response(out, request_id, first)
+            sent_prompt_logprobs = sent_prompt_logprobs or first
+
     def Generate(self, request: pb.GenerateRequest,
                  context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
         with _status_on_error(context, "Generate", self._on_reject):
             request_id = request.request_id or uuid.uuid4().hex
-            sent_prompt_logprobs = False
-            for out in self._outputs(request, request_id, context):
-                first = not sent_prompt_logprobs and out.prompt_logprobs is not None
-                yield messages.delta_response(out, request_id, first)
-                sent_prompt_logprobs = sent_prompt_logprobs or first
+            yield from self._stream(self._generation(request, request_id, context), request_id)
+
+    def Chat(self, request: pb.ChatRequest,
+             context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
+        with _status_on_error(context, "Chat", self._on_reject):
+            request_id = request.request_id or uuid.uuid4().hex
+
+            def submit(engine_id: str):
+                params = messages.sampling_from_proto(request.sampling)
+                prompt_ids = self._engine.chat_prompt(messages.chat_from_proto(request))
+                return self._engine.submit_chat(prompt_ids, params, engine_id)
+            yield from self._stream(self._outputs(submit, request_id, context), request_id)
 
     def Complete(self, request: pb.GenerateRequest,
                  context: grpc.ServicerContext) -> pb.GenerateResponse:
         with _status_on_error(context, "Complete", self._on_reject):
             request_id = request.request_id or uuid.uuid4().hex
             last = None
-            for last in self._outputs(request, request_id, context):
+            for last in self._generation(request, request_id, context):
                 pass
             if last is None:        # the call ended before the request started
                 return pb.GenerateResponse(request_id=request_id)

@@ -38,6 +38,11 @@ def prompt_from_proto(request: pb.GenerateRequest) -> str | list[int]:
     raise ValueError("prompt or prompt_token_ids must be set")
 
 
+def chat_from_proto(request: pb.ChatRequest) -> list[dict[str, str]]:
+    """The conversation as the chat template takes it; the template checks it."""
+    return [{"role": m.role, "content": m.content} for m in request.messages]
+
+
 def delta_response(out: RequestOutput, request_id: str,
                    with_prompt_logprobs: bool) -> pb.GenerateResponse:
     """One Generate message: the step's new tokens and text."""

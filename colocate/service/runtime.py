@@ -1,5 +1,5 @@
 """ServiceRuntime: one service's process. Maps the shared weights, builds its engine over
-its own KV pool, and serves it over gRPC.
+its own KV pool, and serves it over gRPC (and, with `http_port:`, OpenAI's HTTP API).
 
 The supervisor hands every service a ServiceLaunch: the weight handle it got from the
 WeightStore, the service's KV budget in tokens as the MemoryArbiter admitted it, and
@@ -38,8 +38,9 @@ from colocate.model.tokenizer import load_tokenizer
 from colocate.service.async_engine import AsyncEngine
 from colocate.service.engine_loop import EngineLoop
 from colocate.service.engine_protocol import EngineDeadError
-from colocate.service.fault_injection import FaultInjector, FaultyRunner
+from colocate.service import test_hooks
 from colocate.service.grpc_server import model_info_from_engine, serve
+from colocate.service.http_server import HttpServer, serve_http
 from colocate.worker.engine_factory import build_engine
 
 log = logging.getLogger(__name__)
@@ -57,7 +58,7 @@ class ServiceLaunch:
     torch_threads: int = 1
     weights_shared: bool = True    # one published copy for every service of the model
     kv_budget_bytes: int = 0       # the arbiter's KV figure for this service
-    test_hooks: bool = False       # accept inject_fault (tests only)
+    test_hooks: str | None = None  # tests only: "module:factory" (service/test_hooks.py)
     # token -> tenant name. Kept out of repr so a logged launch never leaks a token.
     tenants: dict[str, str] = field(default_factory=dict, repr=False)
 
@@ -97,6 +98,7 @@ class ServiceDoor:
             weight_bytes=launch.weights.tensor_bytes, weights_shared=launch.weights_shared,
             kv_cache_bytes=launch.kv_budget_bytes)
         self.rejections = RejectionCounter()
+        self.http: HttpServer | None = None
         try:
             self.server = serve(self.engine, spec.port, launch.tenants, spec.name, info,
                                 host=launch.host, on_reject=self.rejections.add,
@@ -105,8 +107,21 @@ class ServiceDoor:
         except BaseException:
             self.engine.shutdown()
             raise
-        log.info("service %s serving on %s:%d (pid %d, %d KV blocks)", spec.name,
-                 launch.host, self.server.port, os.getpid(), launch.num_blocks - 1)
+        if spec.http_port is not None:
+            try:
+                self.http = serve_http(self.engine, spec.http_port, launch.tenants, spec.name,
+                                       spec.model_names, host=launch.host, tls=spec.tls,
+                                       max_request_bytes=spec.max_request_bytes,
+                                       max_in_flight=spec.rpc_limit,
+                                       on_reject=self.rejections.add)
+            except BaseException:
+                self.server.stop(0)
+                self.engine.shutdown()
+                raise
+        log.info("service %s serving on %s:%d%s (pid %d, %d KV blocks)", spec.name,
+                 launch.host, self.server.port,
+                 f", HTTP on {self.http.port}" if self.http is not None else "",
+                 os.getpid(), launch.num_blocks - 1)
 
     @property
     def port(self) -> int:
@@ -149,6 +164,8 @@ class ServiceDoor:
                         self.name, grace)
         # The streams have their final outputs; a second lets the handlers send them.
         self.server.stop(1.0)
+        if self.http is not None:
+            self.http.stop()
         self.engine.shutdown()
         return drained
 
@@ -170,9 +187,9 @@ class ServiceRuntime:
         self.llm_engine = build_engine(
             model, config, load_tokenizer(Path(launch.checkpoint_dir)),
             EngineConfig.from_service(spec, launch.kv_tokens), dtype=dtype, device=device)
-        self.faults = FaultInjector(launch.test_hooks)
-        if launch.test_hooks:
-            self.llm_engine.runner = FaultyRunner(self.llm_engine.runner, self.faults)
+        self.hooks = test_hooks.load_test_hooks(launch.test_hooks)
+        if self.hooks is not None:
+            self.llm_engine.runner = self.hooks.wrap_runner(self.llm_engine.runner)
         self.door = ServiceDoor(launch, self.llm_engine)
         self.engine, self.server = self.door.engine, self.door.server
 
@@ -182,7 +199,7 @@ class ServiceRuntime:
 
     def ping(self) -> bool:
         """True while the engine loop runs; False once it failed or stopped."""
-        return self.faults.on_ping() and self.door.ping()
+        return test_hooks.ping_allowed(self.hooks) and self.door.ping()
 
     def stats(self) -> ServiceStats:
         return self.door.stats()
@@ -192,8 +209,8 @@ class ServiceRuntime:
 
     def inject_fault(self, kind: str, count: int = 1, message: str = "injected fault",
                      seconds: float = 0.0) -> None:
-        """Tests only (see fault_injection.py); refused unless launched with test_hooks."""
-        self.faults.arm(kind, count, message=message, seconds=seconds)
+        """Tests only (see service/test_hooks.py); refused unless launched with hooks."""
+        test_hooks.arm(self.hooks, kind, count, message, seconds)
 
     def shutdown(self, grace: float = 10.0) -> bool:
         """Drain and stop (ServiceDoor.close), then unmap the weights."""

@@ -1,4 +1,4 @@
-"""TLS credentials for a service's gRPC port and for the clients that call it.
+"""TLS credentials for a service's gRPC port (and its HTTP port) and for the clients that call it.
 
 Both sides read PEM files at the moment they build credentials, so a certificate
 renewed on disk is picked up by the next server start (a service restart) or the
@@ -11,6 +11,7 @@ proves the machine and the token the tenant.
 """
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 
 import grpc
@@ -34,6 +35,18 @@ def server_credentials(tls: TLSSpec) -> grpc.ServerCredentials:
     client_ca = _read(tls.client_ca, "client CA")
     return grpc.ssl_server_credentials([pair], root_certificates=client_ca,
                                        require_client_auth=client_ca is not None)
+
+
+def server_ssl_context(tls: TLSSpec) -> ssl.SSLContext:
+    """The same files as server_credentials, for the HTTP door (Python's ssl)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    for path, what in ((tls.cert, "certificate"), (tls.key, "key")):
+        _read(path, what)                     # a missing file named, as for gRPC
+    context.load_cert_chain(tls.cert, tls.key)
+    if tls.client_ca is not None:
+        context.load_verify_locations(cadata=_read(tls.client_ca, "client CA").decode())
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 def channel_credentials(ca: str | None = None, cert: str | None = None,

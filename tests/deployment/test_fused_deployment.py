@@ -1,6 +1,6 @@
 """`batching: fused`: three services of the tiny checkpoint in ONE process, decoding
-as one batch, through the real supervisor, Ray and gRPC; each keeps its own door,
-tenants, pool and prefix cache, and the group is restarted as one."""
+as one batch, through the real supervisor, Ray and gRPC; each keeps its own doors
+(gRPC and OpenAI HTTP), tenants, pool and prefix cache, and the group is restarted as one."""
 from __future__ import annotations
 
 import threading
@@ -10,29 +10,26 @@ import grpc
 import pytest
 import ray
 
-from colocate.cluster.deploy import Deployment
-from tests.deployment.helpers import (cpu_deployment, offline_and_concurrent, scrape_by_service,
-                                      service_rows, stream_tokens, token_of)
+from tests.faults import HOOKS
+from tests.deployment.helpers import (free_ports, scrape_by_service, service_rows, stream_tokens,
+                                      token_of)
+from tests.deployment.service_contract import KV_TOKENS, ServiceContract, three_services
 
 pytestmark = pytest.mark.slow
 NAMES = ["fu-a", "fu-b", "fu-c"]
-KV_TOKENS = 256
-REQUESTS = {
-    "fu-a": ("The quick brown fox", dict(max_tokens=16, temperature=0.0)),
-    "fu-b": ("Once upon a time", dict(max_tokens=16, temperature=0.8, seed=7)),
-    "fu-c": ([1, 50, 60, 70, 80], dict(max_tokens=16, temperature=1.0, top_k=40, seed=3)),
-}
 
 
 @pytest.fixture(scope="module")
 def deployment(ray_session, tiny_model_dir, tmp_path_factory):
-    config = cpu_deployment(tmp_path_factory.mktemp("fused"), str(tiny_model_dir), NAMES,
-                            kv_tokens=KV_TOKENS, device_extra={"batching": "fused"})
-    with Deployment(config, torch_threads=1, health_interval_s=0.5, test_hooks=True) as dep:
-        dep.wait_ready(timeout=180)
+    http = {name: {"http_port": port} for name, port in zip(NAMES, free_ports(len(NAMES)))}
+    with three_services(tmp_path_factory.mktemp("fused"), tiny_model_dir, NAMES,
+                        device_extra={"batching": "fused"}, per_service=http,
+                        test_hooks=HOOKS) as dep:
         yield dep
 
 
+class TestServiceContract(ServiceContract):
+    NAMES = NAMES
 
 
 def test_one_process_serves_every_service(deployment):
@@ -40,16 +37,26 @@ def test_one_process_serves_every_service(deployment):
     assert len(pids) == 1
 
 
-def test_concurrent_streams_match_offline_llm(targets, tiny_model_dir):
-    expected, got = offline_and_concurrent(targets, REQUESTS, tiny_model_dir, KV_TOKENS)
-    assert got == expected
-    assert all(len(t) == 16 for t in got.values())
+def test_each_member_serves_openai_http_on_its_own_port(deployment, targets):
+    import openai
 
+    from colocate.client import Client
 
-def test_another_services_token_is_unauthenticated(targets):
-    with pytest.raises(grpc.RpcError) as err:
-        stream_tokens(targets["fu-a"], token_of("fu-b"), "Hello", max_tokens=2)
-    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    urls = {e.service: e.http_url for e in deployment.endpoints()}
+    assert len(set(urls.values())) == len(NAMES) and all(urls.values())
+    for name in NAMES:
+        sdk = openai.OpenAI(base_url=urls[name], api_key=token_of(name), max_retries=0)
+        assert [m.id for m in sdk.models.list().data] == ["m"]
+        reply = sdk.completions.create(model="m", prompt=[1, 50, 60], max_tokens=5,
+                                       temperature=0, extra_body={"ignore_eos": True})
+        with Client(targets[name], token_of(name), timeout=60) as client:
+            want = client.generate_text([1, 50, 60], max_tokens=5, temperature=0.0,
+                                        ignore_eos=True)
+        assert reply.choices[0].text == want and reply.usage.completion_tokens == 5
+    # a member's tenant is a stranger at another member's HTTP door, as over gRPC
+    stranger = openai.OpenAI(base_url=urls["fu-a"], api_key=token_of("fu-b"), max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        stranger.completions.create(model="m", prompt=[1, 2], max_tokens=2)
 
 
 def test_a_flood_fills_only_its_own_pool(deployment, targets):

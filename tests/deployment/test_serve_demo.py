@@ -2,7 +2,8 @@
 SmolLM2-135M-Instruct services sharing one copy) starts, each service answers its demo
 chat question in English, and SIGTERM stops it. The default YAML is copied with free
 ports (so a `make run` elsewhere on this machine cannot collide) and tokens in the
-environment; the copy is otherwise the file `colocate serve` uses with no config."""
+environment; the copy is otherwise the file `colocate serve` uses with no config. The
+README's curl example is asked of chat-a's OpenAI-compatible HTTP port."""
 from __future__ import annotations
 
 import ast
@@ -25,10 +26,10 @@ EXPECTED = {"chat-a": "Paris", "chat-b": "red", "chat-c": "8"}
 
 def test_serve_demo_answers_in_english(tmp_path):
     raw = yaml.safe_load(deploy.default_config_path().read_text())
-    ports = free_ports(4)
+    ports = free_ports(7)
     raw["gpus"][0]["metrics_port"] = ports[3]
-    for service, port in zip(raw["gpus"][0]["services"], ports):
-        service["port"] = port
+    for service, port, http_port in zip(raw["gpus"][0]["services"], ports, ports[4:]):
+        service["port"], service["http_port"] = port, http_port
     config = tmp_path / "default.yaml"
     config.write_text(yaml.safe_dump(raw))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -37,6 +38,8 @@ def test_serve_demo_answers_in_english(tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         lines = wait_for_line(proc, "serving; Ctrl-C to stop", 420)
+        # The README's curl example, against chat-a's OpenAI-compatible port.
+        reply = _http_chat(ports[4], "demo-token-A", "What is the capital of France?")
     finally:
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(120)
@@ -54,3 +57,19 @@ def test_serve_demo_answers_in_english(tmp_path):
         words = re.findall(r"[A-Za-z]+", answer)
         assert len(words) >= 3 and answer.isascii(), (service, answer)
     assert rc == 0
+    assert "Paris" in reply["choices"][0]["message"]["content"], reply
+    assert reply["model"] == "smollm2" and reply["usage"]["completion_tokens"] > 0
+    assert f"http://127.0.0.1:{ports[4]}/v1" in out        # printed with the endpoints
+
+
+def _http_chat(port: int, token: str, question: str) -> dict:
+    import json
+    import urllib.request
+
+    body = {"model": "smollm2", "messages": [{"role": "user", "content": question}],
+            "max_tokens": 32, "temperature": 0}
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/v1/chat/completions", data=json.dumps(body).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.load(response)

@@ -8,48 +8,26 @@ from __future__ import annotations
 import threading
 import time
 
-import grpc
 import pytest
 import ray
 
 from colocate.memory.sizing import KV_BLOCK_SIZE
-from colocate.cluster.deploy import Deployment
-from tests.deployment.helpers import (cpu_deployment, offline_and_concurrent, scrape_by_service,
-                                      service_rows, stream_tokens, token_of)
+from tests.deployment.helpers import scrape_by_service, service_rows, stream_tokens, token_of
+from tests.deployment.service_contract import (KV_TOKENS, ServiceContract, requests_for,
+                                               three_services)
 
 NAMES = ["svc-a", "svc-b", "svc-c"]
-KV_TOKENS = 256                               # 16 blocks per service
-# Each service gets its own prompt and sampling, so a mix-up between them shows.
-REQUESTS = {
-    "svc-a": ("The quick brown fox", dict(max_tokens=16, temperature=0.0)),
-    "svc-b": ("Once upon a time", dict(max_tokens=16, temperature=0.8, seed=7)),
-    "svc-c": ([1, 50, 60, 70, 80], dict(max_tokens=16, temperature=1.0, top_k=40, seed=3)),
-}
+REQUESTS = requests_for(NAMES)
 
 
 @pytest.fixture(scope="module")
 def deployment(ray_session, tiny_model_dir, tmp_path_factory):
-    config = cpu_deployment(tmp_path_factory.mktemp("three"), str(tiny_model_dir), NAMES,
-                            kv_tokens=KV_TOKENS)
-    # One torch thread each, as the offline reference below uses: thread count can
-    # change float summation order, and so a sampled token.
-    with Deployment(config, torch_threads=1, health_interval_s=0.5) as dep:
-        dep.wait_ready(timeout=180)
+    with three_services(tmp_path_factory.mktemp("three"), tiny_model_dir, NAMES) as dep:
         yield dep
 
 
-
-
-def test_concurrent_streams_match_offline_llm(targets, tiny_model_dir):
-    expected, got = offline_and_concurrent(targets, REQUESTS, tiny_model_dir, KV_TOKENS)
-    assert got == expected
-    assert all(len(t) == 16 for t in got.values())
-
-
-def test_another_services_token_is_unauthenticated(targets):
-    with pytest.raises(grpc.RpcError) as err:
-        stream_tokens(targets["svc-a"], token_of("svc-b"), "Hello", max_tokens=2)
-    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+class TestServiceContract(ServiceContract):
+    NAMES = NAMES
 
 
 def test_kv_pool_never_exceeds_its_budget(deployment, targets):

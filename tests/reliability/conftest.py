@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 
 from tests.deployment.conftest import ray_session  # noqa: F401  (the shared Ray)
+from tests.faults import HOOKS
 from tests.reliability.reliability_helpers import reliability_deployment
 
 HEALTH_INTERVAL_S = 0.3
@@ -33,7 +34,7 @@ def deployment(ray_session, tiny_model_dir, tmp_path_factory):  # noqa: F811
     # change float summation order, and so a token.
     with Deployment(config, torch_threads=1, health_interval_s=HEALTH_INTERVAL_S,
                     health_timeout_s=HEALTH_TIMEOUT_S,
-                    failed_checks_before_restart=FAILED_CHECKS, test_hooks=True,
+                    failed_checks_before_restart=FAILED_CHECKS, test_hooks=HOOKS,
                     shutdown_grace_s=5.0) as dep:
         dep.wait_ready(timeout=180)
         yield dep

@@ -1,5 +1,6 @@
-"""A fixture that serves an engine over real gRPC with any of serve()'s security
-settings (TLS, message and concurrency limits), and stops it after the test."""
+"""A fixture that serves an engine over real gRPC (and HTTP, if asked) with any of
+serve()'s security settings (TLS, message and concurrency limits), and stops it after
+the test."""
 from __future__ import annotations
 
 import pytest
@@ -13,8 +14,10 @@ def start_server():
     starter = ServiceStarter("secure")
 
     def start(llm_engine: LLMEngine | None = None, tenants=TENANTS, name: str = "secure",
-              **serve_kwargs) -> Service:
-        return starter.start(llm_engine, tenants=tenants, name=name, serve_kwargs=serve_kwargs)
+              http: dict | None = None, **serve_kwargs) -> Service:
+        """http: serve_http()'s keywords, to open the HTTP door too."""
+        return starter.start(llm_engine, tenants=tenants, name=name, serve_kwargs=serve_kwargs,
+                             http=http)
 
     yield start
     starter.stop_all()

@@ -163,8 +163,12 @@ def test_repeated_failed_or_hung_health_checks_restart(deployment, supervisor, t
                              ignore_eos=True)) == 3
 
 
-def test_fault_injection_is_refused_without_the_test_flag(tiny_model_dir):
-    from colocate.service.fault_injection import FaultInjector
+def test_fault_injection_is_refused_without_the_test_hooks():
+    from colocate.service import test_hooks
 
-    with pytest.raises(PermissionError):
-        FaultInjector(enabled=False).arm("step")
+    assert test_hooks.load_test_hooks(None) is None      # production: no hooks at all
+    assert test_hooks.ping_allowed(None)
+    with pytest.raises(PermissionError, match="test_hooks"):
+        test_hooks.arm(None, "step", 1, "x", 0.0)
+    with pytest.raises(ValueError, match="module:factory"):
+        test_hooks.load_test_hooks("tests.faults.FaultInjector")

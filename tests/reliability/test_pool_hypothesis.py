@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from colocate.client import Client
-from colocate.service.fault_injection import FaultInjector, FaultyRunner
+from tests.faults import FaultInjector
 from tests.service.conftest import TENANTS, TOKEN
 from tests.service.helpers import SlowRunner, make_llm_engine, wait_until
 
@@ -26,8 +26,8 @@ def service():
     from colocate.service.async_engine import AsyncEngine
     from colocate.service.grpc_server import model_info_from_engine, serve
 
-    faults = FaultInjector(enabled=True)
-    llm_engine = make_llm_engine(FaultyRunner(SlowRunner(0.001), faults),
+    faults = FaultInjector()
+    llm_engine = make_llm_engine(faults.wrap_runner(SlowRunner(0.001)),
                                  num_blocks=NUM_BLOCKS, max_num_seqs=4,
                                  max_num_batched_tokens=32, max_model_len=96)
     engine = AsyncEngine(llm_engine, max_queued_requests=64)

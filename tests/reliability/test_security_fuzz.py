@@ -10,17 +10,16 @@ the arithmetic they could break.
 """
 from __future__ import annotations
 
-import os
-
 import grpc
 import pytest
-from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
 from colocate.service.async_engine import AsyncEngine
 from colocate.service.grpc_server import model_info_from_engine, serve
 from colocate.service.proto_gen import colocate_pb2 as pb
 from colocate.service.proto_gen import colocate_pb2_grpc as pb_grpc
+from tests.reliability.fuzz_helpers import fuzz_settings, tiny_chat_llm
 
 TOKEN = "fuzz-token"
 MAX_MODEL_LEN = 32            # keeps every accepted request short
@@ -29,17 +28,13 @@ MAX_REQUEST_BYTES = 16 * 1024
 # or DEADLINE_EXCEEDED would mean the server, not the request, is at fault.
 CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
                  grpc.StatusCode.OUT_OF_RANGE, grpc.StatusCode.FAILED_PRECONDITION}
-# About 10 s on a shared 2-core machine; FUZZ_EXAMPLES=2000 for a longer hunt.
-FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", 200)), deadline=None,
-                suppress_health_check=[HealthCheck.too_slow])
+# About 10 s on a shared 2-core machine (Chat: about 20 s more).
+FUZZ = fuzz_settings(200)
 
 
 @pytest.fixture(scope="module")
-def stub(tiny_model_dir):
-    from colocate.llm import LLM
-
-    llm = LLM(model=str(tiny_model_dir), kv_cache_tokens=256, max_model_len=MAX_MODEL_LEN,
-              max_num_seqs=4)
+def stub(tiny_model_dir, tmp_path_factory):
+    llm = tiny_chat_llm(tiny_model_dir, tmp_path_factory, MAX_MODEL_LEN, 256)
     engine = AsyncEngine(llm.engine, max_queued_requests=8)
     server = serve(engine, 0, {TOKEN: "fuzzer"}, "fuzz",
                    model_info_from_engine(llm.engine, model_name="tiny"),
@@ -144,6 +139,28 @@ def test_random_generate_requests_get_ok_or_a_client_error(stub, req, streaming)
     if code == grpc.StatusCode.OK:
         assert req.WhichOneof("prompt_input") is not None
     # Nothing is left behind, accepted or not.
+    assert not engine.has_unfinished_requests()
+
+
+chat_message = st.builds(pb.ChatMessage, role=st.one_of(st.sampled_from(
+    ["system", "user", "assistant", ""]), short_text), content=st.one_of(short_text, unicode))
+chat_request = st.builds(
+    lambda msgs, s, rid, set_sampling: pb.ChatRequest(
+        messages=msgs, request_id=rid, **({"sampling": s} if set_sampling else {})),
+    st.lists(chat_message, max_size=4), sampling(), st.one_of(st.just(""), unicode),
+    st.booleans())
+
+
+@settings(FUZZ, max_examples=60)
+@given(req=chat_request)
+@example(req=pb.ChatRequest(messages=[pb.ChatMessage(role="user", content="{{ 7 * 7 }}")]))
+@example(req=pb.ChatRequest(messages=[pb.ChatMessage(role="user", content="é" * 200)]))
+def test_random_chat_requests_get_ok_or_a_client_error(stub, req):
+    generation, engine = stub
+    code = outcome(lambda: list(generation.Chat(req, metadata=METADATA, timeout=60)))
+    event(code.name)
+    if code == grpc.StatusCode.OK:
+        assert len(req.messages) > 0
     assert not engine.has_unfinished_requests()
 
 

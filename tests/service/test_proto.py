@@ -31,11 +31,12 @@ def test_generation_service_methods():
     shapes = {m.name: (m.input_type.name, m.output_type.name) for m in service.methods}
     assert shapes == {"Generate": ("GenerateRequest", "GenerateResponse"),
                       "Complete": ("GenerateRequest", "GenerateResponse"),
+                      "Chat": ("ChatRequest", "GenerateResponse"),
                       "Tokenize": ("TokenizeRequest", "TokenizeResponse"),
                       "GetModelInfo": ("GetModelInfoRequest", "ModelInfo"),
                       "GetStats": ("GetStatsRequest", "Stats")}
     streaming = {m.name for m in service.methods if m.server_streaming}
-    assert streaming == {"Generate"}
+    assert streaming == {"Generate", "Chat"}
 
 
 def test_proto_sampling_fields_are_the_python_fields():

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63olocate/v1/colocate.proto\x12\x0b\x63olocate.v1\"\xb8\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x02 \x01(\x05\x12\x18\n\x0btemperature\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x03\x88\x01\x01\x12\r\n\x05min_p\x18\x06 \x01(\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x01H\x04\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x01\x12\x11\n\x04seed\x18\n \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\x03\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\x0e \x01(\x08\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\x06\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x10 \x01(\x05H\x07\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\x08\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokens\"\xa9\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\x31\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x15.colocate.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.colocate.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x0e\n\x0cprompt_input\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"|\n\rTokenLogprobs\x12:\n\x08logprobs\x18\x01 \x03(\x0b\x32(.colocate.v1.TokenLogprobs.LogprobsEntry\x1a/\n\rLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"1\n\rPromptLogprob\x12\x14\n\x07logprob\x18\x01 \x01(\x01H\x00\x88\x01\x01\x42\n\n\x08_logprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xbe\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.colocate.v1.TokenLogprobs\x12\x33\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x1a.colocate.v1.PromptLogprob\x12\x30\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x19.colocate.v1.FinishReason\x12\x17\n\rstop_token_id\x18\x07 \x01(\x03H\x00\x12\x15\n\x0bstop_string\x18\x08 \x01(\tH\x00\x12!\n\x05usage\x18\t \x01(\x0b\x32\x12.colocate.v1.UsageB\r\n\x0bstop_reason\"\x15\n\x13GetModelInfoRequest\"\xf0\x02\n\tModelInfo\x12\x14\n\x0cservice_name\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x12\n\nmodel_path\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x14\n\x0cquantization\x18\x05 \x01(\t\x12\x16\n\x0ekv_cache_dtype\x18\x06 \x01(\t\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x12\n\nblock_size\x18\x08 \x01(\r\x12\x17\n\x0fkv_cache_tokens\x18\t \x01(\x04\x12\x12\n\nvocab_size\x18\n \x01(\r\x12\x19\n\x0cweight_bytes\x18\x0b \x01(\x04H\x00\x88\x01\x01\x12\x1b\n\x0eweights_shared\x18\x0c \x01(\x08H\x01\x88\x01\x01\x12\x1b\n\x0ekv_cache_bytes\x18\r \x01(\x04H\x02\x88\x01\x01\x42\x0f\n\r_weight_bytesB\x11\n\x0f_weights_sharedB\x11\n\x0f_kv_cache_bytesJ\x04\x08\x0e\x10\x14\"\x90\x01\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.colocate.v1.TokenIdsH\x00\x12 \n\x13skip_special_tokens\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x16\n\x14_skip_special_tokens\"3\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x11\n\x0fGetStatsRequest\"b\n\x05Stats\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x03 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xf1\x02\n\nGeneration\x12I\n\x08Generate\x12\x1c.colocate.v1.GenerateRequest\x1a\x1d.colocate.v1.GenerateResponse0\x01\x12G\n\x08\x43omplete\x12\x1c.colocate.v1.GenerateRequest\x1a\x1d.colocate.v1.GenerateResponse\x12G\n\x08Tokenize\x12\x1c.colocate.v1.TokenizeRequest\x1a\x1d.colocate.v1.TokenizeResponse\x12H\n\x0cGetModelInfo\x12 .colocate.v1.GetModelInfoRequest\x1a\x16.colocate.v1.ModelInfo\x12<\n\x08GetStats\x12\x1c.colocate.v1.GetStatsRequest\x1a\x12.colocate.v1.Statsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x63olocate/v1/colocate.proto\x12\x0b\x63olocate.v1\"\xb8\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x12\n\nmin_tokens\x18\x02 \x01(\x05\x12\x18\n\x0btemperature\x18\x03 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x05 \x01(\x05H\x03\x88\x01\x01\x12\r\n\x05min_p\x18\x06 \x01(\x01\x12\x1f\n\x12repetition_penalty\x18\x07 \x01(\x01H\x04\x88\x01\x01\x12\x18\n\x10presence_penalty\x18\x08 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\t \x01(\x01\x12\x11\n\x04seed\x18\n \x01(\x03H\x05\x88\x01\x01\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0c \x03(\x03\x12\x12\n\nignore_eos\x18\r \x01(\x08\x12\"\n\x1ainclude_stop_str_in_output\x18\x0e \x01(\x08\x12\x15\n\x08logprobs\x18\x0f \x01(\x05H\x06\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x10 \x01(\x05H\x07\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\x11 \x01(\x08H\x08\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x16\n\x14_skip_special_tokens\"\xa9\x01\n\x0fGenerateRequest\x12\x10\n\x06prompt\x18\x01 \x01(\tH\x00\x12\x31\n\x10prompt_token_ids\x18\x02 \x01(\x0b\x32\x15.colocate.v1.TokenIdsH\x00\x12-\n\x08sampling\x18\x03 \x01(\x0b\x32\x1b.colocate.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\tB\x0e\n\x0cprompt_input\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"|\n\x0b\x43hatRequest\x12*\n\x08messages\x18\x01 \x03(\x0b\x32\x18.colocate.v1.ChatMessage\x12-\n\x08sampling\x18\x02 \x01(\x0b\x32\x1b.colocate.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x03\"|\n\rTokenLogprobs\x12:\n\x08logprobs\x18\x01 \x03(\x0b\x32(.colocate.v1.TokenLogprobs.LogprobsEntry\x1a/\n\rLogprobsEntry\x12\x0b\n\x03key\x18\x01 \x01(\x03\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"1\n\rPromptLogprob\x12\x14\n\x07logprob\x18\x01 \x01(\x01H\x00\x88\x01\x01\x42\n\n\x08_logprob\"P\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rcached_tokens\x18\x03 \x01(\r\"\xbe\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x03\x12\x0c\n\x04text\x18\x03 \x01(\t\x12,\n\x08logprobs\x18\x04 \x03(\x0b\x32\x1a.colocate.v1.TokenLogprobs\x12\x33\n\x0fprompt_logprobs\x18\x05 \x03(\x0b\x32\x1a.colocate.v1.PromptLogprob\x12\x30\n\rfinish_reason\x18\x06 \x01(\x0e\x32\x19.colocate.v1.FinishReason\x12\x17\n\rstop_token_id\x18\x07 \x01(\x03H\x00\x12\x15\n\x0bstop_string\x18\x08 \x01(\tH\x00\x12!\n\x05usage\x18\t \x01(\x0b\x32\x12.colocate.v1.UsageB\r\n\x0bstop_reason\"\x15\n\x13GetModelInfoRequest\"\xf0\x02\n\tModelInfo\x12\x14\n\x0cservice_name\x18\x01 \x01(\t\x12\x12\n\nmodel_name\x18\x02 \x01(\t\x12\x12\n\nmodel_path\x18\x03 \x01(\t\x12\r\n\x05\x64type\x18\x04 \x01(\t\x12\x14\n\x0cquantization\x18\x05 \x01(\t\x12\x16\n\x0ekv_cache_dtype\x18\x06 \x01(\t\x12\x15\n\rmax_model_len\x18\x07 \x01(\r\x12\x12\n\nblock_size\x18\x08 \x01(\r\x12\x17\n\x0fkv_cache_tokens\x18\t \x01(\x04\x12\x12\n\nvocab_size\x18\n \x01(\r\x12\x19\n\x0cweight_bytes\x18\x0b \x01(\x04H\x00\x88\x01\x01\x12\x1b\n\x0eweights_shared\x18\x0c \x01(\x08H\x01\x88\x01\x01\x12\x1b\n\x0ekv_cache_bytes\x18\r \x01(\x04H\x02\x88\x01\x01\x42\x0f\n\r_weight_bytesB\x11\n\x0f_weights_sharedB\x11\n\x0f_kv_cache_bytesJ\x04\x08\x0e\x10\x14\"\x90\x01\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.colocate.v1.TokenIdsH\x00\x12 \n\x13skip_special_tokens\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x16\n\x14_skip_special_tokens\"3\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x03\x12\x0c\n\x04text\x18\x02 \x01(\t\"\x11\n\x0fGetStatsRequest\"b\n\x05Stats\x12\x13\n\x0bnum_running\x18\x01 \x01(\r\x12\x13\n\x0bnum_waiting\x18\x02 \x01(\r\x12\x16\n\x0ekv_blocks_used\x18\x03 \x01(\r\x12\x17\n\x0fkv_blocks_total\x18\x04 \x01(\r*x\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x17\n\x13\x46INISH_REASON_ABORT\x10\x03\x32\xb4\x03\n\nGeneration\x12I\n\x08Generate\x12\x1c.colocate.v1.GenerateRequest\x1a\x1d.colocate.v1.GenerateResponse0\x01\x12G\n\x08\x43omplete\x12\x1c.colocate.v1.GenerateRequest\x1a\x1d.colocate.v1.GenerateResponse\x12\x41\n\x04\x43hat\x12\x18.colocate.v1.ChatRequest\x1a\x1d.colocate.v1.GenerateResponse0\x01\x12G\n\x08Tokenize\x12\x1c.colocate.v1.TokenizeRequest\x1a\x1d.colocate.v1.TokenizeResponse\x12H\n\x0cGetModelInfo\x12 .colocate.v1.GetModelInfoRequest\x1a\x16.colocate.v1.ModelInfo\x12<\n\x08GetStats\x12\x1c.colocate.v1.GetStatsRequest\x1a\x12.colocate.v1.Statsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,36 +33,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_TOKENLOGPROBS_LOGPROBSENTRY']._loaded_options = None
   _globals['_TOKENLOGPROBS_LOGPROBSENTRY']._serialized_options = b'8\001'
-  _globals['_FINISHREASON']._serialized_start=2104
-  _globals['_FINISHREASON']._serialized_end=2224
+  _globals['_FINISHREASON']._serialized_start=2276
+  _globals['_FINISHREASON']._serialized_end=2396
   _globals['_SAMPLINGPARAMS']._serialized_start=44
   _globals['_SAMPLINGPARAMS']._serialized_end=612
   _globals['_GENERATEREQUEST']._serialized_start=615
   _globals['_GENERATEREQUEST']._serialized_end=784
-  _globals['_TOKENIDS']._serialized_start=786
-  _globals['_TOKENIDS']._serialized_end=809
-  _globals['_TOKENLOGPROBS']._serialized_start=811
-  _globals['_TOKENLOGPROBS']._serialized_end=935
-  _globals['_TOKENLOGPROBS_LOGPROBSENTRY']._serialized_start=888
-  _globals['_TOKENLOGPROBS_LOGPROBSENTRY']._serialized_end=935
-  _globals['_PROMPTLOGPROB']._serialized_start=937
-  _globals['_PROMPTLOGPROB']._serialized_end=986
-  _globals['_USAGE']._serialized_start=988
-  _globals['_USAGE']._serialized_end=1068
-  _globals['_GENERATERESPONSE']._serialized_start=1071
-  _globals['_GENERATERESPONSE']._serialized_end=1389
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1391
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1412
-  _globals['_MODELINFO']._serialized_start=1415
-  _globals['_MODELINFO']._serialized_end=1783
-  _globals['_TOKENIZEREQUEST']._serialized_start=1786
-  _globals['_TOKENIZEREQUEST']._serialized_end=1930
-  _globals['_TOKENIZERESPONSE']._serialized_start=1932
-  _globals['_TOKENIZERESPONSE']._serialized_end=1983
-  _globals['_GETSTATSREQUEST']._serialized_start=1985
-  _globals['_GETSTATSREQUEST']._serialized_end=2002
-  _globals['_STATS']._serialized_start=2004
-  _globals['_STATS']._serialized_end=2102
-  _globals['_GENERATION']._serialized_start=2227
-  _globals['_GENERATION']._serialized_end=2596
+  _globals['_CHATMESSAGE']._serialized_start=786
+  _globals['_CHATMESSAGE']._serialized_end=830
+  _globals['_CHATREQUEST']._serialized_start=832
+  _globals['_CHATREQUEST']._serialized_end=956
+  _globals['_TOKENIDS']._serialized_start=958
+  _globals['_TOKENIDS']._serialized_end=981
+  _globals['_TOKENLOGPROBS']._serialized_start=983
+  _globals['_TOKENLOGPROBS']._serialized_end=1107
+  _globals['_TOKENLOGPROBS_LOGPROBSENTRY']._serialized_start=1060
+  _globals['_TOKENLOGPROBS_LOGPROBSENTRY']._serialized_end=1107
+  _globals['_PROMPTLOGPROB']._serialized_start=1109
+  _globals['_PROMPTLOGPROB']._serialized_end=1158
+  _globals['_USAGE']._serialized_start=1160
+  _globals['_USAGE']._serialized_end=1240
+  _globals['_GENERATERESPONSE']._serialized_start=1243
+  _globals['_GENERATERESPONSE']._serialized_end=1561
+  _globals['_GETMODELINFOREQUEST']._serialized_start=1563
+  _globals['_GETMODELINFOREQUEST']._serialized_end=1584
+  _globals['_MODELINFO']._serialized_start=1587
+  _globals['_MODELINFO']._serialized_end=1955
+  _globals['_TOKENIZEREQUEST']._serialized_start=1958
+  _globals['_TOKENIZEREQUEST']._serialized_end=2102
+  _globals['_TOKENIZERESPONSE']._serialized_start=2104
+  _globals['_TOKENIZERESPONSE']._serialized_end=2155
+  _globals['_GETSTATSREQUEST']._serialized_start=2157
+  _globals['_GETSTATSREQUEST']._serialized_end=2174
+  _globals['_STATS']._serialized_start=2176
+  _globals['_STATS']._serialized_end=2274
+  _globals['_GENERATION']._serialized_start=2399
+  _globals['_GENERATION']._serialized_end=2835
 # @@protoc_insertion_point(module_scope)

@@ -44,6 +44,11 @@ class GenerationStub:
                 request_serializer=colocate_dot_v1_dot_colocate__pb2.GenerateRequest.SerializeToString,
                 response_deserializer=colocate_dot_v1_dot_colocate__pb2.GenerateResponse.FromString,
                 _registered_method=True)
+        self.Chat = channel.unary_stream(
+                '/colocate.v1.Generation/Chat',
+                request_serializer=colocate_dot_v1_dot_colocate__pb2.ChatRequest.SerializeToString,
+                response_deserializer=colocate_dot_v1_dot_colocate__pb2.GenerateResponse.FromString,
+                _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/colocate.v1.Generation/Tokenize',
                 request_serializer=colocate_dot_v1_dot_colocate__pb2.TokenizeRequest.SerializeToString,
@@ -75,6 +80,15 @@ class GenerationServicer:
     def Complete(self, request, context):
         """The same request answered once, when it finishes: one GenerateResponse
         holding every token, the whole text, finish_reason and usage.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Chat(self, request, context):
+        """A conversation answered through the model's chat template, streamed as
+        Generate streams. The reply stops at EOS or the template's end-of-turn
+        token. A model without a chat template: FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -113,6 +127,11 @@ def add_GenerationServicer_to_server(servicer, server):
             'Complete': grpc.unary_unary_rpc_method_handler(
                     servicer.Complete,
                     request_deserializer=colocate_dot_v1_dot_colocate__pb2.GenerateRequest.FromString,
+                    response_serializer=colocate_dot_v1_dot_colocate__pb2.GenerateResponse.SerializeToString,
+            ),
+            'Chat': grpc.unary_stream_rpc_method_handler(
+                    servicer.Chat,
+                    request_deserializer=colocate_dot_v1_dot_colocate__pb2.ChatRequest.FromString,
                     response_serializer=colocate_dot_v1_dot_colocate__pb2.GenerateResponse.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
@@ -184,6 +203,33 @@ class Generation:
             target,
             '/colocate.v1.Generation/Complete',
             colocate_dot_v1_dot_colocate__pb2.GenerateRequest.SerializeToString,
+            colocate_dot_v1_dot_colocate__pb2.GenerateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Chat(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/colocate.v1.Generation/Chat',
+            colocate_dot_v1_dot_colocate__pb2.ChatRequest.SerializeToString,
             colocate_dot_v1_dot_colocate__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,

@@ -1,8 +1,9 @@
 """Faults a test can inject into a running service, to see that the rest survives.
 
-Only a service launched with `test_hooks` (Deployment(..., test_hooks=True)) accepts
-them; in any other the hook refuses, so production code cannot be made to fail by
-a call that happens to reach it. Each fault is armed for a number of occurrences:
+A deployment launched with `test_hooks=HOOKS` (below) makes one FaultInjector in each
+service process through the seam colocate/service/test_hooks.py; a service launched
+without it refuses `inject_fault`, so production code cannot be made to fail by a call
+that happens to reach it. Each fault is armed for a number of occurrences:
 
 - "step":      the next model steps raise (with `message`, so a test can plant text
                that must never reach a client);
@@ -15,6 +16,7 @@ import threading
 import time
 
 KINDS = ("step", "ping_fail", "ping_hang")
+HOOKS = "tests.faults:FaultInjector"     # what Deployment(..., test_hooks=) takes
 
 
 class InjectedFault(RuntimeError):
@@ -22,8 +24,7 @@ class InjectedFault(RuntimeError):
 
 
 class FaultInjector:
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
+    def __init__(self) -> None:
         self._lock = threading.Lock()
         self._armed: dict[str, int] = {}
         self._message = "injected fault"
@@ -31,9 +32,6 @@ class FaultInjector:
 
     def arm(self, kind: str, count: int = 1, *, message: str = "injected fault",
             seconds: float = 0.0) -> None:
-        if not self.enabled:
-            raise PermissionError("fault injection is off for this service "
-                                  "(start the deployment with test_hooks=True)")
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         with self._lock:
@@ -42,8 +40,6 @@ class FaultInjector:
 
     def take(self, kind: str) -> bool:
         """True (and one fewer armed) if `kind` is armed."""
-        if not self.enabled:
-            return False
         with self._lock:
             if self._armed.get(kind, 0) <= 0:
                 return False
@@ -59,6 +55,9 @@ class FaultInjector:
         if self.take("ping_hang"):
             time.sleep(self._seconds)
         return not self.take("ping_fail")
+
+    def wrap_runner(self, runner) -> "FaultyRunner":
+        return FaultyRunner(runner, self)
 
 
 class FaultyRunner:

@@ -259,7 +259,8 @@ def measure_loads(name: str, servers, prompts: PromptMaker, specs: list[LoadSpec
         print(f"== {name}: {spec.label} per service x {len(servers.targets)}", flush=True)
         pids = servers.pids()
         cpu_before = cpu_seconds(pids)
-        records, wall = run_load(servers.targets, spec, prompts)
+        records, wall = run_load(servers.targets, spec, prompts,
+                                 label=f"{name} {spec.label}")
         result = scenario_result(records, wall, [t.name for t in servers.targets],
                                  servers.memory())
         # How busy the servers kept the machine: near the core count means the

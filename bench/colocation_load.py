@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+from colocate import progress
+
 
 @dataclass(frozen=True)
 class LoadSpec:
@@ -248,11 +250,28 @@ def send(target: Target, planned: PlannedRequest, record: RequestRecord, t0: flo
 
 # ---- the load driver ------------------------------------------------------------------
 
+def planned_total(spec: LoadSpec, streams: int) -> int | None:
+    """Requests the load will send over `streams` tenants; None when only a duration
+    bounds a closed loop."""
+    if spec.rate is not None:
+        return sum(len(arrival_offsets(spec, s)) for s in range(streams))
+    return None if spec.num_requests is None else spec.num_requests * streams
+
+
 def run_load(targets: list[Target], spec: LoadSpec, prompts: PromptMaker,
-             drain_timeout_s: float | None = None) -> tuple[list[RequestRecord], float]:
+             drain_timeout_s: float | None = None,
+             label: str = "load") -> tuple[list[RequestRecord], float]:
     """Drive every target with its own tenant's load at once (target i replays stream
     i); return every request's record and the wall seconds from start to the last
-    answer. Requests still running `drain_timeout_s` after the load ends are failed."""
+    answer. Requests still running `drain_timeout_s` after the load ends are failed.
+    Shows requests done of the total as a progress stage named `label`."""
+    with progress.stage(label, planned_total(spec, len(targets)), "request") as bar:
+        return _run_load(targets, spec, prompts, drain_timeout_s, bar)
+
+
+def _run_load(targets: list[Target], spec: LoadSpec, prompts: PromptMaker,
+              drain_timeout_s: float | None,
+              bar: progress.Stage) -> tuple[list[RequestRecord], float]:
     t0 = time.perf_counter()
     records: list[RequestRecord] = []
     lock = threading.Lock()
@@ -265,6 +284,7 @@ def run_load(targets: list[Target], spec: LoadSpec, prompts: PromptMaker,
         with lock:
             records.append(rec)
         send(target, planned, rec, t0, spec.request_timeout_s)
+        bar.advance(1)
 
     def open_loop(target: Target, stream: int) -> None:
         for index, offset in enumerate(arrival_offsets(spec, stream)):

@@ -68,7 +68,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from colocate.serve_demo import send_demo_requests
 
     return run_serve(args.config, args.address, host=args.host,
-                     torch_threads=args.torch_threads, grace=args.grace,
+                     torch_threads=args.torch_threads, grace=args.grace, quiet=args.quiet,
                      on_ready=send_demo_requests if args.demo else None)
 
 
@@ -89,8 +89,17 @@ def _cmd_top(args: argparse.Namespace) -> int:
 
     try:
         urls = list(args.url or []) + (urls_from_config(args.config) if args.config else [])
+        if args.address:
+            from colocate.cluster.cluster_status import cluster_status, metrics_urls
+            from colocate.cluster.registry import ClusterUnreachable, on_cluster
+
+            try:
+                with on_cluster(args.address, "colocate top"):
+                    urls += metrics_urls(cluster_status())
+            except ClusterUnreachable as exc:
+                raise ConnectionError(str(exc)) from None
         return run_top(urls, interval=args.interval, once=args.once)
-    except ValueError as err:
+    except (ValueError, ConnectionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 
@@ -157,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after startup, send one request to every service and print it")
     p.add_argument("--grace", type=float, default=10.0,
                    help="seconds requests in flight get to finish on Ctrl-C / SIGTERM")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress for loading and starting (bars on a terminal, else "
+                        "one line per stage)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser(
@@ -195,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="deployment YAML: watch every device's metrics_port on this host")
     p.add_argument("--url", action="append",
                    help="a device's /metrics URL (as `colocate serve` prints); repeatable")
+    p.add_argument("--address", default=None,
+                   help="a Ray cluster (HOST:PORT, or auto): watch every device of every "
+                        "deployment on it")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     p.add_argument("--once", action="store_true", help="print one frame and exit")
     p.set_defaults(func=_cmd_top)

@@ -94,6 +94,7 @@ class ServiceRow:
     finished: int
     refused: int
     restarts: int
+    state: str = "serving"     # serving | sleeping | draining | restarting | failed
 
 
 @dataclass(frozen=True)
@@ -114,10 +115,7 @@ def services(history: Sequence[Scrape]) -> list[ServiceRow]:
     old = in_window[0] if in_window else None
     span = new.time - old.time if old is not None else 0.0
     rows = []
-    for device in new.label_values("colocate_service_info", "gpu"):
-        for name in new.label_values("colocate_service_info", "service"):
-            if not new.value("colocate_service_info", gpu=device, service=name):
-                continue
+    for device, name in _listed(new):
 
             def rate(metric):
                 if old is None or span <= 0:
@@ -142,8 +140,33 @@ def services(history: Sequence[Scrape]) -> list[ServiceRow]:
                 ttft_p50=ttft[0], ttft_p99=ttft[1], itl_p50=itl[0], itl_p99=itl[1],
                 finished=int(new.value("colocate_requests_finished_total", service=name)),
                 refused=int(new.value("colocate_requests_rejected_total", service=name)),
-                restarts=int(new.value("colocate_service_restarts_total", service=name))))
+                restarts=int(new.value("colocate_service_restarts_total", service=name)),
+                state=state_of(new, name)))
     return rows
+
+
+def _listed(scrape: Scrape) -> list[tuple[str, str]]:
+    """(device, service) of every service the scrape knows: those that answered it
+    (colocate_service_info) and those whose supervisor only reports a state (one
+    restarting or draining does not answer)."""
+    found = set()
+    for name in ("colocate_service_info", "colocate_service_state"):
+        found |= {(dict(ls)["gpu"], dict(ls)["service"]) for (n, ls), v in scrape.samples.items()
+                  if n == name and v}
+    return sorted(found)
+
+
+def state_of(scrape: Scrape, service: str) -> str:
+    """sleeping when colocate_service_sleeping says so (a service put to sleep still
+    answers), else the supervisor's colocate_service_state; serving when neither is
+    exported (an older colocate)."""
+    if scrape.value("colocate_service_sleeping", service=service):
+        return "sleeping"
+    for (n, ls), v in scrape.samples.items():
+        labels = dict(ls)
+        if n == "colocate_service_state" and labels.get("service") == service and v:
+            return labels["state"]
+    return "serving"
 
 
 def devices(scrape: Scrape) -> list[DeviceRow]:
@@ -178,13 +201,14 @@ def render(device_rows: Sequence[DeviceRow], rows: Sequence[ServiceRow], sort: s
                      f"{format_size(int(d.weights))}  KV budgets {format_size(int(d.kv_budgets))}"
                      f"  free {format_size(int(max(free, 0)))}")
     lines.append("")
-    header = (f"{'SERVICE':<12}{'RUN':>4}{'WAIT':>5}{'KV':>10}{'IN/s':>7}{'OUT/s':>7}"
-              f"{'TTFT p50/99 ms':>15}{'ITL p50/99':>11}{'DONE':>5}{'REF':>4}")
+    # 80 columns: latencies are p50/p99 in ms.
+    header = (f"{'SERVICE':<10}{'STATE':<10}{'RUN':>4}{'WAIT':>5}{'KV':>9}{'IN/s':>6}"
+              f"{'OUT/s':>6}{'TTFT 50/99':>11}{'ITL 50/99':>10}{'DONE':>5}{'REF':>4}")
     lines.append(header)
     for r in sorted(rows, key=SORT_KEYS[sort]):
         kv = f"{r.kv_used}/{r.kv_total}"
-        lines.append(f"{r.service[:11]:<12}{r.running:>4}{r.waiting:>5}{kv:>10}"
-                     f"{_per_s(r.tokens_in_per_s):>7}{_per_s(r.tokens_out_per_s):>7}"
-                     f"{_ms(r.ttft_p50) + '/' + _ms(r.ttft_p99):>15}"
-                     f"{_ms(r.itl_p50) + '/' + _ms(r.itl_p99):>11}{r.finished:>5}{r.refused:>4}")
+        lines.append(f"{r.service[:9]:<10}{r.state[:10]:<10}{r.running:>4}{r.waiting:>5}"
+                     f"{kv:>9}{_per_s(r.tokens_in_per_s):>6}{_per_s(r.tokens_out_per_s):>6}"
+                     f"{_ms(r.ttft_p50) + '/' + _ms(r.ttft_p99):>11}"
+                     f"{_ms(r.itl_p50) + '/' + _ms(r.itl_p99):>10}{r.finished:>5}{r.refused:>4}")
     return [line[:width] for line in lines]

@@ -106,6 +106,21 @@ def _entry_lines(entry: dict, addresses: dict[str, list[str]]) -> list[str]:
     return lines
 
 
+def metrics_urls(deployments: list[dict]) -> list[str]:
+    """Every running entry's /metrics URL, a wildcard host replaced by its node's IP
+    (as Deployment.metrics_urls does), for `colocate top --address`."""
+    urls = []
+    for snapshot in deployments:
+        for entry in snapshot["entries"]:
+            status = entry.get("status")
+            if status and status.get("metrics_url"):
+                url = status["metrics_url"]
+                for wildcard in ("0.0.0.0", "[::]"):
+                    url = url.replace(f"//{wildcard}:", f"//{status['node_ip']}:")
+                urls.append(url)
+    return urls
+
+
 def run_status(address: str | None, out: TextIO = sys.stdout,
                timeout: float = ASK_TIMEOUT_S) -> int:
     """Join the cluster at `address` (default auto), print its deployments, leave."""

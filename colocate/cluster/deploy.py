@@ -24,8 +24,10 @@ from typing import Mapping, TextIO
 import ray
 from ray.exceptions import GetTimeoutError, RayActorError
 
+from colocate import progress
 from colocate.config import DeploymentConfig, DeviceSpec, load_config
 from colocate.cluster.apply import apply_to, tenant_tokens, unwrap
+from colocate.cluster.progress_relay import ProgressRelay
 from colocate.cluster.fleet import Fleet, Placed
 from colocate.cluster.serve_report import print_endpoints
 from colocate.cluster.placement import (CPU_DEVICE_RESOURCE, LOCAL_CPU_DEVICE_SLOTS,
@@ -107,13 +109,15 @@ class Deployment:
                  health_interval_s: float = 2.0, preset_dir: str | None = None,
                  metrics_host: str | None = None, shutdown_grace_s: float = SHUTDOWN_GRACE_S,
                  name: str | None = None, placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
-                 **supervisor_options) -> None:
+                 progress_to: progress.Reporter | None = None, **supervisor_options) -> None:
         """host: where the services' gRPC servers listen; metrics_host: where each
         device's /metrics listens (default: host). shutdown_grace_s: how long requests
         in flight may run on once shutdown() begins. name: the deployment's name on
         the cluster (default: the YAML's `name`, else its file name and a random
-        suffix). supervisor_options: the rest of Supervisor's keywords
-        (health_timeout_s, failed_checks_before_restart, ledger_dir, test_hooks).
+        suffix). progress_to: where the supervisors' loading and starting stages show
+        (default: progress.current(): bars on a terminal). supervisor_options: the
+        rest of Supervisor's keywords (health_timeout_s, failed_checks_before_restart,
+        ledger_dir, test_hooks).
 
         Raises DeploymentError (PlacementError when an entry has no node) before any
         service starts if the deployment cannot be placed whole."""
@@ -137,7 +141,10 @@ class Deployment:
                            placement_timeout_s=placement_timeout_s)
         try:
             self.fleet.place()
-            unwrap(lambda: ray.get([s.start.remote() for s in self.supervisors.values()]))
+            # One relay for the start and the wait, so no stage is shown twice.
+            self._relay = ProgressRelay(self.supervisors, progress_to or progress.current())
+            unwrap(lambda: self._relay.get([s.start.remote()
+                                             for s in self.supervisors.values()]))
         except BaseException:
             self.shutdown()
             raise
@@ -148,8 +155,8 @@ class Deployment:
         return self.fleet.actors()
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_S) -> list[Endpoint]:
-        unwrap(lambda: ray.get([s.wait_ready.remote(timeout)
-                                 for s in self.supervisors.values()]))
+        unwrap(lambda: self._relay.get([s.wait_ready.remote(timeout)
+                                         for s in self.supervisors.values()]))
         # From here on, a lost node is noticed (and, if allowed, its entries re-placed).
         self.fleet.watch(self.health_interval_s, timeout)
         return self.endpoints()
@@ -286,12 +293,14 @@ def init_ray(address: str | None) -> bool:
 
 def run_serve(config: str | None, address: str | None = None, *, host: str = "127.0.0.1",
               torch_threads: int | None = None, on_ready=None,
-              out: TextIO = sys.stdout, grace: float = SHUTDOWN_GRACE_S) -> int:
+              out: TextIO = sys.stdout, grace: float = SHUTDOWN_GRACE_S,
+              quiet: bool = False) -> int:
     """Start the deployment, print how to reach it, block until Ctrl-C or SIGTERM;
     then stop gracefully: requests in flight get `grace` seconds to finish.
     on_ready(config, endpoints, out), if given, runs once every service answers (the
     CLI's --demo passes colocate.serve_demo.send_demo_requests: a tenant's calls,
-    which live above this layer)."""
+    which live above this layer). Loading and starting show as progress bars on a
+    terminal, one line per stage elsewhere, nothing with `quiet`."""
     generated: dict[str, str] = {}
     try:
         if config is None:
@@ -307,7 +316,8 @@ def run_serve(config: str | None, address: str | None = None, *, host: str = "12
           f"{', '.join(g.entry_name for g in cfg.gpus)} ...", file=out, flush=True)
     try:
         deployment = Deployment(cfg, address=address, host=host, torch_threads=torch_threads,
-                                shutdown_grace_s=grace)
+                                shutdown_grace_s=grace,
+                                progress_to=progress.auto(out, quiet=quiet))
     except DeploymentError as exc:
         print(f"colocate serve: {exc}", file=sys.stderr)
         return 1

@@ -12,6 +12,7 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
+from colocate import progress
 from colocate.config import DeploymentConfig, DeviceSpec, ModelSpec
 from colocate.memory.cuda_devices import ORDER_ENV, PCI_ORDER
 from colocate.memory.sizing import ServiceDemand
@@ -91,8 +92,10 @@ def prepare_launches(gpu: DeviceSpec, config: DeploymentConfig, store: WeightSto
         name = model.name if gpu.share_weights else f"{model.name}@{service.name}"
         try:
             path = checkpoint_dir(model, preset_dir)
-            handle = store.publish(name, path, model.dtype, quantization=model.quantization,
-                                   quant_group_size=model.quant_group_arg)
+            with progress.labelled(name):     # its loading stages say which model
+                handle = store.publish(name, path, model.dtype,
+                                       quantization=model.quantization,
+                                       quant_group_size=model.quant_group_arg)
         except (OSError, ValueError) as exc:    # missing files, bad shapes or dtype
             raise DeploymentError(f"service {service.name}: cannot load model "
                                   f"{model.name} from {model.path}: {exc}") from None

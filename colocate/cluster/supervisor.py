@@ -1,11 +1,10 @@
 """GPUSupervisor: one device's weights, its ledger, and the services running on it.
 
 One supervisor per `gpus[]` entry, placed by the driver (fleet.py) on a node with
-room for it, as the named actor `colocate/<deployment>/<entry>`. It books every service with the MemoryArbiter
-before anything is loaded (a refusal names the service and the shortfall), publishes
-each model once in the WeightStore (once per service with share_weights: false, so
-unshared really means separate copies), starts one ServiceActor per service with its
-weight handle and KV budget, and then health-checks them from a background thread.
+room for it, as the named actor `colocate/<deployment>/<entry>`. It books every
+service with the MemoryArbiter before anything is loaded (a refusal names the service
+and the shortfall), publishes each model once in the WeightStore (once per service with
+share_weights: false), starts a ServiceActor per service, then health-checks them.
 
 A service that dies, or fails its health checks several times in a row
 (health_monitor.py), is restarted alone: its budget goes back to the ledger first and
@@ -34,6 +33,7 @@ from ray.exceptions import GetTimeoutError, RayActorError
 from ray.util import get_node_ip_address
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from colocate import progress
 from colocate.config import DeploymentConfig, DeviceSpec
 from colocate.memory.arbiter import AdmissionRefused, MemoryArbiter
 from colocate.memory.cuda_devices import gpu_uuid
@@ -113,6 +113,7 @@ class Supervisor(LiveChanges):
         self._change_lock = threading.Lock()    # one live change at a time
         self._slots: dict[str, ServiceSlot] = {}
         self._events: collections.deque[dict] = collections.deque(maxlen=EVENTS_KEPT)
+        self.progress = progress.Recorder()     # loading, publishing, starting: for the driver
         self.device, capacity = self._local_device()
         self.arbiter = MemoryArbiter.for_device(gpu, config, capacity=capacity)
         self.admission = DeviceAdmission(self.arbiter, SharedLedger(
@@ -151,10 +152,8 @@ class Supervisor(LiveChanges):
 
     # ---- starting ------------------------------------------------------------
     def start(self) -> None:
-        """Admit every service, publish the weights, start the service actors.
-
-        Admission comes first: a deployment that does not fit is refused before a
-        single weight is read. Raises DeploymentError with an operator's message."""
+        """Admit every service (first: a deployment that does not fit is refused before a
+        weight is read), publish the weights, start the actors. Raises DeploymentError."""
         self._start_metrics()
         try:
             with self._lock:
@@ -162,10 +161,11 @@ class Supervisor(LiveChanges):
                     self.admission.admit(service)
                     self._event(service.name, "admitted")
             demands = {d.service: d for d in self.arbiter.admitted()}
-            launches = prepare_launches(
-                self.gpu, self.config, self.store, demands, device=self.device,
-                host=self.host, torch_threads=self.torch_threads, tenants=self._tenants,
-                preset_dir=self.preset_dir, test_hooks=self.test_hooks)
+            with progress.using(self.progress):
+                launches = prepare_launches(
+                    self.gpu, self.config, self.store, demands, device=self.device,
+                    host=self.host, torch_threads=self.torch_threads, tenants=self._tenants,
+                    preset_dir=self.preset_dir, test_hooks=self.test_hooks)
         except AdmissionRefused as exc:
             self.admission.release_all()
             raise DeploymentError(f"service {exc.demand.service} refused: {exc}") from None
@@ -205,12 +205,17 @@ class Supervisor(LiveChanges):
         """Block until every service answers, then start health checks; status()."""
         with self._lock:
             slots = list(self._slots.values())
-        for slot in slots:
-            if not self._await_start(slot, timeout):
-                raise DeploymentError(f"service {slot.name} on {self.gpu.device} did not "
-                                      f"start: {slot.error}")
+        with progress.Stage(self.progress, "starting services", len(slots), "service") as bar:
+            for slot in slots:
+                if not self._await_start(slot, timeout):
+                    raise DeploymentError(f"service {slot.name} on {self.gpu.device} did "
+                                          f"not start: {slot.error}")
+                bar.advance(1)
         self.monitor.start()
         return self.status()
+
+    def progress_events(self, since: int = 0) -> list[tuple]:
+        return self.progress.events(since)      # the driver shows them (progress_relay.py)
 
     def _await_start(self, slot: ServiceSlot, timeout: float) -> bool:
         try:
@@ -333,7 +338,8 @@ class Supervisor(LiveChanges):
             return device_sample(self.gpu, self.config, self.arbiter, self.store,
                                  self.device, {name: (report, restarts[name])
                                                for name, report in reports.items()},
-                                 replacements=self.replacement)
+                                 replacements=self.replacement,
+                                 slot_states={s.name: s.state for s in slots})
 
     def _ask_running(self, slots: list[ServiceSlot], method: str,
                      timeout: float = PING_TIMEOUT_S) -> dict:
@@ -350,18 +356,19 @@ class Supervisor(LiveChanges):
 
     # ---- stopping ------------------------------------------------------------
     def shutdown(self, grace: float = SHUTDOWN_GRACE_S) -> None:
-        """Stop the checks; let every service finish its requests in flight (up to
-        `grace` seconds, refusing new ones); stop them; release budgets and weights."""
-        if self.metrics is not None:     # first, so no scrape calls a stopping service
-            self.metrics.stop()
+        """Stop the checks, drain the services (`grace` s; new calls refused), stop, release."""
         self.monitor.stop()
-        with self._lock:
-            slots = list(self._slots.values())
-        refs = [s.actor.shutdown.remote(grace) for s in slots if s.state != "stopped"]
+        with self._lock:     # /metrics says draining; scrapes ask only running services
+            slots = [s for s in self._slots.values() if s.state != "stopped"]
+            refs = [s.actor.shutdown.remote(grace) for s in slots]
+            for slot in slots:
+                slot.state = "draining"
         try:
             ray.get(refs, timeout=grace + 30.0)
         except (RayActorError, GetTimeoutError) as exc:
             log.warning("a service did not stop cleanly: %s", summary(exc))
+        if self.metrics is not None:
+            self.metrics.stop()
         with self._lock:
             for slot in slots:
                 ray.kill(ray_actor(slot.actor), no_restart=True)

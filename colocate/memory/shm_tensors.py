@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from colocate import progress
+
 ALIGN = 64
 
 
@@ -65,9 +67,12 @@ def unpack(flat: torch.Tensor, specs: tuple[TensorSpec, ...]) -> dict[str, torch
 
 def pack(tensors: dict[str, torch.Tensor], specs: tuple[TensorSpec, ...],
          flat: torch.Tensor) -> None:
-    """Copy each tensor into its slot of `flat` (casting device, never dtype or shape)."""
-    for name, view in unpack(flat, specs).items():
-        view.copy_(tensors[name])
+    """Copy each tensor into its slot of `flat` (casting device, never dtype or shape):
+    publishing, shown as a stage of tensors and bytes."""
+    with progress.stage("publishing", total=len(specs), unit="tensor") as bar:
+        for name, view in unpack(flat, specs).items():
+            view.copy_(tensors[name])
+            bar.advance(1, nbytes=view.nbytes)
 
 
 def write_file(path: Path, tensors: dict[str, torch.Tensor],

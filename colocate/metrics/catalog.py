@@ -95,6 +95,9 @@ CATALOG: tuple[MetricSpec, ...] = (
     _spec("colocate_build_info", "gauge", "Always 1; the colocate version.", "version"),
     _spec("colocate_service_info", "gauge", "Always 1; what the service serves.",
           "model", "dtype", "quantization", "kv_dtype"),
+    _spec("colocate_service_state", "gauge",
+          "1 for the service's state as its supervisor sees it, 0 for the others "
+          "(serving, restarting, draining, failed).", "state"),
 )
 
 BY_NAME = {spec.name: spec for spec in CATALOG}

@@ -19,8 +19,8 @@ from colocate.memory.arbiter import MemoryArbiter
 from colocate.memory.probe import cuda_process_memory, device_process_memory
 from colocate.memory.sizing import ModelFootprint
 from colocate.memory.weight_store import WeightStore
-from colocate.metrics.samples import (DEVICE, DeviceSample, Reservation, ServiceReport,
-                                      ServiceSample, WeightCopy)
+from colocate.metrics.samples import (DEVICE, SLOT_STATES, DeviceSample, Reservation,
+                                      ServiceReport, ServiceSample, WeightCopy)
 
 log = logging.getLogger(__name__)
 
@@ -83,9 +83,11 @@ def measured_memory(device: str, pids: list[int]) -> dict[int, int]:
 def device_sample(gpu: DeviceSpec, config: DeploymentConfig, arbiter: MemoryArbiter,
                   store: WeightStore, local_device: str,
                   reports: dict[str, tuple[ServiceReport, int]],
-                  replacements: int = 0) -> DeviceSample:
+                  replacements: int = 0, slot_states: dict[str, str] | None = None
+                  ) -> DeviceSample:
     """reports: service name -> (its report, its restarts), for the services that
-    answered; the others are simply absent from this scrape."""
+    answered; the others are absent from this scrape but for their state, which
+    slot_states (service -> the supervisor's slot state) gives for every one."""
     demands = {d.service: d for d in arbiter.admitted()}
     pids = [os.getpid()] + [report.pid for report, _ in reports.values()]
     memory = measured_memory(local_device, pids)
@@ -110,4 +112,6 @@ def device_sample(gpu: DeviceSpec, config: DeploymentConfig, arbiter: MemoryArbi
         gpu=gpu.device, version=__version__, capacity_bytes=arbiter.capacity,
         supervisor_memory_bytes=memory.get(os.getpid(), 0), services=tuple(services),
         reservations=ledger_reservations(arbiter), weights=weight_copies(store),
-        replacements=replacements)
+        replacements=replacements,
+        states=tuple((name, SLOT_STATES[state]) for name, state in (slot_states or {}).items()
+                     if state in SLOT_STATES))

@@ -15,7 +15,7 @@ from prometheus_client.utils import floatToGoString
 from colocate.engine.stats import HistogramSnapshot
 from colocate.metrics.catalog import CATALOG, MetricSpec
 from colocate.metrics.rejections import REJECT_REASONS
-from colocate.metrics.samples import DEVICE, DeviceSample, ServiceSample
+from colocate.metrics.samples import DEVICE, SERVICE_STATES, DeviceSample, ServiceSample
 
 _FAMILY = {"gauge": GaugeMetricFamily, "counter": CounterMetricFamily,
            "histogram": HistogramMetricFamily}
@@ -70,6 +70,9 @@ def families(sample: DeviceSample) -> list[Metric]:
         out.add("colocate_memory_reserved_bytes", (gpu, r.service, r.kind), r.bytes)
     for service in sample.services:
         _add_service(out, gpu, service)
+    for service, state in sample.states:
+        for each in SERVICE_STATES:
+            out.add("colocate_service_state", (gpu, service, each), float(each == state))
     return list(out)
 
 

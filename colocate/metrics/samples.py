@@ -64,3 +64,12 @@ class DeviceSample:
     reservations: tuple[Reservation, ...] = ()
     weights: tuple[WeightCopy, ...] = ()
     replacements: int = 0          # times this device entry was re-placed after a lost node
+    states: tuple[tuple[str, str], ...] = ()   # (service, one of SERVICE_STATES), every slot
+
+
+# What colocate_service_state says of a service (its supervisor's slot state, named
+# for the operator): answering; being replaced; finishing its requests before a stop;
+# down after a refused or failed start.
+SERVICE_STATES = ("serving", "restarting", "draining", "failed")
+SLOT_STATES = {"running": "serving", "starting": "restarting", "restarting": "restarting",
+               "draining": "draining", "failed": "failed"}

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from colocate import progress
 from colocate.model.model_config import MODEL_DTYPES, LlamaConfig
 
 DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}
@@ -86,19 +87,23 @@ def hf_tensor_shapes(config: LlamaConfig) -> dict[str, tuple[int, ...]]:
 
 def read_hf_tensors(path: Path, config: LlamaConfig, dtype: torch.dtype,
                     device: str | torch.device) -> dict[str, torch.Tensor]:
-    """The expected HF tensors, shape-checked and cast; unexpected extras are ignored."""
+    """The expected HF tensors, shape-checked and cast; unexpected extras are ignored.
+    Shown as a loading stage counting tensors (and the bytes read) over every shard."""
     expected = hf_tensor_shapes(config)
     tensors: dict[str, torch.Tensor] = {}
-    for file in checkpoint_files(path):
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            for name in f.keys():
-                if name not in expected:
-                    continue            # e.g. rotary_emb.inv_freq, recomputed from the config
-                t = f.get_tensor(name)
-                if tuple(t.shape) != expected[name]:
-                    raise ValueError(f"{file.name}: tensor {name!r} has shape {tuple(t.shape)}, "
-                                     f"expected {expected[name]} from config.json")
-                tensors[name] = t.to(device=device, dtype=dtype)
+    with progress.stage("loading", total=len(expected), unit="tensor") as bar:
+        for file in checkpoint_files(path):
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in f.keys():
+                    if name not in expected:
+                        continue        # e.g. rotary_emb.inv_freq, recomputed from the config
+                    t = f.get_tensor(name)
+                    if tuple(t.shape) != expected[name]:
+                        raise ValueError(f"{file.name}: tensor {name!r} has shape "
+                                         f"{tuple(t.shape)}, expected {expected[name]} "
+                                         f"from config.json")
+                    tensors[name] = t.to(device=device, dtype=dtype)
+                    bar.advance(1, nbytes=t.nbytes)
     missing = [n for n in expected if n not in tensors]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""

@@ -17,6 +17,7 @@ import logging
 
 import torch
 
+from colocate import progress
 from colocate.model.gguf_file import GGUFFile, open_gguf
 from colocate.model.checkpoint import LINEAR_PARTS, to_model_state_dict
 from colocate.model.model_config import LlamaConfig
@@ -87,37 +88,47 @@ def gguf_quant_config(config: LlamaConfig, quantization: str | None, group_size:
 
 def read_gguf_state(config: LlamaConfig, dtype: torch.dtype,
                     qc: QuantConfig | None) -> dict[str, torch.Tensor]:
-    """The model state dict (the one build_model(config, qc, dtype) declares)."""
+    """The model state dict (the one build_model(config, qc, dtype) declares), read
+    as one loading stage counting the GGUF's tensors and their stored bytes."""
     f = open_gguf(config.gguf_file)
     tensors = gguf.mapped_tensors(f, config)
     native = qc is not None and qc.source == "gguf"
     linears = {n for n in tensors if n.endswith("_proj.weight")} if native else set()
-    hf: dict[str, torch.Tensor] = {}
-    for name, info in tensors.items():
-        if name in linears:
-            continue
-        t = gguf.dequantized(info, str(f.path))                              # float32
-        heads = gguf.rotary_heads(name, config)
-        hf[name] = (t if heads is None else gguf.unpermute_rows(t, heads)).to(dtype)
-    state = to_model_state_dict(hf)
-    if not native:
-        if qc is None:
-            return state
-        from colocate.quant.handler import quantize_state_dict
+    with progress.stage("loading", total=len(tensors), unit="tensor") as bar:
+        hf: dict[str, torch.Tensor] = {}
+        for name, info in tensors.items():
+            if name in linears:
+                continue
+            t = gguf.dequantized(info, str(f.path))                          # float32
+            heads = gguf.rotary_heads(name, config)
+            hf[name] = (t if heads is None else gguf.unpermute_rows(t, heads)).to(dtype)
+            bar.advance(1, nbytes=info.data.nbytes)
+        state = to_model_state_dict(hf)
+        if native:
+            _add_native_linears(state, tensors, config, dtype, qc, bar)
+    if qc is None or native:
+        return state
+    from colocate.quant.handler import quantize_state_dict
 
-        return quantize_state_dict(state, qc, dtype)
+    return quantize_state_dict(state, qc, dtype)
+
+
+def _add_native_linears(state: dict[str, torch.Tensor], tensors: dict, config: LlamaConfig,
+                        dtype: torch.dtype, qc: QuantConfig, bar: progress.Stage) -> None:
+    """The decoder linears as stored (int4 / int8 blocks), fused as the model uses them."""
     for layer in range(config.num_hidden_layers):
         base = f"model.layers.{layer}."
         for fused, parts in LINEAR_PARTS.items():
-            weights = [_native(tensors[f"{base}{p}.weight"], f"{base}{p}.weight", config, qc)
-                       for p in parts]
+            infos = [tensors[f"{base}{p}.weight"] for p in parts]
+            weights = [_native(info, f"{base}{p}.weight", config, qc)
+                       for info, p in zip(infos, parts)]
             if qc.method == "int4":
                 buffers = Int4Linear.buffers_for(concat_int4(weights), dtype, qc.layout,
                                                  act_order=False, exact_scales=True)
             else:
                 buffers = Int8Linear.buffers_for(concat_int8(weights), dtype)
             state.update({f"{base}{fused}.{k}": v for k, v in buffers.items()})
-    return state
+            bar.advance(len(parts), nbytes=sum(info.data.nbytes for info in infos))
 
 
 def _native(info, hf: str, config: LlamaConfig, qc: QuantConfig):

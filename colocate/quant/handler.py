@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from colocate import progress
 from colocate.quant.config import QuantConfig
 from colocate.quant.linear import Int4Linear, Int8Linear
 from colocate.quant.rtn import quantize_int4, quantize_int8
@@ -60,14 +61,30 @@ def quantize_state_dict(state: dict[str, torch.Tensor], qc: QuantConfig,
                         dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The model's float state dict -> the quantized model's, consuming `state` as it
     goes so each float weight is freed once quantized (the peak stays about one
-    float copy plus the quantized one)."""
+    float copy plus the quantized one). Shown as a stage counting decoder layers: a
+    layer counts once all its linears are quantized."""
+    linears_left: dict[str, int] = {}           # "model.layers.N." -> linears still float
+    for name in state:
+        if name.endswith(".weight") and is_quantized_linear(name.removesuffix(".weight")):
+            layer = _layer_of(name)
+            linears_left[layer] = linears_left.get(layer, 0) + 1
     out: dict[str, torch.Tensor] = {}
-    for name in list(state):
-        t = state.pop(name)
-        prefix = name.removesuffix(".weight")
-        if name.endswith(".weight") and is_quantized_linear(prefix):
-            for buf, v in quantize_weight(qc, t, dtype).items():
-                out[f"{prefix}.{buf}"] = v
-        else:
-            out[name] = t
+    with progress.stage(f"quantizing {qc.method}", total=len(linears_left),
+                        unit="layer") as bar:
+        for name in list(state):
+            t = state.pop(name)
+            prefix = name.removesuffix(".weight")
+            if name.endswith(".weight") and is_quantized_linear(prefix):
+                for buf, v in quantize_weight(qc, t, dtype).items():
+                    out[f"{prefix}.{buf}"] = v
+                linears_left[_layer_of(name)] -= 1
+                if linears_left[_layer_of(name)] == 0:
+                    bar.advance(1)
+            else:
+                out[name] = t
     return out
+
+
+def _layer_of(name: str) -> str:
+    """'model.layers.3.mlp.down_proj.weight' -> 'model.layers.3.'"""
+    return ".".join(name.split(".")[:3]) + "."

@@ -48,6 +48,9 @@ def test_serve_demo_answers_in_english(tmp_path):
     answers = {name: ast.literal_eval(answer)
                for name, answer in re.findall(r"^  (chat-[abc]): '.*' -> (.*)$", out, re.M)}
     assert sorted(answers) == sorted(EXPECTED), out
+    # Off a terminal the start shows one line per stage: 30 layers x 9 + 2 GGUF tensors.
+    assert re.search(r"^cpu: smollm2 loading: 272 tensors, [\d.]+ MiB in ", out, re.M), out
+    assert re.search(r"^cpu: starting services: 3 services in ", out, re.M), out
     for service, word in EXPECTED.items():
         answer = answers[service]
         assert word.lower() in answer.lower(), (service, answer)

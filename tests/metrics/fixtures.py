@@ -41,4 +41,5 @@ def device(*names: str) -> DeviceSample:
         services=tuple(service(n) for n in names),
         reservations=(Reservation(DEVICE, "headroom", 10), Reservation(DEVICE, "weights", 100))
         + tuple(Reservation(n, "kv_cache", 4096) for n in names),
-        weights=(WeightCopy(DEVICE, "m", 100),))
+        weights=(WeightCopy(DEVICE, "m", 100),),
+        states=tuple((n, "serving") for n in names))

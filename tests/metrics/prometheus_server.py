@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import sys
 import time
-import urllib.parse
 import urllib.request
 from pathlib import Path
 
 from tests.deployment.helpers import free_ports
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from render_dashboards import Prometheus  # noqa: E402
 
 INSTALL_HINT = ("the metrics integration test needs the Prometheus server, and "
                 "`prometheus` is not on PATH: install it with `sudo apt-get install -y "
@@ -60,15 +63,7 @@ class PrometheusServer:
 
     def query(self, expr: str) -> list[dict]:
         """The instant vector of `expr`; raises on a PromQL error."""
-        url = f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
-        try:
-            with urllib.request.urlopen(url, timeout=10) as r:
-                body = json.load(r)
-        except urllib.error.HTTPError as exc:       # 400 / 422: a bad expression
-            body = json.load(exc)
-        if body.get("status") != "success":
-            raise ValueError(f"{expr}: {body.get('error')}")
-        return body["data"]["result"]
+        return Prometheus(self.url).query(expr)
 
     def values(self, expr: str, by: str = "service") -> dict[str, float]:
         return {row["metric"].get(by, ""): float(row["value"][1]) for row in self.query(expr)}

@@ -13,7 +13,7 @@ from colocate.metrics.catalog import CATALOG, sample_names
 from colocate.metrics.endpoint import MetricsEndpoint
 from colocate.metrics.exporter import DeviceCollector
 from colocate.metrics.rejections import REJECT_REASONS, RejectionCounter
-from colocate.metrics.samples import DEVICE
+from colocate.metrics.samples import DEVICE, SERVICE_STATES
 from colocate.service.grpc_server import rejection_reason
 from tests.metrics import fixtures
 
@@ -132,3 +132,13 @@ def test_a_replaced_device_entry_says_so():
     sample = dataclasses.replace(fixtures.device("a"), replacements=2)
     assert value(scrape(sample), "colocate_device_replacements_total",
                  gpu="cpu", service=DEVICE) == 2
+
+
+def test_service_state_is_one_for_the_current_state_only():
+    sample = dataclasses.replace(fixtures.device("a", "b"),
+                                 states=(("a", "serving"), ("b", "restarting")))
+    states = {(dict(labels)["service"], dict(labels)["state"]): v
+              for (name, labels), v in scrape(sample).items()
+              if name == "colocate_service_state"}
+    assert {k for k, v in states.items() if v == 1} == {("a", "serving"), ("b", "restarting")}
+    assert len(states) == 2 * len(SERVICE_STATES)

@@ -22,6 +22,8 @@ from tests.deployment.helpers import cpu_deployment, free_ports, stream_tokens, 
 from tests.metrics.dashboard import DASHBOARD, panel_queries
 from tests.metrics.prometheus_server import PrometheusServer, prometheus_binary
 
+import render_dashboards  # noqa: E402  (bench/, on the path prometheus_server puts it)
+
 REPO = Path(__file__).resolve().parents[2]
 KV_TOKENS = 256
 MAX_TOKENS = 4
@@ -156,6 +158,23 @@ def test_every_dashboard_panel_shows_every_service(prometheus):
             assert names <= shown, (title, expr, shown)
         else:
             assert {r["metric"].get("gpu") for r in rows} == {"cpu"}, (title, expr, rows)
+
+
+def test_render_script_draws_every_panel_with_data(deployment, prometheus, tmp_path):
+    """bench/render_dashboards.py against the same Prometheus: a PNG per panel of the
+    dashboard, each with finite points drawn. The traffic is sent again once
+    Prometheus is scraping, so the latency rates have growth inside their window."""
+    ready = wait_for(prometheus, "count_over_time(up[1m]) >= bool 3", {"": 1.0})
+    assert ready == {"": 1.0}, ready
+    send_traffic(deployment)
+    twice = {n: 2.0 * len(p) for n, p in PROMPTS.items()}
+    expr = "sum by (service) (colocate_requests_finished_total)"
+    assert wait_for(prometheus, expr, twice) == twice
+    drawn = render_dashboards.render(prometheus.url, tmp_path, minutes=3, step=1)
+    assert [d.title for d in drawn] == list(dict.fromkeys(t for t, _ in panel_queries()))
+    for d in drawn:
+        assert d.path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", d.title
+        assert d.series > 0 and d.points > 0, d
 
 
 def test_the_example_prometheus_config_is_valid(prometheus_path):

@@ -81,6 +81,26 @@ def test_killed_service_fails_its_calls_and_comes_back_alone(deployment, targets
     assert stream_tokens(targets["svc-b"], token_of("svc-b"), [1, 2, 3], max_tokens=3)
 
 
+def test_metrics_say_restarting_until_the_killed_service_is_back(deployment, supervisor):
+    """colocate_service_state, as the supervisor samples it for /metrics (and `colocate
+    top` shows it): the killed service goes serving -> restarting -> serving, and
+    its neighbours stay serving throughout."""
+    restarts = service_rows(deployment)["svc-a"]["restarts"]
+    ray.kill(_actor(supervisor, "svc-a"), no_restart=True)
+    seen = []
+    deadline = time.monotonic() + RESTART_BOUND_S
+    while time.monotonic() < deadline:
+        states = dict(ray.get(supervisor.metrics_sample.remote()).states)
+        assert states["svc-b"] == states["svc-c"] == "serving", states
+        if not seen or seen[-1] != states["svc-a"]:
+            seen.append(states["svc-a"])
+        if seen[-2:] == ["restarting", "serving"]:
+            break
+        time.sleep(0.1)
+    wait_restarted(deployment, "svc-a", restarts + 1, RESTART_BOUND_S)
+    assert seen in (["serving", "restarting", "serving"], ["restarting", "serving"]), seen
+
+
 SECRET = "s3cret-token-for-svc-c"
 ADDRESS = "0x7f3a2b1c9d40"
 

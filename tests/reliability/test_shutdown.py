@@ -1,7 +1,7 @@
 """Graceful shutdown of `colocate serve CONFIG`, as an operator's SIGTERM does it.
 
-In order: the health service says NOT_SERVING, new requests get UNAVAILABLE, the
-request in flight runs to its last token, the process exits 0, and nothing is left
+In order: the health service says NOT_SERVING (and /metrics says draining), new
+requests get UNAVAILABLE, the request in flight runs to its last token, the process exits 0, and nothing is left
 behind: no process it started (Ray's included), no /dev/shm/colocate-weights-*
 directory, no entry in the device's shared ledger.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import threading
@@ -18,9 +19,11 @@ import grpc
 import psutil
 import pytest
 
+from colocate import top_view
 from colocate.client import Client
 from colocate.memory.shared_ledger import FILE_PREFIX, default_dir
 from colocate.memory.weight_store import DIR_PREFIX, default_root
+from colocate.top import scrape
 from tests.deployment.helpers import colocate_command, token_of, wait_for_line
 from tests.reliability.reliability_helpers import record, reliability_deployment
 
@@ -45,7 +48,8 @@ def test_sigterm_drains_then_leaves_nothing_behind(tiny_model_dir, tmp_path):
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env=env)
     try:
-        wait_for_line(proc, "serving; Ctrl-C to stop", 180)
+        lines = wait_for_line(proc, "serving; Ctrl-C to stop", 180)
+        (metrics_url,) = re.findall(r"^  cpu  (http://\S+/metrics)$", "".join(lines), re.M)
         family = [proc.pid] + [p.pid for p in psutil.Process(proc.pid).children(recursive=True)]
 
         health: list[tuple[float, str]] = []
@@ -82,6 +86,8 @@ def test_sigterm_drains_then_leaves_nothing_behind(tiny_model_dir, tmp_path):
             assert time.monotonic() < deadline, f"health never said NOT_SERVING: {health}"
             time.sleep(0.01)
         not_serving_at = next(t for t, s in health if s == "NOT_SERVING")
+        # While the request in flight drains, /metrics is still up and says so.
+        state_while_draining = top_view.state_of(scrape(metrics_url), "svc-s")
         with Client(target, token_of("svc-s"), timeout=10) as client:
             with pytest.raises(grpc.RpcError) as refused:
                 client.complete([1, 2], max_tokens=2)
@@ -91,6 +97,7 @@ def test_sigterm_drains_then_leaves_nothing_behind(tiny_model_dir, tmp_path):
         watch_client.close()
 
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert state_while_draining == "draining"
         assert finished.get("reason") == "length" and len(in_flight) == IN_FLIGHT_TOKENS
         assert sent_at < not_serving_at < finished["at"] < exited_at
         assert rc == 0

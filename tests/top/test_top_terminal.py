@@ -3,7 +3,6 @@ service, its request counts follow the requests sent, `s` re-sorts, `q` quits
 cleanly; and one plain frame when stdout is not a terminal."""
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import select
@@ -13,23 +12,11 @@ import time
 
 import pytest
 
-from colocate.cluster.deploy import Deployment
-from tests.deployment.helpers import cpu_deployment, free_ports, stream_tokens, token_of
+from tests.deployment.helpers import stream_tokens, token_of
+from tests.top.conftest import NAMES
 
 pytestmark = pytest.mark.slow
-NAMES = ["top-a", "top-b"]
 COMMAND = [sys.executable, "-c", "import sys; from colocate.cli import main; sys.exit(main())"]
-
-
-@pytest.fixture(scope="module")
-def deployment(ray_session, tiny_model_dir, tmp_path_factory):
-    config = cpu_deployment(tmp_path_factory.mktemp("top"), str(tiny_model_dir), NAMES)
-    (port,) = free_ports(1)
-    config = dataclasses.replace(config, gpus=(dataclasses.replace(config.gpus[0],
-                                                                   metrics_port=port),))
-    with Deployment(config, torch_threads=1) as dep:
-        dep.wait_ready(timeout=180)
-        yield dep
 
 
 class Screen:
@@ -77,6 +64,7 @@ def test_top_follows_requests_and_quits(deployment):
     try:
         first = screen.wait_for(lambda f: all(_done(f, n) is not None for n in NAMES))
         assert all(len(line) <= 80 for line in first.splitlines())
+        assert all(re.search(rf"^{n}\s+serving\s", first, re.M) for n in NAMES), first
         assert "capacity 16.0 GiB" in first
         before = _done(first, "top-a")
         target = {e.service: e.target for e in deployment.endpoints()}["top-a"]
@@ -107,3 +95,14 @@ def test_top_prints_one_frame_when_not_a_terminal(deployment):
 def test_top_without_an_endpoint_says_so():
     out = subprocess.run([*COMMAND, "top"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "no metrics endpoint" in out.stderr
+
+
+def test_top_address_watches_every_device_on_the_cluster(deployment):
+    """--address joins the Ray cluster and finds each deployment's devices there."""
+    import ray
+
+    address = ray.get_runtime_context().gcs_address
+    out = subprocess.run([*COMMAND, "top", "--address", address, "--once"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert all(re.search(rf"^{n}\s+serving\s", out.stdout, re.M) for n in NAMES), out.stdout

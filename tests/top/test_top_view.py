@@ -67,5 +67,25 @@ def test_screen_fits_80_columns_and_sorts():
     lines = top_view.render([dev], rows, sort="running")
     assert all(len(line) <= 80 for line in lines)
     body = [line for line in lines if line.startswith("svc-")]
-    assert [line.split()[0] for line in body] == ["svc-b", "svc-a"]
+    assert [line.split()[:2] for line in body] == [["svc-b", "serving"], ["svc-a", "serving"]]
     assert "120/500" in body[0] and "30/90" in body[0] and "22.2" in body[0]
+
+
+def test_state_from_the_supervisor_and_the_sleeping_gauge():
+    def state(service, which):
+        return "\n".join(f'colocate_service_state{{gpu="cpu",service="{service}",'
+                         f'state="{s}"}} {int(s == which)}'
+                         for s in ("serving", "restarting", "draining", "failed"))
+    text = "\n".join([_text(done=1, out_tokens=1, ttft_fast=1, ttft_slow=0),
+                      state("chat-a", "serving"), state("chat-b", "restarting"),
+                      'colocate_service_sleeping{gpu="cpu",service="chat-c"} 1',
+                      state("chat-c", "serving"), ""])
+    rows = {r.service: r for r in top_view.services([top_view.parse(text, "u", 1.0)])}
+    # chat-b answers no scrape while it restarts: listed from its state alone.
+    assert {n: r.state for n, r in rows.items()} == {
+        "chat-a": "serving", "chat-b": "restarting", "chat-c": "sleeping"}
+    assert (rows["chat-b"].running, rows["chat-b"].kv_total) == (0, 0)
+    lines = top_view.render([], list(rows.values()))
+    assert [line.split()[:2] for line in lines if line.startswith("chat-")] == [
+        ["chat-a", "serving"], ["chat-b", "restarting"], ["chat-c", "sleeping"]]
+    assert all(len(line) <= 80 for line in lines)

@@ -34,15 +34,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))    # run as a script, not a package
-from common import (StepTimes, bytes_read_per_token, decode_rate,  # noqa: E402
-                    format_table, machine_info, measure_read_bandwidth, summarize, time_call,
-                    unique_bytes, write_json)
+from common import (decode_rate, format_table, machine_info,  # noqa: E402
+                    measure_read_bandwidth, summarize, time_call, write_json)
+from decode_engines import ENGINES  # noqa: E402
 
 
 @dataclass(frozen=True)
 class Mode:
     name: str
-    engine: str                        # "colocate" or "hf"
+    engine: str                        # "colocate", "hf" or "llamacpp" (decode_engines.py)
     dtype: str                         # the model dtype: activations, norms, embeddings
     quantization: str | None = "none"  # colocate only: "none" (float), None (as stored),
     #                                     "int8" or "int4"
@@ -60,6 +60,8 @@ MODES = {m.name: m for m in (
     Mode("colocate-stored", "colocate", "float32", quantization=None),
     Mode("hf-fp32", "hf", "float32"),
     Mode("hf-bf16", "hf", "bfloat16"),
+    # llama.cpp on the GGUF as stored (its own types: Q4_1 linears, Q8_0 embedding).
+    Mode("llamacpp", "llamacpp", "gguf", quantization=None),
 )}
 # --quick skips the bf16 modes (the same code paths in another dtype) but keeps every
 # quantized one, so a test runs each quantized path end to end.
@@ -98,133 +100,6 @@ def make_prompts(settings: Settings, vocab: int, tag: int, count: int, length: i
     return torch.randint(3, vocab, (count, length), generator=gen).tolist()
 
 
-# ---- the two engines behind one small interface -------------------------------
-# ttft(prompt) generates one token; decode(prompts, n) generates n tokens for every
-# prompt together and returns (start time, arrival events as common.decode_rate takes
-# them, tokens per prompt). Each tells num_params, weight_bytes (held) and
-# weight_bytes_per_token (read by a batch-1 decode step).
-
-def is_gguf(model: str) -> bool:
-    return Path(model).is_file()
-
-
-class ColocateEngine:
-    def __init__(self, model_dir: str, mode: Mode, settings: Settings) -> None:
-        from colocate import LLM, SamplingParams
-        from colocate.quant import linear_bytes, weight_bytes
-        if mode.quantization is None and not is_gguf(model_dir):
-            raise ValueError("the checkpoint stores floats: as stored is colocate-fp32")
-        self.name = mode.name
-        self._params = SamplingParams
-        block = 16
-        # Room for the largest batch at full length plus one partly used block per
-        # sequence, and for the longest TTFT prompt; never a preemption.
-        per_seq = settings.decode_prompt_len + settings.decode_new_tokens + block
-        kv_tokens = max(settings.max_batch * per_seq, max(settings.ttft_prompt_lens) + 2 * block)
-        # Every prefill of the run fits one step, so prefill is never chunked.
-        batched = max(4096, max(settings.ttft_prompt_lens),
-                      settings.max_batch * settings.decode_prompt_len)
-        # Prefix caching off: TTFT must time a prefill, not a cache lookup (the prompts
-        # differ per call too; this makes sure).
-        self.llm = LLM(model=model_dir, dtype=mode.dtype, quantization=mode.quantization,
-                       quant_group_size=mode.quant_group_size,
-                       kv_cache_dtype=mode.kv_cache_dtype, block_size=block,
-                       kv_cache_tokens=kv_tokens, max_num_seqs=settings.max_batch,
-                       max_num_batched_tokens=batched, enable_prefix_caching=False)
-        model = self.llm.model
-        self.vocab_size = self.llm.config.vocab_size
-        self.info = {"kv_cache_tokens": kv_tokens, "max_num_seqs": settings.max_batch,
-                     "max_num_batched_tokens": batched, "enable_prefix_caching": False}
-        # weight_bytes counts the quantized linears' buffers; model.weight_bytes() would
-        # count parameters only.
-        self.weight_bytes = weight_bytes(model)
-        self.weight_bytes_per_token = bytes_read_per_token(
-            self.weight_bytes, model.model.embed_tokens.weight, tied=model.lm_head is None)
-        self.num_params = sum(p.numel() for p in model.parameters()) + sum(
-            lb.parameters for lb in linear_bytes(model) if lb.kind != "float")
-
-    def _greedy(self, n: int):
-        return self._params(max_tokens=n, temperature=0.0, ignore_eos=True)
-
-    def ttft(self, prompt: list[int]) -> None:
-        self.llm.generate([prompt], self._greedy(1))
-
-    def decode(self, prompts: list[list[int]], new_tokens: int):
-        # Drive the engine step by step (what LLM.generate does inside) so each step's
-        # tokens get a timestamp as they come out.
-        engine = self.llm.engine
-        params = self._greedy(new_tokens)
-        start = time.perf_counter()
-        index = {engine.add_request(p, params): i for i, p in enumerate(prompts)}
-        tokens: list[list[int]] = [[] for _ in prompts]
-        events, unfinished = [], len(prompts)
-        while unfinished:
-            if not engine.has_unfinished_requests():
-                raise RuntimeError("engine went idle before every request finished")
-            outputs = engine.step()
-            now = time.perf_counter()
-            arrived = 0
-            for out in outputs:
-                tokens[index[out.request_id]].extend(out.new_token_ids)
-                arrived += len(out.new_token_ids)
-                unfinished -= out.finished
-            if arrived:
-                events.append((now, arrived, sum(1 for t in tokens if t)))
-        return start, events, tokens
-
-    def close(self) -> None:
-        del self.llm
-
-
-class HFEngine:
-    def __init__(self, model_dir: str, mode: Mode, settings: Settings) -> None:
-        import transformers
-        self.name = mode.name
-        where = ({"pretrained_model_name_or_path": str(Path(model_dir).parent),
-                  "gguf_file": Path(model_dir).name} if is_gguf(model_dir)
-                 else {"pretrained_model_name_or_path": model_dir})
-        self.model = transformers.LlamaForCausalLM.from_pretrained(
-            **where, dtype=getattr(torch, mode.dtype)).eval()
-        config = self.model.config
-        self.vocab_size = config.vocab_size
-        eos = config.eos_token_id
-        self._pad = eos[0] if isinstance(eos, list) else (eos if eos is not None else 0)
-        self.info = {"attn_implementation": config._attn_implementation}
-        self.weight_bytes = unique_bytes(self.model.parameters())
-        self.weight_bytes_per_token = bytes_read_per_token(
-            self.weight_bytes, self.model.get_input_embeddings().weight,
-            tied=bool(config.tie_word_embeddings))
-        self.num_params = sum(p.numel() for p in self.model.parameters())
-
-    def _generate(self, prompts: list[list[int]], new_tokens: int, streamer=None):
-        # The prompts of one call have equal lengths, so left padding adds nothing; the
-        # all-ones mask is passed anyway, as a batch of mixed lengths would need it.
-        ids = torch.tensor(prompts)
-        # min_new_tokens == max_new_tokens: both engines generate exactly n tokens
-        # whatever the model thinks of EOS.
-        return self.model.generate(
-            input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
-            max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=self._pad,
-            streamer=streamer)
-
-    def ttft(self, prompt: list[int]) -> None:
-        self._generate([prompt], 1)
-
-    def decode(self, prompts: list[list[int]], new_tokens: int):
-        arrivals = StepTimes()
-        start = time.perf_counter()
-        out = self._generate(prompts, new_tokens, arrivals)
-        batch = len(prompts)
-        events = [(t, batch, batch) for t in arrivals.times]
-        return start, events, out[:, len(prompts[0]):].tolist()
-
-    def close(self) -> None:
-        del self.model
-
-
-ENGINES = {"colocate": ColocateEngine, "hf": HFEngine}
-
-
 # ---- measuring -------------------------------------------------------------------
 
 def measure(engines: list, settings: Settings) -> tuple[dict, dict[str, list[int]]]:
@@ -252,15 +127,16 @@ def measure(engines: list, settings: Settings) -> tuple[dict, dict[str, list[int
     greedy: dict[str, list[int]] = {}
     n, plen = settings.decode_new_tokens, settings.decode_prompt_len
     for batch in settings.decode_batches:
-        runs: dict[str, list[dict]] = {e.name: [] for e in engines}
+        able = [e for e in engines if batch <= e.max_batch]    # llama.cpp: batch 1 only
+        runs: dict[str, list[dict]] = {e.name: [] for e in able}
         warm = make_prompts(settings, vocab, tag=-batch, count=batch, length=plen)
-        for e in engines:
+        for e in able:
             # A short untimed run at this batch size pays first-call costs of its shapes.
             e.decode(warm, 4)
         for r in range(settings.decode_repeats):
             prompts = make_prompts(settings, vocab, tag=10**8 + batch * 100 + r,
                                    count=batch, length=plen)
-            for e in engines:
+            for e in able:
                 start, events, tokens = e.decode(prompts, n)
                 if any(len(t) != n for t in tokens):
                     raise RuntimeError(f"{e.name} returned {[len(t) for t in tokens]} "
@@ -268,7 +144,7 @@ def measure(engines: list, settings: Settings) -> tuple[dict, dict[str, list[int
                 runs[e.name].append(decode_rate(start, events, batch))
                 if batch == 1 and r == 0:
                     greedy[e.name] = tokens[0]
-        for e in engines:
+        for e in able:
             rates = [run["tokens_per_s"] for run in runs[e.name]]
             results[e.name]["decode"][str(batch)] = {
                 "batch": batch, "prompt_len": plen, "new_tokens": n,
@@ -278,7 +154,8 @@ def measure(engines: list, settings: Settings) -> tuple[dict, dict[str, list[int
                 "best_tokens_per_s": max(rates),
                 "end_to_end_tokens_per_s": statistics.median(
                     run["end_to_end_tokens_per_s"] for run in runs[e.name])}
-        _progress(results, f"decode batch {batch} (tok/s)",
+        _progress({k: v for k, v in results.items() if str(batch) in v["decode"]},
+                  f"decode batch {batch} (tok/s)",
                   lambda r: r["decode"][str(batch)]["tokens_per_s"])
     return results, greedy
 
@@ -371,9 +248,10 @@ def print_report(report: dict) -> None:
     for name, r in report["engines"].items():
         row = [name, r["weight_bytes"] / 1e6, r["weight_bytes_per_token"] / 1e6]
         row += [r["ttft_s"][str(n)]["median"] * 1e3 for n in settings["ttft_prompt_lens"]]
-        row += [r["decode"][str(b)]["tokens_per_s"] for b in batches]
+        ran = [r["decode"].get(str(b)) for b in batches]         # None: batch not run
+        row += [d["tokens_per_s"] if d else None for d in ran]
         row += [r["batch1_floor_tokens_per_s"]]
-        row += [100 * r["decode"][str(b)]["fraction_of_floor"] for b in batches]
+        row += [100 * d["fraction_of_floor"] if d else None for d in ran]
         rows.append(row)
     bw, model = report["bandwidth"], report["model"]
     print()

@@ -8,7 +8,7 @@ from typing import TextIO
 from colocate.config import DeploymentConfig
 
 # `colocate serve --demo` asks each service one of these (in turn) through its chat template.
-DEMO_QUESTIONS = ("What is the capital of France?", "Name three primary colors.",
+DEMO_QUESTIONS = ("What is the capital of Japan?", "Name three primary colors.",
                   "How many legs does a spider have?")
 
 

@@ -87,9 +87,23 @@ class ModelFootprint:
         """One copy of the weights.
 
         Embeddings, lm_head and norms stay in the model dtype under every scheme;
-        only the decoder linears are quantized.
+        only the decoder linears are quantized, and a GGUF as stored also keeps its
+        tied Q8_0 embedding as the output head (q8_head_bytes).
         """
-        return self.linear_bytes() + self.unquantized_bytes()
+        return self.linear_bytes() + self.unquantized_bytes() + self.q8_head_bytes()
+
+    def q8_head_bytes(self) -> int:
+        """A GGUF kept as stored whose tied embedding is Q8_0 holds that as its output head
+        too (on CPU; a CUDA load does not, so there this overestimates): one byte per
+        weight and a float32 scale per 32."""
+        s = self.shape
+        if not (s.gguf_file and self.spec.quantization in (None, "gguf")
+                and self.quantization[0] is not None):
+            return 0
+        from colocate.quant.gguf_loading import stored_q8_head
+
+        n = s.vocab_size * s.hidden_size
+        return n + n // 32 * 4 if stored_q8_head(s) else 0
 
     def unquantized_bytes(self) -> int:
         """Embeddings, lm_head (once if tied) and norms, in the model dtype."""

@@ -123,9 +123,11 @@ class LlamaForCausalLM(nn.Module):
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """(N, hidden) -> (N, vocab) float32."""
-        weight = self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(hidden, weight).float()
+        """(N, hidden) -> (N, vocab) float32. The head is the embedding when tied, unless
+        the loader gave it a module of its own (a quantized copy, see QuantConfig)."""
+        if self.lm_head is None:
+            return F.linear(hidden, self.model.embed_tokens.weight).float()
+        return self.lm_head(hidden).float()
 
     def weight_bytes(self) -> int:
         """Bytes of parameters (the rope table is a buffer and not counted)."""

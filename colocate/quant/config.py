@@ -8,13 +8,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from colocate.quant import cpu_ops
+
 METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
 # Where the integers came from: our round-to-nearest, or a published checkpoint.
 SOURCES = ("rtn", "awq", "gptq", "gguf")
-# int4 buffer layouts. "tinygemm": the packing torch's CPU int4 matmul reads (see
-# int4_layouts.py); "kn": nibbles packed along K, N contiguous, for the Triton kernel.
-INT4_LAYOUTS = ("tinygemm", "kn")
+# int4 buffer layouts (int4_layouts.py). "blocks": blocks of 32 for the CPU block-dot
+# kernel; "tinygemm": the packing torch's CPU int4 matmul reads, where that kernel is
+# not available; "kn": nibbles packed along K, N contiguous, for the Triton kernel.
+INT4_LAYOUTS = ("blocks", "tinygemm", "kn")
 
 
 @dataclass(frozen=True)
@@ -26,6 +29,10 @@ class QuantConfig:
     act_order: bool = False        # int4 GPTQ desc_act: every int4 linear permutes its input
     # GGUF kept as stored: int4 scales in float32 on CPU, int8 with a scale per group.
     exact_scales: bool = False
+    # The output head as an int8 linear with a scale per group of 32: a GGUF's tied Q8_0
+    # embedding kept as stored (CPU), which a decode step then reads at 1.1 bytes per
+    # weight instead of the model dtype's (quant/gguf_loading.py).
+    q8_lm_head: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -42,7 +49,11 @@ class QuantConfig:
         elif self.source == "gguf":
             if self.group_size != 32:
                 raise ValueError(f"GGUF Q8_0 int8 has groups of 32, not {self.group_size!r}")
-        elif self.group_size is not None or self.layout is not None or self.act_order:
+        if self.q8_lm_head and self.source != "gguf":
+            raise ValueError("an int8 output head is kept only from a GGUF's Q8_0 embedding")
+        if self.method == "int4" or self.source == "gguf":
+            return
+        if self.group_size is not None or self.layout is not None or self.act_order:
             raise ValueError("int8 is per output channel: quant_group_size, layout and "
                              "act_order do not apply")
 
@@ -59,7 +70,7 @@ class QuantConfig:
         if method != "int4":
             return (cls(method=method) if source != "gguf" else
                     cls(method=method, group_size=group_size, source=source, exact_scales=True))
-        layout = "kn" if str(device).startswith("cuda") else "tinygemm"
+        layout = "kn" if str(device).startswith("cuda") else cpu_ops.int4_layout()
         return cls(method="int4", group_size=128 if group_size is None else group_size,
                    source=source, layout=layout, act_order=act_order,
                    exact_scales=source == "gguf")

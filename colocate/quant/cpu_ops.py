@@ -1,4 +1,15 @@
-"""Weight-only int8 / int4 matmuls on CPU, through torch's packed ops.
+"""int8 / int4 matmuls on CPU: the block-dot kernels where they build, else torch's ops.
+
+Where a C compiler is present (block_kernels.available()), every CPU int8 linear and
+every int4 linear in the "blocks" layout runs kernels/cpu/block_dot.c: activations are
+quantized to int8 per block of 32 inputs and multiplied by integer dot products, as
+llama.cpp does. Measured on the AVX2 box (1 thread, minimum of 40 calls, M = 1 row):
+3072x576 int4 145-163 us against torch's int4 op 267-277 us, 576x1536 70-85 us against
+134-149 us (bench/decode.py has the whole-model figures). What it costs in accuracy is
+llama.cpp's own trade, measured in docs/benchmarks.md on a real model.
+`COLOCATE_CPU_MATMUL=torch` keeps torch's ops below (and the tinygemm int4 layout).
+
+torch's weight-only ops, the fallback:
 
 Measured on the 2-core AVX2 box (torch 2.13, 1 thread, microseconds, the minimum of
 40 calls; the `small` preset's shapes; `python bench/quant_linear.py` reproduces it):
@@ -34,11 +45,27 @@ path (2.3x slower at M=1) would be F.linear(x, qweight.float()) * scale.
 """
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 
 import torch
 
+from colocate.quant import block_kernels
+
 COMPUTE_DTYPE = torch.bfloat16
+BACKEND_ENV = "COLOCATE_CPU_MATMUL"     # "blocks" (the default where it builds) | "torch"
+
+
+def block_kernels_on() -> bool:
+    choice = os.environ.get(BACKEND_ENV, "blocks")
+    if choice not in ("blocks", "torch"):
+        raise ValueError(f"{BACKEND_ENV}={choice!r}: expected 'blocks' or 'torch'")
+    return choice == "blocks" and block_kernels.available()
+
+
+def int4_layout() -> str:
+    """The int4 layout a CPU model is packed in, here and now."""
+    return "blocks" if block_kernels_on() else "tinygemm"
 
 
 @lru_cache(maxsize=64)
@@ -48,7 +75,14 @@ def _ones(n: int) -> torch.Tensor:
 
 
 def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (M, K), qweight (N, K) int8, scale (N,) -> (M, N) in x's dtype."""
+    """x (M, K), qweight (N, K) int8, scale (N,) or (N, K/g) -> (M, N) in x's dtype."""
+    N, K = qweight.shape
+    if block_kernels_on() and K % block_kernels.BLOCK == 0:
+        s = scale.float().reshape(N, -1)                                        # (N, G)
+        return block_kernels.int8_mm(x.float(), qweight, s, K // s.shape[1]).to(x.dtype)
+    if scale.dim() == 2:                   # grouped (GGUF Q8_0): no torch op takes it
+        scale = scale.float().repeat_interleave(K // scale.shape[1], dim=1)     # (N, K)
+        return torch.nn.functional.linear(x, (qweight.float() * scale).to(x.dtype))
     if x.dtype == COMPUTE_DTYPE:
         return torch.ops.aten._weight_int8pack_mm(x, qweight, scale.to(COMPUTE_DTYPE))
     out = torch.ops.aten._weight_int8pack_mm(x.to(COMPUTE_DTYPE), qweight,
@@ -69,3 +103,13 @@ def int4_mm(x: torch.Tensor, qweight: torch.Tensor, scale_zero: torch.Tensor,
     out = torch.ops.aten._weight_int4pack_mm_for_cpu(
         x.to(COMPUTE_DTYPE), qweight, group_size, scale_zero)                   # (M, N) bf16
     return out.to(x.dtype)
+
+
+def int4_blocks_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                   mins: torch.Tensor, group_size: int) -> torch.Tensor:
+    """x (M, K); the "blocks" layout: qweight (N, K/2), scale and min (N, K/g) -> (M, N)."""
+    if not block_kernels.available():
+        raise RuntimeError("an int4 model packed in the blocks layout needs the CPU block "
+                           "kernels, which did not build here (see the log); reload it "
+                           f"with {BACKEND_ENV}=torch")
+    return block_kernels.int4_mm(x.float(), qweight, scale, mins, group_size).to(x.dtype)

@@ -7,8 +7,11 @@
     "gguf"   as stored, strictly: a linear that cannot be kept native is an error
     "none"   everything dequantized to the model dtype
     "int8" / "int4"   requantized (round to nearest) from the dequantized weights
-Embeddings, norms and lm_head are always dequantized to the model dtype (Q8_0 and the
-float types exactly), as for every other checkpoint.
+Embeddings and norms are always dequantized to the model dtype (Q8_0 and the float
+types exactly), as for every other checkpoint. As stored on CPU, a tied Q8_0 embedding
+is also kept as it is for the output head (QuantConfig.q8_lm_head): llama.cpp's own
+head, and a decode step's largest single read (49,152 x 576 for SmolLM2: 32 MB as Q8_0,
+113 MB in float32).
 """
 from __future__ import annotations
 
@@ -83,7 +86,19 @@ def gguf_quant_config(config: LlamaConfig, quantization: str | None, group_size:
                          f"{gguf.BLOCK}; leave it unset or requantize with quantization='int4'")
     if method is None:
         return None
-    return QuantConfig.for_device(method, gguf.BLOCK, device, source="gguf")
+    qc = QuantConfig.for_device(method, gguf.BLOCK, device, source="gguf")
+    if stored_q8_head(config) and not str(device).startswith("cuda"):
+        qc = dataclasses.replace(qc, q8_lm_head=True)
+    return qc
+
+
+def stored_q8_head(config: LlamaConfig) -> bool:
+    """The output head is the embedding (tied) and that is stored as Q8_0: kept as stored
+    on CPU (from the header alone)."""
+    f = open_gguf(config.gguf_file)
+    embed = f.tensors.get("token_embd.weight")
+    return (config.tie_word_embeddings and "output.weight" not in f.tensors
+            and embed is not None and embed.type_name in gguf.NATIVE_INT8)
 
 
 def read_gguf_state(config: LlamaConfig, dtype: torch.dtype,
@@ -106,6 +121,9 @@ def read_gguf_state(config: LlamaConfig, dtype: torch.dtype,
         state = to_model_state_dict(hf)
         if native:
             _add_native_linears(state, tensors, config, dtype, qc, bar)
+    if native and qc.q8_lm_head:
+        head = gguf.int8_weight(tensors["model.embed_tokens.weight"])
+        state.update({f"lm_head.{k}": v for k, v in Int8Linear.buffers_for(head, dtype).items()})
     if qc is None or native:
         return state
     from colocate.quant.handler import quantize_state_dict

@@ -1,4 +1,4 @@
-"""The two ways an int4 linear's integers, scales and zeros sit in memory.
+"""The three ways an int4 linear's integers, scales and zeros sit in memory.
 
 A layout is what the matmul of one device reads directly; the weight store shares the
 packed buffers as they are, so a service never repacks (that would be a private copy
@@ -15,6 +15,11 @@ per process). Both layouts hold the integers of Int4Weight, two per byte.
     bf16) to bf16 moves a weight by at most 16 * 2^-9 (3%) of its group's scale, the
     quantization step, whose own rounding error is up to 50% of it; our RTN keeps
     scales in bf16 for this layout, which halves that to 1.6%.
+"blocks" (CPU, kernels/cpu/block_dot.c through quant/block_kernels.py): qweight (N, K/2)
+    uint8, each block of 32 inputs in 16 bytes, byte j holding input j (low nibble) and
+    j + 16 (high nibble) as GGUF's Q4_0/Q4_1 store them; scale and min (N, G) float32,
+    W = q * scale + min. A GGUF's fp16 scales and mins are held exactly, and a zero
+    point becomes min = -zero * scale (exact in float32 for fp16/bf16 scales).
 """
 from __future__ import annotations
 
@@ -127,6 +132,42 @@ def empty_tinygemm(N: int, K: int, group_size: int, dtype: torch.dtype,
             "scale_zero": torch.empty(K // group_size, N, 2, dtype=scale_dtype)}
 
 
+# ---- blocks -------------------------------------------------------------------------
+
+BLOCK = 32
+
+
+def pack_blocks(w: Int4Weight, dtype: torch.dtype, exact_scales: bool = False) -> Buffers:
+    """`dtype` and exact_scales are unused: scale and min are float32 always."""
+    N, K = w.q.shape
+    if K % BLOCK or w.group_size % BLOCK:
+        raise ValueError(f"the blocks layout needs K and the group size in multiples of "
+                         f"{BLOCK}, got K={K}, group {w.group_size}")
+    halves = w.q.view(N, K // BLOCK, 2, BLOCK // 2)                          # (N, B, 2, 16)
+    qweight = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(N, K // 2)  # (N, K/2)
+    scale = w.scale.float()
+    mins = w.min.float() if w.min is not None else -w.zero.float() * scale   # (N, G)
+    return {"qweight": qweight.contiguous(), "scale": scale.contiguous(),
+            "min": mins.contiguous()}
+
+
+def unpack_blocks(buffers: Buffers) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> q (N, K) uint8, scale (N, G) float32, min (N, G) float32."""
+    p = buffers["qweight"]                                                   # (N, K/2)
+    N, half = p.shape
+    blocks = p.view(N, half // (BLOCK // 2), BLOCK // 2)                     # (N, B, 16)
+    q = torch.stack([blocks & 15, blocks >> 4], dim=2).view(N, half * 2)     # (N, K)
+    return q, buffers["scale"], buffers["min"]
+
+
+def empty_blocks(N: int, K: int, group_size: int, dtype: torch.dtype,
+                 exact_scales: bool = False) -> Buffers:
+    G = K // group_size
+    return {"qweight": torch.empty(N, K // 2, dtype=torch.uint8),
+            "scale": torch.empty(N, G, dtype=torch.float32),
+            "min": torch.empty(N, G, dtype=torch.float32)}
+
+
 def dequantize(layout: str, buffers: Buffers, group_size: int) -> torch.Tensor:
     """The (N, K) float32 weight the layout's matmul multiplies by (inputs in perm order)."""
     def per_k(t: torch.Tensor) -> torch.Tensor:
@@ -135,9 +176,12 @@ def dequantize(layout: str, buffers: Buffers, group_size: int) -> torch.Tensor:
     if layout == "kn":
         q, scale, zero = unpack_kn(buffers)
         return (q.float() - per_k(zero)) * per_k(scale)
+    if layout == "blocks":
+        q, scale, mins = unpack_blocks(buffers)
+        return q.float() * per_k(scale) + per_k(mins)
     q, scale, offset = unpack_tinygemm(buffers)
     return (q.float() - 8) * per_k(scale) + per_k(offset)
 
 
-PACK = {"kn": pack_kn, "tinygemm": pack_tinygemm}
-EMPTY = {"kn": empty_kn, "tinygemm": empty_tinygemm}
+PACK = {"kn": pack_kn, "tinygemm": pack_tinygemm, "blocks": pack_blocks}
+EMPTY = {"kn": empty_kn, "tinygemm": empty_tinygemm, "blocks": empty_blocks}

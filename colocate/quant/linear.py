@@ -5,7 +5,8 @@ can lay out in its flat buffer and a service can map read-only. Bias, when prese
 a buffer too, in the model dtype.
 
 forward() picks the matmul by device and layout:
-    CPU  int8: torch's _weight_int8pack_mm; int4 ("tinygemm"): _weight_int4pack_mm_for_cpu
+    CPU  int8: the block-dot kernel, else torch's _weight_int8pack_mm; int4 "blocks": the
+         block-dot kernel; int4 "tinygemm": _weight_int4pack_mm_for_cpu
          (cpu_ops.py has the measurements behind this choice)
     CUDA int8: kernels/w8a16_matmul.py;      int4 ("kn"): kernels/w4a16_matmul.py
     int4 "kn" on CPU (a layout built for CUDA, inspected on the host): dequantize + F.linear.
@@ -49,8 +50,8 @@ class _WeightOnlyLinear(nn.Module):
 
 class Int8Linear(_WeightOnlyLinear):
     """qweight (N, K) int8 and scale (N,) in the model dtype; with group_size (GGUF Q8_0,
-    32) scale is (N, K / g) in float32, so fp16 scales stay exact, and the matmul runs on
-    the dequantized weight (no packed op takes grouped int8 scales)."""
+    32) scale is (N, K / g) in float32, so fp16 scales stay exact (on CPU the block-dot
+    kernel takes them as they are; elsewhere the matmul runs on the dequantized weight)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
                  dtype: torch.dtype = torch.float32, group_size: int | None = None):
@@ -69,13 +70,13 @@ class Int8Linear(_WeightOnlyLinear):
         return {"qweight": w.q.contiguous(), "scale": scale}
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if not x.is_cuda:
+            return cpu_ops.int8_mm(x, self.qweight, self.scale)
         if self.group_size is not None:
             return F.linear(x, self.dequantize().to(x.dtype))
-        if x.is_cuda:
-            from colocate.kernels.w8a16_matmul import w8a16_matmul
+        from colocate.kernels.w8a16_matmul import w8a16_matmul
 
-            return w8a16_matmul(x.contiguous(), self.qweight, self.scale)
-        return cpu_ops.int8_mm(x, self.qweight, self.scale)
+        return w8a16_matmul(x.contiguous(), self.qweight, self.scale)
 
     def dequantize(self) -> torch.Tensor:
         return Int8Weight(self.qweight, self.scale).dequantize()
@@ -120,6 +121,9 @@ class Int4Linear(_WeightOnlyLinear):
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:
             x = x.index_select(1, self.perm)                                 # (M, K) perm order
+        if self.layout == "blocks":
+            return cpu_ops.int4_blocks_mm(x, self.qweight, self.scale, self.min,
+                                          self.group_size)
         if self.layout == "tinygemm":
             return cpu_ops.int4_mm(x, self.qweight, self.scale_zero, self.group_size)
         if x.is_cuda:

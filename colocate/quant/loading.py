@@ -17,6 +17,7 @@ from colocate.model.checkpoint import parse_dtype, read_hf_tensors, to_model_sta
 from colocate.model.model_config import LlamaConfig
 from colocate.quant.config import QuantConfig
 from colocate.quant.handler import quantize_state_dict, swap_linears
+from colocate.quant.linear import Int8Linear
 from colocate.quant.prequantized import checkpoint_quant_config, read_prequantized
 
 __all__ = ["build_model", "checkpoint_quant_config", "load_model", "read_model_state"]
@@ -45,6 +46,9 @@ def build_model(config: LlamaConfig, qc: QuantConfig | None,
         model = LlamaForCausalLM(config)
         if qc is not None:
             swap_linears(model, qc, dtype)
+            if qc.q8_lm_head:
+                model.lm_head = Int8Linear(config.hidden_size, config.vocab_size, False, dtype,
+                                           group_size=32)
     return model
 
 

@@ -93,15 +93,37 @@ def test_quantization_modes(smollm2_gguf, native):
 
 def test_as_stored_answers(smollm2_gguf):
     llm = LLM(str(smollm2_gguf))
-    out = llm.chat([{"role": "user", "content": "What is the capital of France?"}],
+    # Not France: as stored, "The" and "L" start that answer 0.08 apart in logits even
+    # computed exactly, and with int8 activations colocate, like llama.cpp on this file,
+    # answers "L'Étoile, la Marseillaise, ..." (docs/benchmarks.md).
+    out = llm.chat([{"role": "user", "content": "What is the capital of Japan?"}],
                    SamplingParams(max_tokens=16, temperature=0.0))[0]
-    assert "Paris" in out.text
+    assert "Tokyo" in out.text
 
 
 def test_header_only_config(smollm2_gguf):
     f = GGUFFile(smollm2_gguf)
     assert f.tensors["blk.0.attn_q.weight"].type_name == "Q4_1"
     assert f.tensors["blk.0.ffn_gate.weight"].shape == (1536, 576)
+
+
+def test_the_tied_q8_0_embedding_is_kept_as_the_output_head(smollm2_gguf, native):
+    """As stored on CPU, the logits come from the embedding's Q8_0 blocks as stored
+    (llama.cpp's own head): codes and scales equal `gguf`'s reading of the file, the
+    head dequantizes to exactly the float embedding, and the plan counts its bytes."""
+    from colocate.config import ModelSpec
+    from colocate.memory.sizing import ModelFootprint
+    from colocate.quant import weight_bytes
+
+    head = native.lm_head
+    assert isinstance(head, Int8Linear) and head.group_size == 32
+    raw = next(t for t in GGUFReader(str(smollm2_gguf)).tensors if t.name == "token_embd.weight")
+    ref = torch.from_numpy(np.array(dequantize(raw.data, GGMLQuantizationType.Q8_0)))
+    assert torch.equal(head.dequantize(), ref.reshape(head.out_features, head.in_features))
+    assert torch.equal(head.dequantize(), native.model.embed_tokens.weight)
+    plan = ModelFootprint.of(ModelSpec(name="m", path=str(smollm2_gguf)))
+    assert plan.q8_head_bytes() == sum(b.nbytes for b in head.buffers())
+    assert plan.weight_bytes() == weight_bytes(native)
 
 
 def test_weight_store_shares_the_stored_blocks(smollm2_gguf, native, tmp_path):

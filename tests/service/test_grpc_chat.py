@@ -98,5 +98,5 @@ def test_the_demo_asks_a_chat_model_through_chat_and_others_hello(make_service, 
     out = io.StringIO()
     send_demo_requests(cfg, endpoints, out, max_tokens=4)
     a, b = out.getvalue().splitlines()[:2]
-    assert a.startswith("  a: 'What is the capital of France?' -> ")
+    assert a.startswith("  a: 'What is the capital of Japan?' -> ")
     assert b.startswith("  b: 'Hello' -> ")

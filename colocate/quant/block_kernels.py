@@ -1,0 +1,158 @@
+"""The CPU block-dot kernels (kernels/cpu/block_dot.c): built on first use, called by ctypes.
+
+What they compute: y = x @ W.T for int4 / int8 weights in blocks of 32 along K, with the
+activations quantized to int8 per block of 32 on the way in (llama.cpp's trade for its
+Q4/Q8 dot products). Why: on a CPU, torch's weight-only ops unpack each weight into
+bf16 and multiply in floats; on AVX2 that is compute bound at 2-3 GMAC/s per core,
+slower than reading the weights. An integer dot product of 32 lanes per instruction
+keeps a decode step at the speed of memory. See cpu_ops.py for when they are used.
+
+The C file is plain C with no torch headers, so it compiles in about a second with the
+system's C compiler (`cc`, or $CC). The library is cached under
+$COLOCATE_CACHE_DIR (default ~/.cache/colocate), named by a hash of the source and the
+flags, so every process of a deployment loads the same file and a change of the source
+rebuilds it. With no compiler, `available()` is False and the callers keep torch's ops.
+
+`simd`: which body runs, AVX2 or portable C. The default follows torch's own run-time
+choice (ATEN_CPU_CAPABILITY), so `ATEN_CPU_CAPABILITY=default` exercises the portable
+body on any machine; tests call both explicitly.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+BLOCK = 32
+CACHE_ENV = "COLOCATE_CACHE_DIR"
+CFLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-std=c11")
+
+
+def _source_path() -> Path:
+    """kernels/ is installed as colocate.kernels: find the C file either way."""
+    from colocate import kernels
+
+    return Path(kernels.__file__).resolve().parent / "cpu" / "block_dot.c"
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "colocate")
+
+
+def _build(source: Path) -> Path:
+    text = source.read_bytes()
+    compiler = os.environ.get("CC", "cc")
+    tag = hashlib.sha256(text + " ".join((compiler, *CFLAGS)).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"block_dot-{tag}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename: processes starting together never load a
+    # half-written library.
+    fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *CFLAGS, str(source), "-o", tmp, "-lm"], check=True,
+                       capture_output=True, text=True, timeout=120)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+_I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+
+
+@functools.lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | None:
+    try:
+        lib = ctypes.CDLL(str(_build(_source_path())))
+    except (OSError, subprocess.SubprocessError) as exc:
+        detail = getattr(exc, "stderr", "") or exc
+        log.warning("CPU block-dot kernels unavailable (%s); using torch's int8/int4 ops",
+                    str(detail).strip()[:500])
+        return None
+    lib.block_dot_has_avx2.restype = _INT
+    lib.quantize_rows.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR]
+    lib.int4_block_mm.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64,
+                                  _PTR, _INT, _INT]
+    lib.int8_block_mm.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _INT,
+                                  _INT]
+    return lib
+
+
+def available() -> bool:
+    return _library() is not None
+
+
+def has_avx2() -> bool:
+    lib = _library()
+    return lib is not None and bool(lib.block_dot_has_avx2())
+
+
+def default_simd() -> bool:
+    """The AVX2 body where torch itself dispatches AVX2 or better, and the CPU has it."""
+    return torch.backends.cpu.get_cpu_capability() != "DEFAULT" and has_avx2()
+
+
+def _ptr(t: torch.Tensor) -> int:
+    return t.data_ptr()
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (M, K) float32 -> codes (M, K) int8, steps (M, K/32) float32, code sums (M, K/32)
+    int32: x ~= codes * step per block of 32."""
+    M, K = x.shape
+    x = x.contiguous()
+    xq = torch.empty(M, K, dtype=torch.int8)
+    xd = torch.empty(M, K // BLOCK, dtype=torch.float32)
+    xs = torch.empty(M, K // BLOCK, dtype=torch.int32)
+    _library().quantize_rows(_ptr(x), M, K, _ptr(xq), _ptr(xd), _ptr(xs))
+    return xq, xd, xs
+
+
+def _check(x: torch.Tensor, K: int, group: int) -> None:
+    if x.dtype != torch.float32 or x.dim() != 2 or x.shape[1] != K:
+        raise ValueError(f"x must be (M, {K}) float32, got {tuple(x.shape)} {x.dtype}")
+    if K % BLOCK or group % BLOCK or K % group:
+        raise ValueError(f"K={K} and group={group} must be multiples of {BLOCK}, group "
+                         f"dividing K")
+
+
+def int4_mm(x: torch.Tensor, qs: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor,
+            group: int, simd: bool | None = None) -> torch.Tensor:
+    """x (M, K) float32; qs (N, K/2) uint8 (see block_dot.c for the nibble order); scale,
+    mins (N, K/group) float32 -> (M, N) float32, W = q * scale + min."""
+    N, K = qs.shape[0], qs.shape[1] * 2
+    _check(x, K, group)
+    xq, xd, xs = quantize_activations(x)
+    y = torch.empty(x.shape[0], N, dtype=torch.float32)
+    _library().int4_block_mm(_ptr(qs), _ptr(scale), _ptr(mins), N, K, group, _ptr(xq),
+                             _ptr(xd), _ptr(xs), x.shape[0], _ptr(y),
+                             int(default_simd() if simd is None else simd),
+                             torch.get_num_threads())
+    return y
+
+
+def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group: int,
+            simd: bool | None = None) -> torch.Tensor:
+    """x (M, K) float32; q (N, K) int8 in [-127, 127]; scale (N, K/group) float32
+    (group = K: one scale per row) -> (M, N) float32."""
+    N, K = q.shape
+    _check(x, K, group)
+    xq, xd, _ = quantize_activations(x)
+    y = torch.empty(x.shape[0], N, dtype=torch.float32)
+    _library().int8_block_mm(_ptr(q), _ptr(scale), N, K, group, _ptr(xq), _ptr(xd),
+                             x.shape[0], _ptr(y), int(default_simd() if simd is None else simd),
+                             torch.get_num_threads())
+    return y

@@ -1,0 +1,100 @@
+"""The CPU block-dot kernels (kernels/cpu/block_dot.c) against torch, both bodies.
+
+The kernels quantize the activations to int8 per block of 32 and then compute integer
+dot products, so the reference is exact given those codes: it dequantizes the same
+codes in float64. Each body (AVX2 and portable C) is called explicitly, whatever the
+machine's own capability, and must agree with it to float32 accumulation order.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from colocate.quant import block_kernels as bk
+from colocate.quant.int4_layouts import pack_blocks, unpack_blocks
+from colocate.quant.rtn import quantize_int4
+
+BODIES = [False, True]              # simd: portable C, AVX2 (the C body where no x86)
+
+
+def _activations(M: int, K: int, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=gen)
+    x[0, :32] = 0.0                                   # an all-zero block: step 0, codes 0
+    return x
+
+
+def _dequantized_activations(x: torch.Tensor) -> torch.Tensor:
+    xq, xd, xs = bk.quantize_activations(x)
+    M, K = x.shape
+    assert torch.equal(xs, xq.view(M, -1, 32).sum(-1, dtype=torch.int32))
+    return (xq.double().view(M, -1, 32) * xd.double()[..., None]).view(M, K)
+
+
+def test_activation_codes_are_round_to_nearest_of_each_blocks_step():
+    x = _activations(3, 96, 0)
+    xq, xd, _ = bk.quantize_activations(x)
+    blocks = x.view(3, 3, 32)
+    step = blocks.abs().amax(-1) / 127                                      # (M, B)
+    torch.testing.assert_close(xd, step, rtol=0, atol=0)
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    codes = torch.round(blocks / safe[..., None]).to(torch.int8).view(3, 96)
+    assert torch.equal(xq, codes)
+    assert xq.abs().max() <= 127 and torch.all(xq[0, :32] == 0)
+
+
+@pytest.mark.parametrize("simd", BODIES)
+@pytest.mark.parametrize("M,N,K,group", [(1, 64, 64, 32), (3, 37, 128, 64), (8, 20, 256, 128),
+                                         (5, 4, 32, 32)])
+def test_int4_blocks_match_the_dequantized_product(simd, M, N, K, group):
+    gen = torch.Generator().manual_seed(M * N + K)
+    w = quantize_int4(torch.randn(N, K, generator=gen), group)
+    buffers = pack_blocks(w, torch.float32)
+    q, scale, mins = unpack_blocks(buffers)
+    assert torch.equal(q, w.q)                                # the packing round-trips
+    x = _activations(M, K, seed=K)
+    y = bk.int4_mm(x, buffers["qweight"], buffers["scale"], buffers["min"], group, simd=simd)
+    ref = _dequantized_activations(x) @ w.dequantize(torch.float64).T       # (M, N)
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("simd", BODIES)
+@pytest.mark.parametrize("M,N,K,group", [(1, 64, 64, 32), (3, 37, 128, 128), (8, 20, 96, 96),
+                                         (2, 4, 32, 32)])
+def test_int8_blocks_match_the_dequantized_product(simd, M, N, K, group):
+    gen = torch.Generator().manual_seed(M + N * K)
+    q = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=gen)  # -128: GGUF Q8_0
+    scale = torch.rand(N, K // group, generator=gen) * 0.01
+    x = _activations(M, K, seed=N)
+    y = bk.int8_mm(x, q, scale, group, simd=simd)
+    w = q.double() * scale.double().repeat_interleave(group, dim=1)           # (N, K)
+    ref = _dequantized_activations(x) @ w.T
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_the_two_bodies_agree_on_a_decode_sized_layer():
+    w = quantize_int4(torch.randn(96, 576, generator=torch.Generator().manual_seed(4)), 32)
+    b = pack_blocks(w, torch.float32)
+    x = _activations(2, 576, seed=5)
+    outs = [bk.int4_mm(x, b["qweight"], b["scale"], b["min"], 32, simd=s) for s in BODIES]
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+def test_the_default_body_follows_torchs_capability():
+    expected = torch.backends.cpu.get_cpu_capability() != "DEFAULT" and bk.has_avx2()
+    assert bk.default_simd() == expected
+
+
+def test_bad_shapes_are_refused_by_name():
+    q = torch.zeros(8, 64, dtype=torch.int8)
+    with pytest.raises(ValueError, match=r"x must be \(M, 64\) float32"):
+        bk.int8_mm(torch.zeros(1, 32), q, torch.ones(8, 2), 32)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        bk.int8_mm(torch.zeros(1, 64), q, torch.ones(8, 3), 48)
+
+
+def test_the_kernels_build_here():
+    """Every machine the suite runs on has a C compiler; without one the CPU models fall
+    back to torch's ops, which is correct but slow, so a missing build must not pass
+    unnoticed."""
+    assert bk.available(), "kernels/cpu/block_dot.c did not build: see the warning logged"

@@ -4,8 +4,8 @@
 
 For the `small` preset's shapes (K x N) at M = 1 and 8, times (microseconds, the minimum
 of `repeats` calls: the machine is shared, and the minimum is the least disturbed) of
-fp32 F.linear, the int8 and int4 ops fed fp32 or bf16 activations, and the exact
-dequantize-then-F.linear paths. colocate/quant/cpu_ops.py quotes one run. Asserts nothing.
+fp32 F.linear, the int8 and int4 ops fed fp32 or bf16 activations, the exact
+dequantize-then-F.linear paths, and the block-dot kernels (int8 activations). colocate/quant/cpu_ops.py quotes one run. Asserts nothing.
 """
 from __future__ import annotations
 
@@ -59,6 +59,23 @@ def candidates(K: int, N: int, x: torch.Tensor) -> dict:
         "int4 op, bf16 x": lambda: A._weight_int4pack_mm_for_cpu(x.bfloat16(), p4, GROUP,
                                                                  sz).float(),
         "int4 dequant+linear": lambda: F.linear(x, (q4.float() - 8) * s + z),
+        **block_candidates(K, N, x, g),
+    }
+
+
+def block_candidates(K: int, N: int, x: torch.Tensor, g: torch.Generator) -> dict:
+    """The block-dot kernels (colocate/quant/block_kernels.py), where they build."""
+    from colocate.quant import block_kernels as bk
+
+    if not bk.available():
+        return {}
+    q8 = torch.randint(-127, 128, (N, K), dtype=torch.int8, generator=g)
+    qs = torch.randint(0, 256, (N, K // 2), dtype=torch.uint8, generator=g)
+    scale = torch.rand(N, K // 32, generator=g) * 1e-3
+    mins = -8 * scale
+    return {
+        "int8 block-dot": lambda: bk.int8_mm(x, q8, scale, 32),
+        "int4 block-dot g32": lambda: bk.int4_mm(x, qs, scale, mins, 32),
     }
 
 

@@ -88,6 +88,8 @@ def _library() -> ctypes.CDLL | None:
                                   _PTR, _INT, _INT]
     lib.int8_block_mm.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _INT,
                                   _INT]
+    lib.int4_block_dequantize.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _INT]
+    lib.int8_block_dequantize.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _PTR, _INT]
     return lib
 
 
@@ -156,3 +158,22 @@ def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group: int,
                              x.shape[0], _ptr(y), int(default_simd() if simd is None else simd),
                              torch.get_num_threads())
     return y
+
+
+def int4_dequantize(qs: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor,
+                    group: int) -> torch.Tensor:
+    """The (N, K) float32 weight of int4_mm's operands, exactly q * scale + min."""
+    N, K = qs.shape[0], qs.shape[1] * 2
+    w = torch.empty(N, K, dtype=torch.float32)
+    _library().int4_block_dequantize(_ptr(qs), _ptr(scale), _ptr(mins), N, K, group, _ptr(w),
+                                     torch.get_num_threads())
+    return w
+
+
+def int8_dequantize(q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    """The (N, K) float32 weight of int8_mm's operands, exactly q * scale."""
+    N, K = q.shape
+    w = torch.empty(N, K, dtype=torch.float32)
+    _library().int8_block_dequantize(_ptr(q), _ptr(scale), N, K, group, _ptr(w),
+                                     torch.get_num_threads())
+    return w

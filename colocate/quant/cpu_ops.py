@@ -3,8 +3,9 @@
 Where a C compiler is present (block_kernels.available()), every CPU int8 linear and
 every int4 linear in the "blocks" layout runs kernels/cpu/block_dot.c: activations are
 quantized to int8 per block of 32 inputs and multiplied by integer dot products, as
-llama.cpp does. Measured on the AVX2 box (1 thread, minimum of 40 calls, M = 1 row):
-3072x576 int4 145-163 us against torch's int4 op 267-277 us, 576x1536 70-85 us against
+llama.cpp does (a prefill chunk of more than PREFILL_ROWS rows instead dequantizes the
+weight exactly and multiplies in float32). Measured on the AVX2 box (1 thread, minimum
+of 40 calls, M = 1 row): 3072x576 int4 145-163 us against torch's int4 op 267-277 us, 576x1536 70-85 us against
 134-149 us (bench/decode.py has the whole-model figures). What it costs in accuracy is
 llama.cpp's own trade, measured in docs/benchmarks.md on a real model.
 `COLOCATE_CPU_MATMUL=torch` keeps torch's ops below (and the tinygemm int4 layout).
@@ -56,6 +57,19 @@ COMPUTE_DTYPE = torch.bfloat16
 BACKEND_ENV = "COLOCATE_CPU_MATMUL"     # "blocks" (the default where it builds) | "torch"
 
 
+# Above this many activation rows (a prefill chunk) the product is compute bound: the
+# weight is dequantized once for the call (in C, exactly) and multiplied by the BLAS in
+# float, several times faster than integer dot products on AVX2. Not for a weight
+# larger than DEQUANTIZE_MAX_WEIGHTS (the output head: 28 M weights would be a 113 MB
+# temporary per call), which stays on the kernel.
+PREFILL_ROWS = 16
+DEQUANTIZE_MAX_WEIGHTS = 8 * 2**20
+
+
+def _prefill(M: int, N: int, K: int) -> bool:
+    return M > PREFILL_ROWS and N * K <= DEQUANTIZE_MAX_WEIGHTS
+
+
 def block_kernels_on() -> bool:
     choice = os.environ.get(BACKEND_ENV, "blocks")
     if choice not in ("blocks", "torch"):
@@ -79,6 +93,9 @@ def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torc
     N, K = qweight.shape
     if block_kernels_on() and K % block_kernels.BLOCK == 0:
         s = scale.float().reshape(N, -1)                                        # (N, G)
+        if _prefill(x.shape[0], N, K):
+            w = block_kernels.int8_dequantize(qweight, s, K // s.shape[1])          # (N, K)
+            return torch.nn.functional.linear(x.float(), w).to(x.dtype)
         return block_kernels.int8_mm(x.float(), qweight, s, K // s.shape[1]).to(x.dtype)
     if scale.dim() == 2:                   # grouped (GGUF Q8_0): no torch op takes it
         scale = scale.float().repeat_interleave(K // scale.shape[1], dim=1)     # (N, K)
@@ -112,4 +129,8 @@ def int4_blocks_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
         raise RuntimeError("an int4 model packed in the blocks layout needs the CPU block "
                            "kernels, which did not build here (see the log); reload it "
                            f"with {BACKEND_ENV}=torch")
+    N, K = qweight.shape[0], qweight.shape[1] * 2
+    if _prefill(x.shape[0], N, K):
+        w = block_kernels.int4_dequantize(qweight, scale, mins, group_size)        # (N, K)
+        return torch.nn.functional.linear(x.float(), w).to(x.dtype)
     return block_kernels.int4_mm(x.float(), qweight, scale, mins, group_size).to(x.dtype)

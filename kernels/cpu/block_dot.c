@@ -281,3 +281,36 @@ void int8_block_mm(const int8_t *q, const float *scale, int64_t N, int64_t K, in
              int8_rows_c(n0, n1, q, scale, G, group, xq, xd, M, K, y, N));
     }
 }
+
+/* ---- dequantization, for prefill ------------------------------------------------
+ * At many activation rows the products are compute bound, where the BLAS's float
+ * GEMM is several times faster than integer dot products on AVX2; the caller then
+ * dequantizes the weight once per call (w: (N, K) float, overwritten) and multiplies
+ * in float. Plain loops: the compiler vectorizes them. */
+
+void int4_block_dequantize(const uint8_t *qs, const float *scale, const float *mins,
+                           int64_t N, int64_t K, int64_t group, float *w, int threads) {
+    const int64_t G = K / group;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint8_t *row = qs + n * (K / 2);
+        float *out = w + n * K;
+        for (int64_t b = 0; b < K / QK; b++) {
+            const float s = scale[n * G + b * QK / group], m = mins[n * G + b * QK / group];
+            for (int j = 0; j < QK / 2; j++) {
+                const uint8_t byte = row[b * (QK / 2) + j];
+                out[b * QK + j] = (float)(byte & 15) * s + m;
+                out[b * QK + j + QK / 2] = (float)(byte >> 4) * s + m;
+            }
+        }
+    }
+}
+
+void int8_block_dequantize(const int8_t *q, const float *scale, int64_t N, int64_t K,
+                           int64_t group, float *w, int threads) {
+    const int64_t G = K / group;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t k = 0; k < K; k++)
+            w[n * K + k] = (float)q[n * K + k] * scale[n * G + k / group];
+}

@@ -98,3 +98,16 @@ def test_the_kernels_build_here():
     back to torch's ops, which is correct but slow, so a missing build must not pass
     unnoticed."""
     assert bk.available(), "kernels/cpu/block_dot.c did not build: see the warning logged"
+
+
+def test_dequantization_is_exact():
+    """The prefill path's weights: the C dequantization equals torch's, bit for bit."""
+    w = quantize_int4(torch.randn(40, 128, generator=torch.Generator().manual_seed(6)), 64)
+    b = pack_blocks(w, torch.float32)
+    assert torch.equal(bk.int4_dequantize(b["qweight"], b["scale"], b["min"], 64),
+                       w.q.float() * b["scale"].repeat_interleave(64, 1)
+                       + b["min"].repeat_interleave(64, 1))
+    q = torch.randint(-128, 128, (12, 96), dtype=torch.int8)
+    scale = torch.rand(12, 3)
+    assert torch.equal(bk.int8_dequantize(q, scale, 32),
+                       q.float() * scale.repeat_interleave(32, 1))

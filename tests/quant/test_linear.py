@@ -34,7 +34,7 @@ PRODUCT_REL = {"torch": 4e-3, "blocks": 7e-3}
 
 
 @pytest.mark.parametrize("method,layout,backend", CASES)
-@pytest.mark.parametrize("m", [1, 8])
+@pytest.mark.parametrize("m", [1, 8, 12])        # M = 2 m rows: 24 takes the prefill path
 def test_fp32_model_matches_its_dequantized_weight(monkeypatch, method, layout, backend, m):
     monkeypatch.setenv(BACKEND_ENV, backend)
     lin, w = _linear(method, layout, 256, 96, torch.float32, bias=True)

@@ -10,7 +10,7 @@ from colocate.memory.weight_store import WeightStore, attach, detach
 from colocate.model.attention_metadata import AttentionMetadata
 from colocate.model.llama import allocate_kv_caches
 from colocate.quant.loading import load_model
-from colocate.quant import linear_bytes, weight_bytes
+from colocate.quant import cpu_ops, linear_bytes, weight_bytes
 from colocate.quant.linear import Int4Linear, Int8Linear
 
 
@@ -39,9 +39,11 @@ def float_logits(tiny_model_dir):
 # (random weights, so near-flat logits: int4 of Gaussian weights is ~10% off per
 # weight) under DEFAULT and AVX2 alike: relative L2 error of 48 positions' logits and
 # argmax agreement with float, torch's ops (bf16 activations): int8 1.67% / 46 of 48;
-# int4 g128 23.1% / 31; g32 18.8% / 34; the block kernels (int8 activations): int8
-# 2.08% / 47, int4 g128 23.0% / 32, g32 19.0% / 36. Bounds: 10% over the larger error,
-# two positions of agreement under the smaller (rounding moves near-ties).
+# int4 g128 23.1% / 31; g32 18.8% / 34; the blocks layouts, whose 48-row prefill
+# multiplies the exactly dequantized weights in float32: int8 1.60% / 45, int4 g128
+# 23.0% / 33, g32 19.0% / 36 (their int8-activation kernel, forced: int8 2.08% / 47).
+# Bounds: 10% over the larger error, two positions of agreement under the smaller
+# (rounding moves near-ties).
 @pytest.mark.parametrize("method,group,max_rel,min_agree", [
     ("int8", None, 0.023, 44 / 48), ("int4", 128, 0.255, 29 / 48), ("int4", 32, 0.21, 32 / 48)])
 def test_logits_close_to_float(tiny_model_dir, float_logits, cpu_matmul, method, group,
@@ -76,13 +78,28 @@ TWIN_BOUNDS = {"torch": (0.01, 0.15), "blocks": (0.02, 0.25)}
 
 @pytest.mark.parametrize("method,group", [("int8", None), ("int4", 128), ("int4", 32)])
 def test_quantized_model_computes_its_dequantized_weights(tiny_model_dir, cpu_matmul, method,
-                                                          group):
+                                                          group, monkeypatch):
+    # The block kernels' own products, whatever the rows (a 48-token prefill would
+    # otherwise take the exact dequantize-then-BLAS path, tested below).
+    monkeypatch.setattr(cpu_ops, "PREFILL_ROWS", 1 << 30)
     model = load_model(tiny_model_dir, quantization=method, quant_group_size=group)
     want = _logits(_dequantized_twin(model, tiny_model_dir), IDS)
     got = _logits(model, IDS)
     rel = ((got - want).norm() / want.norm()).item()
     max_rel, max_abs = TWIN_BOUNDS[cpu_matmul]
     assert rel < max_rel and (got - want).abs().max() < max_abs, rel
+
+
+@pytest.mark.parametrize("method,group", [("int8", None), ("int4", 128), ("int4", 32)])
+def test_a_block_kernel_prefill_is_its_dequantized_weights_exactly(tiny_model_dir, method,
+                                                                   group, monkeypatch):
+    """Past cpu_ops.PREFILL_ROWS rows the block layouts dequantize (exactly, in C) and
+    multiply in float32: the twin's own computation, to float summation order."""
+    monkeypatch.setenv(cpu_ops.BACKEND_ENV, "blocks")
+    model = load_model(tiny_model_dir, quantization=method, quant_group_size=group)
+    want = _logits(_dequantized_twin(model, tiny_model_dir), IDS)
+    got = _logits(model, IDS)                                 # 48 rows > PREFILL_ROWS
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("method,group", [("int8", None), ("int4", 128), ("int4", 32)])

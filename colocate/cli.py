@@ -104,6 +104,12 @@ def _cmd_top(args: argparse.Namespace) -> int:
         return 2
 
 
+def _cluster_address(p: argparse.ArgumentParser) -> None:
+    """--address for the commands that join a running cluster (apply, status)."""
+    p.add_argument("--address", default="auto",
+                   help="the Ray cluster (HOST:PORT, or auto for the one this host is in)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="colocate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -178,8 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "restart only the services that differ. `colocate serve` does the "
                     "same with its own file on SIGHUP.")
     p.add_argument("config", help="the new deployment YAML")
-    p.add_argument("--address", default="auto",
-                   help="the Ray cluster (HOST:PORT, or auto for the one this host is in)")
+    _cluster_address(p)
     p.add_argument("--deployment", default=None,
                    help="the deployment's name (default: the YAML's name, else the only one)")
     p.add_argument("--grace", type=float, default=10.0,
@@ -191,8 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Join a Ray cluster and list each colocate deployment on it: every "
                     "device entry and the node it runs on (or lost), every service with its "
                     "endpoint, health, restarts and load, and each device's memory ledger.")
-    p.add_argument("--address", default="auto",
-                   help="the Ray cluster (HOST:PORT, or auto for the one this host is in)")
+    _cluster_address(p)
     p.add_argument("--timeout", type=float, default=10.0,
                    help="seconds to wait for each supervisor's answer")
     p.set_defaults(func=_cmd_status)

@@ -5,6 +5,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import yaml
@@ -169,3 +170,18 @@ def service_rows(deployment) -> dict[str, dict]:
     """service name -> its row in the (one-device) deployment's status."""
     (device,) = deployment.status()
     return {s["name"]: s for s in device["services"]}
+
+
+def stats_while_running(deployment, workers: list[threading.Thread],
+                        every_s: float = 0.05) -> list[dict]:
+    """Start `workers` and sample every service's stats (service name -> ServiceStats or
+    None) until all of them have finished; the samples, oldest first."""
+    for w in workers:
+        w.start()
+    samples = []
+    while any(w.is_alive() for w in workers):
+        samples.append({n: r["stats"] for n, r in service_rows(deployment).items()})
+        time.sleep(every_s)
+    for w in workers:
+        w.join()
+    return samples

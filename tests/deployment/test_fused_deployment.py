@@ -11,8 +11,8 @@ import pytest
 import ray
 
 from tests.faults import HOOKS
-from tests.deployment.helpers import (free_ports, scrape_by_service, service_rows, stream_tokens,
-                                      token_of)
+from tests.deployment.helpers import (free_ports, scrape_by_service, service_rows,
+                                      stats_while_running, stream_tokens, token_of)
 from tests.deployment.service_contract import KV_TOKENS, ServiceContract, three_services
 
 pytestmark = pytest.mark.slow
@@ -65,12 +65,7 @@ def test_a_flood_fills_only_its_own_pool(deployment, targets):
                                                              p), kwargs=dict(max_tokens=150,
                                                                              ignore_eos=True))
                for p in prompts]
-    for w in workers:
-        w.start()
-    samples = []
-    while any(w.is_alive() for w in workers):
-        samples.append({n: r["stats"] for n, r in service_rows(deployment).items()})
-        time.sleep(0.05)
+    samples = stats_while_running(deployment, workers)
     loaded = [s["fu-a"] for s in samples if s["fu-a"] is not None]
     assert max(s.kv_blocks_used for s in loaded) > KV_TOKENS // 16 // 2
     for other in ("fu-b", "fu-c"):

@@ -12,7 +12,8 @@ import pytest
 import ray
 
 from colocate.memory.sizing import KV_BLOCK_SIZE
-from tests.deployment.helpers import scrape_by_service, service_rows, stream_tokens, token_of
+from tests.deployment.helpers import (scrape_by_service, service_rows, stats_while_running,
+                                      stream_tokens, token_of)
 from tests.deployment.service_contract import (KV_TOKENS, ServiceContract, requests_for,
                                                three_services)
 
@@ -45,14 +46,7 @@ def test_kv_pool_never_exceeds_its_budget(deployment, targets):
                                       max_tokens=150, temperature=0.0, ignore_eos=True))
 
     workers = [threading.Thread(target=load, args=(p,)) for p in prompts]
-    for w in workers:
-        w.start()
-    samples = []
-    while any(w.is_alive() for w in workers):
-        samples.append({n: r["stats"] for n, r in service_rows(deployment).items()})
-        time.sleep(0.05)
-    for w in workers:
-        w.join()
+    samples = stats_while_running(deployment, workers)
 
     assert len(finished) == 12 and all(len(t) == 150 for t in finished)
     loaded = [s["svc-a"] for s in samples if s["svc-a"] is not None]

@@ -43,10 +43,10 @@ def test_quick_modes_cover_quantization():
     assert {m.quantization for m in modes} >= {"int8", "int4"}
     assert any(m.kv_cache_dtype == "int8" for m in modes)
     assert {m.engine for m in modes} == {"colocate", "hf"}
-    # The full run covers every mode the issue asks for.
+    # The full run covers every mode the issues ask for, llama.cpp (the bench extra) too.
     assert set(decode.MODES) == {"colocate-fp32", "colocate-bf16", "colocate-int8",
                                  "colocate-int4", "colocate-kv8", "colocate-stored",
-                                 "hf-fp32", "hf-bf16"}
+                                 "hf-fp32", "hf-bf16", "llamacpp"}
 
 
 def test_mode_option():

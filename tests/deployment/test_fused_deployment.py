@@ -21,7 +21,10 @@ NAMES = ["fu-a", "fu-b", "fu-c"]
 
 @pytest.fixture(scope="module")
 def deployment(ray_session, tiny_model_dir, tmp_path_factory):
-    http = {name: {"http_port": port} for name, port in zip(NAMES, free_ports(len(NAMES)))}
+    # gRPC and HTTP ports from one call, so no two of them can be the same port.
+    ports = free_ports(2 * len(NAMES))
+    http = {name: {"port": ports[i], "http_port": ports[len(NAMES) + i]}
+            for i, name in enumerate(NAMES)}
     with three_services(tmp_path_factory.mktemp("fused"), tiny_model_dir, NAMES,
                         device_extra={"batching": "fused"}, per_service=http,
                         test_hooks=HOOKS) as dep:

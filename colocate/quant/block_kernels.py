@@ -97,13 +97,16 @@ def available() -> bool:
     return _library() is not None
 
 
+@functools.lru_cache(maxsize=1)
 def has_avx2() -> bool:
     lib = _library()
     return lib is not None and bool(lib.block_dot_has_avx2())
 
 
+@functools.lru_cache(maxsize=1)
 def default_simd() -> bool:
-    """The AVX2 body where torch itself dispatches AVX2 or better, and the CPU has it."""
+    """The AVX2 body where torch itself dispatches AVX2 or better, and the CPU has it.
+    Asked once per process (torch fixes its capability at start): every matmul uses it."""
     return torch.backends.cpu.get_cpu_capability() != "DEFAULT" and has_avx2()
 
 

@@ -104,10 +104,17 @@ def _cmd_top(args: argparse.Namespace) -> int:
         return 2
 
 
-def _cluster_address(p: argparse.ArgumentParser) -> None:
-    """--address for the commands that join a running cluster (apply, status)."""
+def _cluster_command(sub, name: str, func, *, help: str, description: str,
+                     timeout: tuple[str, float, str]) -> argparse.ArgumentParser:
+    """A subcommand that joins a running cluster (apply, status): --address, and the
+    one wait it bounds (`timeout`: flag, default seconds, help)."""
+    p = sub.add_parser(name, help=help, description=description)
     p.add_argument("--address", default="auto",
                    help="the Ray cluster (HOST:PORT, or auto for the one this host is in)")
+    flag, seconds, what = timeout
+    p.add_argument(flag, type=float, default=seconds, help=what)
+    p.set_defaults(func=func)
+    return p
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -177,29 +184,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "one line per stage)")
     p.set_defaults(func=_cmd_serve)
 
-    p = sub.add_parser(
-        "apply", help="change a running deployment live to a new YAML",
+    p = _cluster_command(
+        sub, "apply", _cmd_apply, help="change a running deployment live to a new YAML",
         description="Check the new YAML's plan on every device first (refusing the whole "
                     "change, exit 1, if it does not fit); then start, stop (drained) or "
                     "restart only the services that differ. `colocate serve` does the "
-                    "same with its own file on SIGHUP.")
+                    "same with its own file on SIGHUP.",
+        timeout=("--grace", 10.0, "seconds a stopped service's requests in flight get to finish"))
     p.add_argument("config", help="the new deployment YAML")
-    _cluster_address(p)
     p.add_argument("--deployment", default=None,
                    help="the deployment's name (default: the YAML's name, else the only one)")
-    p.add_argument("--grace", type=float, default=10.0,
-                   help="seconds a stopped service's requests in flight get to finish")
-    p.set_defaults(func=_cmd_apply)
 
-    p = sub.add_parser(
-        "status", help="every deployment on a Ray cluster: devices, services, health, ledgers",
+    _cluster_command(
+        sub, "status", _cmd_status,
+        help="every deployment on a Ray cluster: devices, services, health, ledgers",
         description="Join a Ray cluster and list each colocate deployment on it: every "
                     "device entry and the node it runs on (or lost), every service with its "
-                    "endpoint, health, restarts and load, and each device's memory ledger.")
-    _cluster_address(p)
-    p.add_argument("--timeout", type=float, default=10.0,
-                   help="seconds to wait for each supervisor's answer")
-    p.set_defaults(func=_cmd_status)
+                    "endpoint, health, restarts and load, and each device's memory ledger.",
+        timeout=("--timeout", 10.0, "seconds to wait for each supervisor's answer"))
 
     p = sub.add_parser(
         "top", help="a live view of a running deployment's devices and services",

@@ -51,9 +51,14 @@ ROUND_ROBIN_OPTIONS = (
 
 @dataclass(frozen=True)
 class Usage:
+    """Token counts of one finished request, as the service reported them."""
     prompt_tokens: int
     completion_tokens: int
-    cached_tokens: int
+    cached_tokens: int             # prompt tokens served from the prefix cache
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,16 @@ def paged_token_slots(table_row_ptr, n, valid, block_size):
 
 
 @triton.jit
+def paged_tile(table_row_ptr, n0, end, block_size, BLOCK_N: tl.constexpr):
+    """The tile of token positions [n0, n0 + BLOCK_N) of one sequence, cut at `end`:
+    positions n (N,), which are real (valid), and where each lives (block, offset)."""
+    n = n0 + tl.arange(0, BLOCK_N)
+    valid = n < end
+    block, offset = paged_token_slots(table_row_ptr, n, valid, block_size)
+    return n, valid, block, offset
+
+
+@triton.jit
 def load_kv_tile(cache_ptr, scale_ptr, block, offset, valid, kv_head, d, d_mask,
                  stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, QUANT: tl.constexpr):
     """(N, HD_P2) tile of one KV head: the cache's dtype, or fp32 dequantized if QUANT.
@@ -44,3 +54,33 @@ def load_kv_tile(cache_ptr, scale_ptr, block, offset, valid, kv_head, d, d_mask,
                     mask=valid, other=0.0)                                      # (N,)
         x = x.to(tl.float32) * s[:, None]
     return x
+
+
+# The online softmax of both attention kernels (FlashAttention's recurrence): a running
+# row max m, a running sum l of exp2(score - m) and an unnormalized output acc, rescaled
+# by exp2(m_old - m_new) whenever a tile raises the max.
+@triton.jit
+def online_softmax_start(ROWS: tl.constexpr, HD_P2: tl.constexpr):
+    """(m, l, acc) before the first tile: (ROWS,), (ROWS,), (ROWS, HD_P2), fp32."""
+    m_i = tl.full((ROWS,), float("-inf"), tl.float32)
+    l_i = tl.zeros((ROWS,), tl.float32)
+    acc = tl.zeros((ROWS, HD_P2), tl.float32)
+    return m_i, l_i, acc
+
+
+@triton.jit
+def online_softmax_step(m_i, l_i, acc, scores, v, DOT_PRECISION: tl.constexpr):
+    """Fold one tile in: scores (R, N) in log2 units, masked entries -inf; v (N, HD_P2)
+    in the dot's dtype. The caller guarantees a finite max after this tile's row."""
+    m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(scores - m_new[:, None])                                  # (R, N)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def online_softmax_finish(acc, l_i):
+    """The normalized output (R, HD_P2); a row that saw no key (l = 0) stays 0."""
+    return acc / tl.where(l_i > 0, l_i, 1.0)[:, None]

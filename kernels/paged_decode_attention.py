@@ -29,7 +29,9 @@ import triton.language as tl
 from colocate.kernels._checks import (INDEX_DTYPES, check_device,
                                       check_queries_against_cache, check_tensor,
                                       interpreting, next_pow2)
-from colocate.kernels._paged_tile import LOG2E, load_kv_tile, paged_token_slots
+from colocate.kernels._paged_tile import (LOG2E, load_kv_tile, online_softmax_finish,
+                                          online_softmax_start, online_softmax_step,
+                                          paged_tile)
 from colocate.kernels.merge_attention_partitions import merge_attention_partitions
 
 DEFAULT_PARTITION_SIZE = 512
@@ -71,14 +73,10 @@ def _paged_decode_kernel(
         q = q.to(tl.float32)
     qk_scale = scale * LOG2E
 
-    m_i = tl.full((GROUP_ROWS,), float("-inf"), tl.float32)
-    l_i = tl.zeros((GROUP_ROWS,), tl.float32)
-    acc = tl.zeros((GROUP_ROWS, HD_P2), tl.float32)
+    m_i, l_i, acc = online_softmax_start(GROUP_ROWS, HD_P2)
     table = block_tables_ptr + s.to(tl.int64) * stride_bt
     for n0 in range(start, end, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        valid = n < end
-        block, offset = paged_token_slots(table, n, valid, block_size)
+        n, valid, block, offset = paged_tile(table, n0, end, block_size, BLOCK_N)
         # QUANT=False here: the key codes stay integers (exact in q's dtype) and their
         # per-token scales multiply the fp32 scores below.
         k = load_kv_tile(key_cache_ptr, key_scale_ptr, block, offset, valid, kv_head, d, d_mask,
@@ -89,18 +87,13 @@ def _paged_decode_kernel(
                               mask=valid, other=0.0)                          # (N,)
             scores = scores * k_scale[None, :]
         scores = tl.where(valid[None, :], scores * qk_scale, float("-inf"))
-        # The loop runs only when the partition holds a token, so m_new is finite.
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])                                  # (G, N)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
         # V is dequantized before the dot (unlike K): folding its scales into p instead
         # would push p * scale (often below 1e-5 at long contexts) into fp16 subnormals.
         v = load_kv_tile(value_cache_ptr, value_scale_ptr, block, offset, valid, kv_head, d,
                          d_mask, stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, QUANT)
-        pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=DOT_PRECISION)  # (G, HD_P2)
-        acc = acc * alpha[:, None] + pv
-        m_i = m_new
+        # The loop runs only when the partition holds a token, so the max is finite.
+        m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, scores, v.to(q.dtype),
+                                            DOT_PRECISION)
 
     if SPLIT:
         row = (s * num_heads + heads) * num_partitions + part                # (G,)
@@ -108,7 +101,7 @@ def _paged_decode_kernel(
         tl.store(part_max_ptr + row, m_i, mask=g_mask)
         tl.store(part_sum_ptr + row, l_i, mask=g_mask)
     else:
-        o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        o = online_softmax_finish(acc, l_i)
         tl.store(out_ptr + s * stride_os + heads[:, None] * stride_oh + d[None, :],
                  o.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
 

@@ -28,7 +28,9 @@ import triton.language as tl
 
 from colocate.kernels._checks import (INDEX_DTYPES, check_device, check_queries_against_cache,
                                       check_tensor, interpreting, next_pow2)
-from colocate.kernels._paged_tile import LOG2E, load_kv_tile, paged_token_slots
+from colocate.kernels._paged_tile import (LOG2E, load_kv_tile, online_softmax_finish,
+                                          online_softmax_start, online_softmax_step,
+                                          paged_tile)
 
 DEFAULT_BLOCK_M = 16
 DEFAULT_BLOCK_N = 16
@@ -84,14 +86,10 @@ def _paged_prefill_kernel(
     hi_key = tl.minimum(seq_len, context_len + (q_block + 1) * BLOCK_Q)
     hi_key = tl.where(q_block * BLOCK_Q < q_len, hi_key, 0)
 
-    m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
-    l_i = tl.zeros((BLOCK_M,), tl.float32)
-    acc = tl.zeros((BLOCK_M, HD_P2), tl.float32)
+    m_i, l_i, acc = online_softmax_start(BLOCK_M, HD_P2)
     table = block_tables_ptr + s.to(tl.int64) * stride_bt
     for n0 in range(0, hi_key, BLOCK_N):
-        n = n0 + tl.arange(0, BLOCK_N)
-        valid = n < hi_key
-        block, offset = paged_token_slots(table, n, valid, block_size)
+        n, valid, block, offset = paged_tile(table, n0, hi_key, block_size, BLOCK_N)
         k = load_kv_tile(key_cache_ptr, key_scale_ptr, block, offset, valid, kv_head, d, d_mask,
                          stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, QUANT)
         scores = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION)  # (M, N)
@@ -101,17 +99,12 @@ def _paged_prefill_kernel(
         # Key 0 is in the first tile and every row sees it (q_pos >= 0, padding rows
         # included), so after that tile m_i is finite for every row and a fully masked
         # later tile adds exp2(-inf) = 0.
-        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[:, None])                                  # (M, N)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
         v = load_kv_tile(value_cache_ptr, value_scale_ptr, block, offset, valid, kv_head, d,
                          d_mask, stride_cb, stride_cs, stride_ch, stride_sb, stride_ss, QUANT)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v.to(q.dtype),
-                                            input_precision=DOT_PRECISION)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(m_i, l_i, acc, scores, v.to(q.dtype),
+                                            DOT_PRECISION)
 
-    o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o = online_softmax_finish(acc, l_i)
     tl.store(out_ptr + rows[:, None] * stride_ot + heads[:, None] * stride_oh + d[None, :],
              o.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & d_mask[None, :])
 

@@ -147,8 +147,8 @@ class LLMEngine:
         if self.sleeping:
             return
         if self.has_unfinished_requests():
-            raise RuntimeError(f"cannot sleep: {self.scheduler.num_running} running and "
-                               f"{self.scheduler.num_waiting} waiting request(s)")
+            running, waiting = self.scheduler.queue_lengths()
+            raise RuntimeError(f"cannot sleep: {running} running and {waiting} waiting request(s)")
         self.kv.forget_contents()
         self.runner.free_kv_cache()
         self.sleeping = True
@@ -194,8 +194,9 @@ class LLMEngine:
         """Counters, latency histograms and load, as of now. Safe from any thread
         (see colocate/engine/stats.py for why no lock is needed)."""
         st, kv = self.stats, self.kv
+        running, waiting = self.scheduler.queue_lengths()
         return StatisticsSnapshot(
-            num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
+            num_running=running, num_waiting=waiting,
             kv_blocks_used=kv.num_used_blocks, kv_blocks_total=kv.num_usable_blocks,
             block_size=self.limits.block_size, prompt_tokens=st.prompt_tokens,
             generation_tokens=st.generation_tokens,

@@ -70,13 +70,9 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    @property
-    def num_waiting(self) -> int:
-        return len(self.waiting)
-
-    @property
-    def num_running(self) -> int:
-        return len(self.running)
+    def queue_lengths(self) -> tuple[int, int]:
+        """(running, waiting): the two numbers every statistic of the queue starts from."""
+        return len(self.running), len(self.waiting)
 
     def finish_request(self, request: Request) -> None:
         """Drop a finished (or aborted) request and give its blocks back at once."""

@@ -20,6 +20,11 @@ SOURCES = ("rtn", "awq", "gptq", "gguf")
 INT4_LAYOUTS = ("blocks", "tinygemm", "kn")
 
 
+def _check_choice(what: str, value: Any, choices: tuple, expected: str = "one of ") -> None:
+    if value not in choices:
+        raise ValueError(f"{what}={value!r} is not supported; expected {expected}{list(choices)}")
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     method: str                    # "int8" (per output channel) | "int4" (grouped, asymmetric)
@@ -35,17 +40,11 @@ class QuantConfig:
     q8_lm_head: bool = False
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"quantization={self.method!r} is not supported; "
-                             f"expected None or one of {list(METHODS)}")
-        if self.source not in SOURCES:
-            raise ValueError(f"quantization source {self.source!r} is not one of {list(SOURCES)}")
+        _check_choice("quantization", self.method, METHODS, "None or one of ")
+        _check_choice("quantization source", self.source, SOURCES)
         if self.method == "int4":
-            if self.group_size not in GROUP_SIZES:
-                raise ValueError(f"quant_group_size={self.group_size!r} is not supported for "
-                                 f"int4; expected one of {list(GROUP_SIZES)}")
-            if self.layout not in INT4_LAYOUTS:
-                raise ValueError(f"int4 layout {self.layout!r} is not one of {list(INT4_LAYOUTS)}")
+            _check_choice("int4 quant_group_size", self.group_size, GROUP_SIZES)
+            _check_choice("int4 layout", self.layout, INT4_LAYOUTS)
         elif self.source == "gguf":
             if self.group_size != 32:
                 raise ValueError(f"GGUF Q8_0 int8 has groups of 32, not {self.group_size!r}")

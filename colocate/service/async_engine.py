@@ -332,8 +332,8 @@ class AsyncEngine:
 
     def _snapshot(self) -> EngineStats:
         kv = self.engine.kv
-        return EngineStats(num_running=self.engine.scheduler.num_running,
-                           num_waiting=self.engine.scheduler.num_waiting,
+        running, waiting = self.engine.scheduler.queue_lengths()
+        return EngineStats(num_running=running, num_waiting=waiting,
                            kv_blocks_used=kv.num_used_blocks,
                            kv_blocks_total=kv.num_usable_blocks,
                            sleeping=self.engine.sleeping)

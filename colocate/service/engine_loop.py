@@ -58,19 +58,28 @@ class StepFailed(Exception):
         self.error = error
 
 
-class SingleEngine:
-    """Stepper over one LLMEngine."""
+class _Stepper:
+    """What the loop steps (`stepped`: an LLMEngine or an EngineGroup, which both count
+    their steps and know whether work is left) and the engines whose requests it holds."""
 
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
-        self.members = (engine,)
+    def __init__(self, stepped: LLMEngine | EngineGroup, members: tuple[LLMEngine, ...]) -> None:
+        self.stepped = stepped
+        self.members = members
 
     @property
     def num_steps(self) -> int:
-        return self.engine.num_steps
+        return self.stepped.num_steps
 
     def has_unfinished_requests(self) -> bool:
-        return self.engine.has_unfinished_requests()
+        return self.stepped.has_unfinished_requests()
+
+
+class SingleEngine(_Stepper):
+    """Stepper over one LLMEngine."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        super().__init__(engine, (engine,))
+        self.engine = engine
 
     def step(self) -> dict[LLMEngine, list[RequestOutput]]:
         try:
@@ -79,19 +88,12 @@ class SingleEngine:
             raise StepFailed({self.engine: exc.request_ids}, exc) from exc.__cause__
 
 
-class FusedEngines:
+class FusedEngines(_Stepper):
     """Stepper over an EngineGroup: one batch for every member."""
 
     def __init__(self, group: EngineGroup) -> None:
+        super().__init__(group, tuple(group.members.values()))
         self.group = group
-        self.members = tuple(group.members.values())
-
-    @property
-    def num_steps(self) -> int:
-        return self.group.num_steps
-
-    def has_unfinished_requests(self) -> bool:
-        return self.group.has_unfinished_requests()
 
     def step(self) -> dict[LLMEngine, list[RequestOutput]]:
         try:

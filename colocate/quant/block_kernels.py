@@ -37,19 +37,24 @@ CACHE_ENV = "COLOCATE_CACHE_DIR"
 CFLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-std=c11")
 
 
-def _source_path() -> Path:
-    """kernels/ is installed as colocate.kernels: find the C file either way."""
+# One library from every C file of kernels/cpu: decode_step.c calls block_dot.c's kernels.
+SOURCES = ("block_dot.c", "decode_step.c")
+
+
+def _source_paths() -> list[Path]:
+    """kernels/ is installed as colocate.kernels: find the C files either way."""
     from colocate import kernels
 
-    return Path(kernels.__file__).resolve().parent / "cpu" / "block_dot.c"
+    here = Path(kernels.__file__).resolve().parent / "cpu"
+    return [here / name for name in SOURCES]
 
 
 def _cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "colocate")
 
 
-def _build(source: Path) -> Path:
-    text = source.read_bytes()
+def _build(sources: list[Path]) -> Path:
+    text = b"".join(p.read_bytes() for p in sources)
     compiler = os.environ.get("CC", "cc")
     tag = hashlib.sha256(text + " ".join((compiler, *CFLAGS)).encode()).hexdigest()[:16]
     target = _cache_dir() / f"block_dot-{tag}.so"
@@ -61,7 +66,7 @@ def _build(source: Path) -> Path:
     fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".so")
     os.close(fd)
     try:
-        subprocess.run([compiler, *CFLAGS, str(source), "-o", tmp, "-lm"], check=True,
+        subprocess.run([compiler, *CFLAGS, *map(str, sources), "-o", tmp, "-lm"], check=True,
                        capture_output=True, text=True, timeout=120)
         os.replace(tmp, target)
     finally:
@@ -76,7 +81,7 @@ _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
     try:
-        lib = ctypes.CDLL(str(_build(_source_path())))
+        lib = ctypes.CDLL(str(_build(_source_paths())))
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
         log.warning("CPU block-dot kernels unavailable (%s); using torch's int8/int4 ops",
@@ -90,6 +95,8 @@ def _library() -> ctypes.CDLL | None:
                                   _INT]
     lib.int4_block_dequantize.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _INT]
     lib.int8_block_dequantize.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _PTR, _INT]
+    lib.decode_step.argtypes = [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _INT, _INT]
+    lib.decode_step.restype = _INT
     return lib
 
 
@@ -180,3 +187,14 @@ def int8_dequantize(q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.T
     _library().int8_block_dequantize(_ptr(q), _ptr(scale), N, K, group, _ptr(w),
                                      torch.get_num_threads())
     return w
+
+
+def decode_step(model: int, S: int, positions: torch.Tensor, slots: torch.Tensor,
+                tables: torch.Tensor, h: torch.Tensor, simd: bool | None = None) -> int:
+    """decode_step.c over the DecodeModel at address `model` (colocate/model/cpu_decode.py
+    builds it): h (S, hidden) float32 in place; positions, slots (S,) and tables
+    (S, max_blocks) int64, contiguous. Returns the C function's status (0: done)."""
+    return _library().decode_step(model, S, _ptr(positions), _ptr(slots), _ptr(tables),
+                                  tables.shape[1], _ptr(h),
+                                  int(default_simd() if simd is None else simd),
+                                  torch.get_num_threads())

@@ -14,6 +14,7 @@ from colocate.engine.scheduler import SchedulerOutput
 from colocate.model.attention_metadata import AttentionMetadata
 from colocate.model.kv_memory import KVCacheMemory
 from colocate.model.model_config import LlamaConfig
+from colocate.worker.cpu_decode import CpuDecodePlan
 from colocate.worker.sampler import (SampleResult, Sampler, SamplingRow, make_generator,
                                      prompt_logprobs)
 
@@ -38,6 +39,9 @@ class ModelRunner:
                                        kv_dtype or dtype, device)
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator | None] = {}
+        # Planned at the first decode step (the weights are final by then); None after
+        # that where the C decode step does not cover the model.
+        self._decode_plan: CpuDecodePlan | None | bool = False
 
     @property
     def kv_caches(self):
@@ -98,7 +102,7 @@ class ModelRunner:
         )
         ids = torch.tensor(input_ids, dtype=torch.long, device=self.device)     # (T,)
         pos_t = torch.tensor(positions, dtype=torch.long, device=self.device)   # (T,)
-        hidden = self.model(ids, pos_t, self.kv_caches, meta)                    # (T, H)
+        hidden = self._forward(ids, pos_t, meta)                                 # (T, H)
 
         results: dict[str, StepResult] = {
             s.request.request_id: StepResult() for s in sched.scheduled}
@@ -106,6 +110,16 @@ class ModelRunner:
         if sample_rows:
             self._sample(sched, hidden, sample_rows, results)
         return results
+
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor,
+                 meta: AttentionMetadata) -> torch.Tensor:
+        if meta.all_decode and self.device.type == "cpu":
+            if self._decode_plan is False:
+                self._decode_plan = CpuDecodePlan.build(self.model)
+            plan = self._decode_plan
+            if plan is not None and plan.covers(self.kv_caches, meta):
+                return plan.forward(ids, positions, self.kv_caches, meta)
+        return self.model(ids, positions, self.kv_caches, meta)
 
     def _sample(self, sched, hidden, sample_rows, results) -> None:
         sampling = [s for s in sched.scheduled if s.samples]

@@ -44,8 +44,10 @@ def test_activation_codes_are_round_to_nearest_of_each_blocks_step():
 
 
 @pytest.mark.parametrize("simd", BODIES)
+# M = 1 takes its own loop (one weight row at a time, blocks four at a time):
+# 320 and 1536 inputs run it with and without a tail of blocks, with groups of 2 and 4 blocks.
 @pytest.mark.parametrize("M,N,K,group", [(1, 64, 64, 32), (3, 37, 128, 64), (8, 20, 256, 128),
-                                         (5, 4, 32, 32)])
+                                         (5, 4, 32, 32), (1, 37, 320, 64), (1, 9, 1536, 128)])
 def test_int4_blocks_match_the_dequantized_product(simd, M, N, K, group):
     gen = torch.Generator().manual_seed(M * N + K)
     w = quantize_int4(torch.randn(N, K, generator=gen), group)

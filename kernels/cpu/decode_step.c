@@ -1,0 +1,190 @@
+/* One decode step of a LLaMA decoder on the CPU, every layer, in one call: for S
+ * sequences that each add one token, RMSNorm -> QKV -> RoPE -> K/V into the paged
+ * cache -> attention over the cache -> O -> residual -> RMSNorm -> gate/up -> SiLU *
+ * up -> down -> residual, for each layer in turn.
+ *
+ * Why one call: at batch 1 a step of a small model is hundreds of tiny tensor ops
+ * (norms, RoPE, the cache write, the KV gather, softmax), each a few microseconds of
+ * dispatch and allocation, which together cost more than the matrix products (the
+ * decode issue measured 26 ms of them per SmolLM2 step against 24 ms of products at
+ * one thread). Here the loop over layers is C and the products are block_dot.c's
+ * integer kernels on activations quantized once per input.
+ *
+ * Scope: float32 activations, float32 KV cache, linears as block_dot.c takes them
+ * (int4 blocks with scale and min, or int8 with a scale per group), no biases. The
+ * caller (colocate/model/cpu_decode.py) falls back to the torch path for anything else.
+ *
+ * Layouts (as colocate/model/attention_metadata.py defines them):
+ *   h          (S, hidden) float, the residual stream: read, and overwritten with the
+ *              output of the last layer (before the final norm)
+ *   cache      (num_blocks, block_size, kv_heads, head_dim) float, keys and values
+ *   tables     (S, max_blocks) int64 block ids; slots (S,) int64; positions (S,) int64:
+ *              sequence s attends to its positions[s] + 1 first tokens
+ *   cos_sin    (max_pos, 2, head_dim): cos and the sign-folded sin of rope.py, so that
+ *              rotate(x)[i] = x[i] * cos[i] + x[(i + hd/2) % hd] * sin[i]
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define QK 32
+
+/* block_dot.c, linked into the same library. */
+void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *xd, int32_t *xs);
+void int4_block_mm(const uint8_t *qs, const float *scale, const float *mins, int64_t N,
+                   int64_t K, int64_t group, const int8_t *xq, const float *xd,
+                   const int32_t *xs, int64_t M, float *y, int simd, int threads);
+void int8_block_mm(const int8_t *q, const float *scale, int64_t N, int64_t K, int64_t group,
+                   const int8_t *xq, const float *xd, int64_t M, float *y, int simd,
+                   int threads);
+
+/* Mirrored by ctypes Structures in colocate/model/cpu_decode.py: change both. */
+typedef struct {
+    int64_t bits;                  /* 4 or 8 */
+    const void *q;                 /* int4: (N, K/2) uint8; int8: (N, K) int8 */
+    const float *scale;            /* (N, K / group) */
+    const float *mins;             /* int4 only: (N, K / group) */
+    int64_t N, K, group;
+} QLinear;
+
+typedef struct {
+    const float *attn_norm, *mlp_norm;     /* (hidden,) */
+    QLinear qkv, o, gate_up, down;
+    float *key_cache, *value_cache;
+} DecoderLayer;
+
+typedef struct {
+    int64_t hidden, heads, kv_heads, head_dim, intermediate, num_layers, block_size;
+    double eps, scale;                     /* RMSNorm epsilon; attention's 1/sqrt(hd) */
+    const float *cos_sin;
+    const DecoderLayer *layers;
+} DecodeModel;
+
+/* Activations of one linear's input, quantized once and read by each linear of it. */
+typedef struct {
+    int8_t *q;
+    float *d;
+    int32_t *s;
+} QuantizedRows;
+
+static void qlinear(const QLinear *w, const QuantizedRows *x, int64_t M, float *y, int simd,
+                    int threads) {
+    if (w->bits == 4)
+        int4_block_mm((const uint8_t *)w->q, w->scale, w->mins, w->N, w->K, w->group, x->q,
+                      x->d, x->s, M, y, simd, threads);
+    else
+        int8_block_mm((const int8_t *)w->q, w->scale, w->N, w->K, w->group, x->q, x->d, M, y,
+                      simd, threads);
+}
+
+/* HF's RMSNorm in float32: weight * (x * rsqrt(mean(x^2) + eps)). */
+static void rms_norm(const float *x, const float *weight, int64_t M, int64_t H, double eps,
+                     float *out) {
+    for (int64_t m = 0; m < M; m++) {
+        const float *row = x + m * H;
+        float ss = 0.0f;
+        for (int64_t i = 0; i < H; i++) ss += row[i] * row[i];
+        const float r = 1.0f / sqrtf(ss / (float)H + (float)eps);
+        for (int64_t i = 0; i < H; i++) out[m * H + i] = weight[i] * (row[i] * r);
+    }
+}
+
+/* Rotate `heads` vectors of head_dim at x in place by position row cs (2, hd). */
+static void rope(float *x, int64_t heads, int64_t hd, const float *cs, float *tmp) {
+    const float *cos = cs, *sin = cs + hd;
+    const int64_t half = hd / 2;
+    for (int64_t h = 0; h < heads; h++) {
+        float *v = x + h * hd;
+        memcpy(tmp, v, (size_t)hd * sizeof(float));
+        for (int64_t i = 0; i < hd; i++)
+            v[i] = tmp[i] * cos[i] + tmp[(i + half) % hd] * sin[i];
+    }
+}
+
+/* Softmax attention of one query head over the first `len` tokens of a sequence's
+ * paged cache: two passes over the keys (scores, then weighted values). */
+static void attend_head(const float *q, const DecodeModel *m, const DecoderLayer *layer,
+                        const int64_t *table, int64_t len, int64_t kv_head, float *scores,
+                        float *out) {
+    const int64_t hd = m->head_dim, nkv = m->kv_heads, bs = m->block_size;
+    const float scale = (float)m->scale;
+    float top = -INFINITY;
+    for (int64_t t = 0; t < len; t++) {
+        const float *k = layer->key_cache + ((table[t / bs] * bs + t % bs) * nkv + kv_head) * hd;
+        float dot = 0.0f;
+        for (int64_t i = 0; i < hd; i++) dot += q[i] * k[i];
+        scores[t] = dot * scale;
+        top = scores[t] > top ? scores[t] : top;
+    }
+    float total = 0.0f;
+    for (int64_t t = 0; t < len; t++) {
+        scores[t] = expf(scores[t] - top);
+        total += scores[t];
+    }
+    memset(out, 0, (size_t)hd * sizeof(float));
+    for (int64_t t = 0; t < len; t++) {
+        const float *v = layer->value_cache + ((table[t / bs] * bs + t % bs) * nkv + kv_head) * hd;
+        const float p = scores[t] / total;
+        for (int64_t i = 0; i < hd; i++) out[i] += p * v[i];
+    }
+}
+
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+/* Returns 0, or -1 when a workspace allocation failed (nothing was written then). */
+int decode_step(const DecodeModel *m, int64_t S, const int64_t *positions, const int64_t *slots,
+                const int64_t *tables, int64_t max_blocks, float *h, int simd, int threads) {
+    const int64_t H = m->hidden, hd = m->head_dim, nh = m->heads, nkv = m->kv_heads;
+    const int64_t I = m->intermediate, qkv_w = (nh + 2 * nkv) * hd, group = nh / nkv;
+    int64_t longest = 0;
+    for (int64_t s = 0; s < S; s++) longest = max64(longest, positions[s] + 1);
+    const int64_t widest = max64(max64(H, nh * hd), I);     /* any linear's input */
+
+    float *xn = malloc(sizeof(float) * S * H), *qkv = malloc(sizeof(float) * S * qkv_w);
+    float *attn = malloc(sizeof(float) * S * nh * hd), *tmp = malloc(sizeof(float) * S * H);
+    float *gu = malloc(sizeof(float) * S * 2 * I), *act = malloc(sizeof(float) * S * I);
+    float *scores = malloc(sizeof(float) * S * nh * longest), *rot = malloc(sizeof(float) * hd);
+    QuantizedRows x = {malloc((size_t)S * widest), malloc(sizeof(float) * S * widest / QK),
+                       malloc(sizeof(int32_t) * S * widest / QK)};
+    int ok = xn && qkv && attn && tmp && gu && act && scores && rot && x.q && x.d && x.s;
+
+    for (int64_t l = 0; ok && l < m->num_layers; l++) {
+        const DecoderLayer *L = m->layers + l;
+        rms_norm(h, L->attn_norm, S, H, m->eps, xn);
+        quantize_rows(xn, S, H, x.q, x.d, x.s);
+        qlinear(&L->qkv, &x, S, qkv, simd, threads);                  /* (S, qkv_w) */
+        for (int64_t s = 0; s < S; s++) {
+            float *row = qkv + s * qkv_w;                             /* q | k | v heads */
+            rope(row, nh + nkv, hd, m->cos_sin + positions[s] * 2 * hd, rot);
+            const int64_t at = slots[s] * nkv * hd;
+            memcpy(L->key_cache + at, row + nh * hd, sizeof(float) * nkv * hd);
+            memcpy(L->value_cache + at, row + (nh + nkv) * hd, sizeof(float) * nkv * hd);
+        }
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t task = 0; task < S * nh; task++) {
+            const int64_t s = task / nh, head = task % nh;
+            attend_head(qkv + s * qkv_w + head * hd, m, L, tables + s * max_blocks,
+                        positions[s] + 1, head / group, scores + task * longest,
+                        attn + task * hd);
+        }
+        quantize_rows(attn, S, nh * hd, x.q, x.d, x.s);
+        qlinear(&L->o, &x, S, tmp, simd, threads);                    /* (S, H) */
+        for (int64_t i = 0; i < S * H; i++) h[i] += tmp[i];
+
+        rms_norm(h, L->mlp_norm, S, H, m->eps, xn);
+        quantize_rows(xn, S, H, x.q, x.d, x.s);
+        qlinear(&L->gate_up, &x, S, gu, simd, threads);               /* (S, 2I): gate | up */
+        for (int64_t s = 0; s < S; s++)
+            for (int64_t i = 0; i < I; i++) {
+                const float g = gu[s * 2 * I + i];
+                act[s * I + i] = g / (1.0f + expf(-g)) * gu[s * 2 * I + I + i];
+            }
+        quantize_rows(act, S, I, x.q, x.d, x.s);
+        qlinear(&L->down, &x, S, tmp, simd, threads);                 /* (S, H) */
+        for (int64_t i = 0; i < S * H; i++) h[i] += tmp[i];
+    }
+    free(xn); free(qkv); free(attn); free(tmp); free(gu); free(act); free(scores); free(rot);
+    free(x.q); free(x.d); free(x.s);
+    return ok ? 0 : -1;
+}

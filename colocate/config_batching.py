@@ -1,0 +1,38 @@
+"""What each `batching:` mode of a device entry allows its services to ask for.
+
+`fused` runs the services of one model in one process over one copy of the weights
+and one KV cache tensor (each service its own block range of it); `isolated` runs a
+process per service, each with a pool of its own. Some service keys only make sense
+in one of them, and the reasons are the memory layouts:
+
+- `fused` needs `share_weights: true`: one forward runs over one copy.
+- `sleep_after_idle` needs an `isolated` service: a fused member's range lies inside
+  the group's one cache tensor, so it cannot be unmapped alone.
+- `kv_cache.lend` needs `fused`: lending moves blocks between pools, which is free
+  when every pool is a range of one tensor in one process, but isolated processes
+  each map their own pool, and no block can move between them until the pools are
+  one shared mapping (CPU: one pool file mapped by every process, with per-service
+  block ranges; CUDA: virtual memory mapping of physical pages, as kvcached does).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from colocate.config_values import ConfigError
+
+
+def check_batching(error: Callable[[str, str], ConfigError], key: str, batching: str,
+                   share_weights: bool, services: Sequence) -> None:
+    """Raise the first rule of `batching` that the entry at `key` breaks."""
+    if batching == "fused" and not share_weights:
+        raise error(f"{key}.batching", "fused batching runs one forward over one copy "
+                                       "of the weights; it needs share_weights: true")
+    for i, service in enumerate(services):
+        if batching == "fused" and service.sleep_after_idle is not None:
+            raise error(f"{key}.services[{i}].sleep_after_idle", "not with batching: "
+                        "fused (the group's services share one KV cache)")
+        if batching == "isolated" and service.kv_cache.lend:
+            raise error(f"{key}.services[{i}].kv_cache.lend", "needs batching: fused; "
+                        "isolated services each map a pool of their own, so their blocks "
+                        "cannot move between processes yet (that needs one shared pool "
+                        "file on CPU or CUDA virtual memory mapping)")

@@ -375,10 +375,8 @@ class _Reader(ValueReader):
         if ("budget" in kv) == ("tokens" in kv):
             raise self.error(key, "give exactly one of budget (a size like 20GiB) or tokens")
         if "budget" in kv:
-            return KVCacheSpec(dtype=dtype, lend=lend,
-                               budget_bytes=self.size(kv["budget"], f"{key}.budget"))
-        return KVCacheSpec(dtype=dtype, lend=lend,
-                           tokens=self.integer(kv["tokens"], f"{key}.tokens"))
+            return KVCacheSpec(dtype, self.size(kv["budget"], f"{key}.budget"), lend=lend)
+        return KVCacheSpec(dtype, tokens=self.integer(kv["tokens"], f"{key}.tokens"), lend=lend)
 
     def tenants(self, raw: Any, key: str) -> tuple[TenantSpec, ...]:
         if not isinstance(raw, list) or not raw:

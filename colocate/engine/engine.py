@@ -197,6 +197,7 @@ class LLMEngine:
         return StatisticsSnapshot(
             num_running=self.scheduler.num_running, num_waiting=self.scheduler.num_waiting,
             kv_blocks_used=kv.num_used_blocks, kv_blocks_total=kv.num_usable_blocks,
+            kv_blocks_lent=kv.num_lent_blocks, kv_blocks_borrowed=kv.num_borrowed_blocks,
             block_size=self.limits.block_size, prompt_tokens=st.prompt_tokens,
             generation_tokens=st.generation_tokens,
             preemptions=self.scheduler.num_preemptions,

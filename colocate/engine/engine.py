@@ -68,6 +68,10 @@ class LLMEngine:
         self.num_steps = 0
         self.stats = EngineStatistics()
         self.sleeping = False
+        # The engines whose pools are ranges of this runner's one cache (an engine
+        # group's members; alone, just this one): the cache is one allocation, so
+        # they sleep and wake together.
+        self.cache_sharers: tuple[LLMEngine, ...] = (self,)
 
     # ---- requests ----------------------------------------------------------
     def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
@@ -142,24 +146,31 @@ class LLMEngine:
         """Give the KV pool's memory back (the runner frees its tensors); the next
         add_request takes a fresh pool first. Only an idle engine sleeps: a request
         in flight would lose its KV values. Every cached prefix is forgotten, since
-        its values are gone. Only for an engine that owns its runner's cache (not a
-        member of an engine group, whose cache the other members use)."""
+        its values are gone. A member of an engine group sleeps with the whole group
+        (cache_sharers), and only when every member is idle."""
         if self.sleeping:
             return
-        if self.has_unfinished_requests():
-            raise RuntimeError(f"cannot sleep: {self.scheduler.num_running} running and "
-                               f"{self.scheduler.num_waiting} waiting request(s)")
-        self.kv.forget_contents()
+        for engine in self.cache_sharers:
+            if engine.has_unfinished_requests():
+                raise RuntimeError(
+                    f"cannot sleep: {engine.scheduler.num_running} running and "
+                    f"{engine.scheduler.num_waiting} waiting request(s)"
+                    + ("" if engine is self else f" in {engine.request_id_prefix}*"))
+        for engine in self.cache_sharers:
+            engine.kv.forget_contents()
         self.runner.free_kv_cache()
-        self.sleeping = True
+        for engine in self.cache_sharers:
+            engine.sleeping = True
 
     def wake(self) -> None:
-        """Take the KV pool back (zeroed) if asleep; the time it took is recorded."""
+        """Take the KV pool back (zeroed) if asleep, for every engine sharing it; the
+        time it took is recorded by this one, whose request waited for it."""
         if not self.sleeping:
             return
         start = time.monotonic()
         self.runner.allocate_kv_cache()
-        self.sleeping = False
+        for engine in self.cache_sharers:
+            engine.sleeping = False
         self.stats.wake.observe(time.monotonic() - start)
 
     # ---- the step ----------------------------------------------------------

@@ -97,6 +97,8 @@ class EngineGroup:
             raise ValueError(f"weight of {bad[0]!r} must be > 0, got {self.weights[bad[0]]}")
         self.scheduled_tokens = dict.fromkeys(self.members, 0)   # per member, ever
         self.num_steps = 0
+        for engine in self.members.values():
+            engine.cache_sharers = tuple(self.members.values())
         lenders = set(lenders)
         self.lending = self._lend(lenders)
         # Lenders first (see the module note); otherwise the members' own order.
@@ -126,6 +128,16 @@ class EngineGroup:
 
     def has_unfinished_requests(self) -> bool:
         return any(e.has_unfinished_requests() for e in self.members.values())
+
+    # ---- sleep: the group's one cache is given back whole (LLMEngine.sleep) ------
+    @property
+    def sleeping(self) -> bool:
+        return next(iter(self.members.values())).sleeping
+
+    def sleep(self) -> None:
+        """Give the whole cache back; only when every member is idle. Any member's
+        next request wakes the group (LLMEngine.add_request)."""
+        next(iter(self.members.values())).sleep()
 
     def step(self) -> dict[str, list[RequestOutput]]:
         """One forward for every member's scheduled work; outputs per member."""

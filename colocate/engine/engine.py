@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from colocate.engine.cache_sleep import CacheSleep
 from colocate.engine.kv_cache_manager import KVCacheManager
 from colocate.engine.output_processor import OutputProcessor
 from colocate.engine.outputs import RequestOutput
@@ -67,11 +68,9 @@ class LLMEngine:
         self._ids = itertools.count()
         self.num_steps = 0
         self.stats = EngineStatistics()
-        self.sleeping = False
-        # The engines whose pools are ranges of this runner's one cache (an engine
-        # group's members; alone, just this one): the cache is one allocation, so
-        # they sleep and wake together.
-        self.cache_sharers: tuple[LLMEngine, ...] = (self,)
+        # Shared with the other members when this engine joins an engine group.
+        self.cache_sleep = CacheSleep()
+        self.cache_sleep.join(request_id_prefix, self.scheduler)
 
     # ---- requests ----------------------------------------------------------
     def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
@@ -142,36 +141,22 @@ class LLMEngine:
         self.runner.release(request.request_id)
 
     # ---- sleep and wake ------------------------------------------------------
+    @property
+    def sleeping(self) -> bool:
+        return self.cache_sleep.sleeping
+
     def sleep(self) -> None:
         """Give the KV pool's memory back (the runner frees its tensors); the next
-        add_request takes a fresh pool first. Only an idle engine sleeps: a request
-        in flight would lose its KV values. Every cached prefix is forgotten, since
-        its values are gone. A member of an engine group sleeps with the whole group
-        (cache_sharers), and only when every member is idle."""
-        if self.sleeping:
-            return
-        for engine in self.cache_sharers:
-            if engine.has_unfinished_requests():
-                raise RuntimeError(
-                    f"cannot sleep: {engine.scheduler.num_running} running and "
-                    f"{engine.scheduler.num_waiting} waiting request(s)"
-                    + ("" if engine is self else f" in {engine.request_id_prefix}*"))
-        for engine in self.cache_sharers:
-            engine.kv.forget_contents()
-        self.runner.free_kv_cache()
-        for engine in self.cache_sharers:
-            engine.sleeping = True
+        add_request takes a fresh pool first. Only when idle, and for a member of an
+        engine group only with the whole group (colocate/engine/cache_sleep.py)."""
+        self.cache_sleep.sleep(self.runner)
 
     def wake(self) -> None:
-        """Take the KV pool back (zeroed) if asleep, for every engine sharing it; the
-        time it took is recorded by this one, whose request waited for it."""
-        if not self.sleeping:
-            return
+        """Take the KV pool back (zeroed) if asleep; the time it took is recorded
+        here, by the engine whose request waited for it."""
         start = time.monotonic()
-        self.runner.allocate_kv_cache()
-        for engine in self.cache_sharers:
-            engine.sleeping = False
-        self.stats.wake.observe(time.monotonic() - start)
+        if self.cache_sleep.wake(self.runner):
+            self.stats.wake.observe(time.monotonic() - start)
 
     # ---- the step ----------------------------------------------------------
     def step(self) -> list[RequestOutput]:

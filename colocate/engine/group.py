@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
+from colocate.engine.cache_sleep import CacheSleep
 from colocate.engine.engine import LLMEngine
 from colocate.engine.kv_lending import KVLending
 from colocate.sampling_params import SamplingParams
@@ -97,8 +98,13 @@ class EngineGroup:
             raise ValueError(f"weight of {bad[0]!r} must be > 0, got {self.weights[bad[0]]}")
         self.scheduled_tokens = dict.fromkeys(self.members, 0)   # per member, ever
         self.num_steps = 0
-        for engine in self.members.values():
-            engine.cache_sharers = tuple(self.members.values())
+        # One cache, one sleep: the group sleeps whole (colocate/engine/cache_sleep.py).
+        self.cache_sleep = CacheSleep()
+        for name, engine in self.members.items():
+            if engine.sleeping:
+                raise ValueError(f"member {name!r} is asleep; wake it before grouping")
+            engine.cache_sleep = self.cache_sleep
+            self.cache_sleep.join(name, engine.scheduler)
         lenders = set(lenders)
         self.lending = self._lend(lenders)
         # Lenders first (see the module note); otherwise the members' own order.
@@ -132,12 +138,12 @@ class EngineGroup:
     # ---- sleep: the group's one cache is given back whole (LLMEngine.sleep) ------
     @property
     def sleeping(self) -> bool:
-        return next(iter(self.members.values())).sleeping
+        return self.cache_sleep.sleeping
 
     def sleep(self) -> None:
         """Give the whole cache back; only when every member is idle. Any member's
         next request wakes the group (LLMEngine.add_request)."""
-        next(iter(self.members.values())).sleep()
+        self.cache_sleep.sleep(self.runner)
 
     def step(self) -> dict[str, list[RequestOutput]]:
         """One forward for every member's scheduled work; outputs per member."""

@@ -65,7 +65,7 @@ def test_an_engine_group_sleeps_whole_and_any_member_wakes_it():
     group, runner = make_group({"a": 8, "b": 8}, lenders=["b"])
     group.add_request("a", PROMPT, PARAMS)
     group.step()
-    with pytest.raises(RuntimeError, match=r"cannot sleep: 1 running .* in a-\*"):
+    with pytest.raises(RuntimeError, match=r"cannot sleep: 1 running .* in a$"):
         group.members["b"].sleep()                      # b is idle, but its cache is a's too
     assert not group.sleeping and runner.kv_allocated
     run_group(group)

@@ -61,7 +61,8 @@ class GroupRuntime:
             self.group.runner = faulty
             for engine in self.group.members.values():
                 engine.runner = faulty
-        self.loop = EngineLoop(FusedEngines(self.group))
+        # The group sleeps whole; the config gives its services one sleep_after_idle.
+        self.loop = EngineLoop(FusedEngines(self.group), first.spec.sleep_after_idle)
         self.doors: dict[str, ServiceDoor] = {}
         try:
             for name, launch in self.launches.items():

@@ -27,6 +27,7 @@ member holds from others; their sums are equal and every loan is in `loans`.
 """
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,7 +48,9 @@ class _Party:
     name: str
     pool: BlockPool
     lends: bool
-    holders: Holders
+    # Weak: the scheduler's manager holds this lending, so a strong reference would
+    # make a cycle, and a group dropped with requests in it would not be freed at once.
+    holders: weakref.ReferenceType
 
 
 class KVLending:
@@ -61,7 +64,7 @@ class KVLending:
     def join(self, name: str, pool: BlockPool, lends: bool, holders: Holders) -> None:
         if name in self.parties:
             raise ValueError(f"{name!r} already takes part in this lending")
-        self.parties[name] = _Party(name, pool, lends, holders)
+        self.parties[name] = _Party(name, pool, lends, weakref.ref(holders))
 
     def lends(self, name: str) -> bool:
         return self.parties[name].lends
@@ -111,13 +114,13 @@ class KVLending:
             victims = []
             for party in self.parties.values():
                 if self._held[owner, party.name]:
-                    request = party.holders.youngest_holding(pool.owns)
+                    request = party.holders().youngest_holding(pool.owns)
                     if request is None:
                         raise RuntimeError(f"{party.name!r} holds {owner!r}'s blocks "
                                            "but runs no request holding them")
                     victims.append((request.arrival_time, request.request_id, party, request))
             _, _, party, request = max(victims, key=lambda v: v[:2])
-            party.holders.preempt_for_owner(request)
+            party.holders().preempt_for_owner(request)
 
     def check_books(self) -> None:
         """Raise unless the counters agree with the loans (for tests)."""

@@ -8,6 +8,8 @@ writes it, fails the step it happens in.
 """
 from __future__ import annotations
 
+import weakref
+
 from colocate.sampling_params import SamplingParams
 from tests.engine.test_engine_group import BLOCK, make_group, member_range, run
 from tests.engine.test_engine_scheduling import expected_tokens, prompts_of
@@ -121,3 +123,16 @@ def test_a_lender_does_not_borrow_and_lenders_schedule_first():
     assert group.members["b"].scheduler.num_preemptions > 0
     assert group.members["c"].kv.num_lent_blocks == 0
     check_all_back(group)
+
+
+def test_a_lending_group_dropped_mid_request_is_freed_at_once():
+    """No reference cycle: the pools go with the group, as an engine's do (the
+    suite's check that every live pool is whole relies on it)."""
+    group, _ = make_group(POOLS, budget=64, lenders=["b"])
+    for p in prompts_of([12, 12, 12], seed=5):
+        group.add_request("a", p, SamplingParams(max_tokens=8))
+    group.step()
+    assert group.lending.loans
+    pools = [weakref.ref(e.kv.pool) for e in group.members.values()]
+    del group
+    assert all(ref() is None for ref in pools)

@@ -16,6 +16,7 @@ from typing import Any, Iterator, Mapping
 
 import yaml
 
+from colocate.config_batching import check_batching
 from colocate.config_topology import Topology
 from colocate.config_values import ConfigError, ValueReader, kind
 from colocate.model.model_config import KV_CACHE_DTYPES, MODEL_DTYPES, LlamaConfig
@@ -76,6 +77,9 @@ class KVCacheSpec:
     dtype: str = "auto"               # "auto" (the model's dtype) | "int8"
     budget_bytes: int | None = None   # exactly one of budget_bytes and tokens is set
     tokens: int | None = None
+    # Its free blocks may serve the other members of its fused group while it does not
+    # need them; it takes them back within one step (colocate/engine/kv_lending.py).
+    lend: bool = False
 
 
 @dataclass(frozen=True)
@@ -294,9 +298,6 @@ class _Reader(ValueReader):
                     if "headroom" in d else None)
         share = self.boolean(d.get("share_weights", True), f"{key}.share_weights")
         batching = self.choice(d.get("batching", "isolated"), f"{key}.batching", BATCHING_MODES)
-        if batching == "fused" and not share:
-            raise self.error(f"{key}.batching", "fused batching runs one forward over one copy "
-                                                "of the weights; it needs share_weights: true")
         metrics_port = (self.port(d["metrics_port"], f"{key}.metrics_port")
                         if "metrics_port" in d else None)
         tls = self.tls(d["tls"], f"{key}.tls") if "tls" in d else None
@@ -306,10 +307,7 @@ class _Reader(ValueReader):
                              f"expected a non-empty list, got {kind(raw_services)}")
         services = tuple(self.service(s, f"{key}.services[{i}]", models, tls)
                          for i, s in enumerate(raw_services))
-        sleepers = [i for i, s in enumerate(services) if s.sleep_after_idle is not None]
-        if batching == "fused" and sleepers:
-            raise self.error(f"{key}.services[{sleepers[0]}].sleep_after_idle", "not with "
-                             "batching: fused (the group's services share one KV cache)")
+        check_batching(self.error, key, batching, share, services)
         spec = DeviceSpec(device=device, services=services, memory=memory, headroom=headroom,
                           share_weights=share, metrics_port=metrics_port, tls=tls, name=name,
                           node=node, restart=restart, batching=batching)
@@ -371,13 +369,14 @@ class _Reader(ValueReader):
         return spec
 
     def kv_cache(self, raw: Any, key: str) -> KVCacheSpec:
-        kv = self.mapping(raw, key, required=(), optional=("dtype", "budget", "tokens"))
+        kv = self.mapping(raw, key, required=(), optional=("dtype", "budget", "tokens", "lend"))
         dtype = self.choice(kv.get("dtype", "auto"), f"{key}.dtype", KV_CACHE_DTYPES)
+        lend = self.boolean(kv.get("lend", False), f"{key}.lend")
         if ("budget" in kv) == ("tokens" in kv):
             raise self.error(key, "give exactly one of budget (a size like 20GiB) or tokens")
         if "budget" in kv:
-            return KVCacheSpec(dtype=dtype, budget_bytes=self.size(kv["budget"], f"{key}.budget"))
-        return KVCacheSpec(dtype=dtype, tokens=self.integer(kv["tokens"], f"{key}.tokens"))
+            return KVCacheSpec(dtype, self.size(kv["budget"], f"{key}.budget"), lend=lend)
+        return KVCacheSpec(dtype, tokens=self.integer(kv["tokens"], f"{key}.tokens"), lend=lend)
 
     def tenants(self, raw: Any, key: str) -> tuple[TenantSpec, ...]:
         if not isinstance(raw, list) or not raw:

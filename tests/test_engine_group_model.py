@@ -40,3 +40,44 @@ def test_fused_members_decode_what_the_offline_engine_does(tiny_model_dir):
     assert group.runner.kv_caches[0].key.shape[0] == 1 + 3 * 16
     ranges = [sorted(b.block_id for b in e.kv.pool.blocks[1:]) for e in group.members.values()]
     assert ranges == [list(range(1, 17)), list(range(17, 33)), list(range(33, 49))]
+
+
+def test_borrowers_preempted_by_a_lender_finish_with_the_tokens_they_get_without(
+        tiny_model_dir):
+    """"a" (4 blocks) overflows into lending "b" (8); b's prompt takes its blocks back
+    in the step it arrives, preempting a's youngest; every request's greedy tokens
+    are those of the same group without lending."""
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    model = load_model(tiny_model_dir)
+    a_prompts = [[1] + list(range(50 + 7 * i, 69 + 7 * i)) for i in range(3)]   # 20 tokens
+    b_prompt = [1] + [(13 * i) % 2000 + 3 for i in range(99)]                   # 7 blocks
+
+    def serve(lend: bool):
+        group = build_engine_group(
+            model, model.config, None,
+            [GroupMember("a", EngineConfig(max_model_len=256, kv_cache_tokens=64)),
+             GroupMember("b", EngineConfig(max_model_len=256, kv_cache_tokens=128,
+                                           max_num_batched_tokens=128), lend=lend)],
+            dtype=torch.float32, device=torch.device("cpu"), max_num_batched_tokens=256)
+        ids = [group.add_request("a", p, params) for p in a_prompts]
+        group.step()
+        borrowed = group.members["a"].kv.num_borrowed_blocks
+        ids.append(group.add_request("b", b_prompt, SamplingParams(max_tokens=4,
+                                                                   temperature=0.0)))
+        group.step()
+        scheduled_b = group.members["b"].scheduler.requests[ids[-1]].num_computed_tokens
+        a_preempted = [group.members["a"].scheduler.requests[i].num_preemptions
+                       for i in ids[:3]]
+        final = {}
+        while group.has_unfinished_requests():
+            for outs in group.step().values():
+                final.update({o.request_id: o.token_ids for o in outs if o.finished})
+        return [final[i] for i in ids], borrowed, scheduled_b, a_preempted, group
+
+    want, *_ = serve(lend=False)
+    got, borrowed, scheduled_b, a_preempted, group = serve(lend=True)
+    assert got == want
+    assert borrowed == 2                        # 3 x 2 blocks, 4 of a's own
+    assert scheduled_b == len(b_prompt)         # b's whole prompt ran in the step it came
+    assert a_preempted == [0, 0, 1]             # ... taking back a's youngest's blocks
+    assert group.members["b"].kv.num_lent_blocks == 0

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 # runner it is given and imports no model code.
 LAYERS = [
     {"version", "sizes", "sampling_params", "cpu_features", "config_values",
-     "config_topology", "prompt_inputs", "kernels", "progress"},
+     "config_topology", "config_batching", "prompt_inputs", "kernels", "progress"},
     {"engine", "model"},
     {"quant", "presets"},
     {"worker", "config"},

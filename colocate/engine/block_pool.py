@@ -90,6 +90,7 @@ class BlockPool:
         if first_block_id <= NULL_BLOCK_ID:
             raise ValueError(f"first_block_id must be > {NULL_BLOCK_ID}, got {first_block_id}")
         self.num_blocks = num_blocks
+        self.first_block_id = first_block_id
         self.enable_caching = enable_caching
         self.blocks = [KVCacheBlock(NULL_BLOCK_ID)] + [
             KVCacheBlock(first_block_id + i) for i in range(num_blocks - 1)]
@@ -108,6 +109,10 @@ class BlockPool:
     @property
     def num_used_blocks(self) -> int:
         return self.num_usable_blocks - self.num_free_blocks
+
+    def owns(self, block: KVCacheBlock) -> bool:
+        """True for a block of this pool's range (a lent one included)."""
+        return 0 <= block.block_id - self.first_block_id < self.num_usable_blocks
 
     def get_cached_block(self, block_hash: bytes) -> KVCacheBlock | None:
         return self.cached.get(block_hash)

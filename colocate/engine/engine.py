@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+from colocate.engine.cache_sleep import CacheSleep
 from colocate.engine.kv_cache_manager import KVCacheManager
 from colocate.engine.output_processor import OutputProcessor
 from colocate.engine.outputs import RequestOutput
@@ -67,7 +68,9 @@ class LLMEngine:
         self._ids = itertools.count()
         self.num_steps = 0
         self.stats = EngineStatistics()
-        self.sleeping = False
+        # Shared with the other members when this engine joins an engine group.
+        self.cache_sleep = CacheSleep()
+        self.cache_sleep.join(request_id_prefix, self.scheduler)
 
     # ---- requests ----------------------------------------------------------
     def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
@@ -138,29 +141,22 @@ class LLMEngine:
         self.runner.release(request.request_id)
 
     # ---- sleep and wake ------------------------------------------------------
+    @property
+    def sleeping(self) -> bool:
+        return self.cache_sleep.sleeping
+
     def sleep(self) -> None:
         """Give the KV pool's memory back (the runner frees its tensors); the next
-        add_request takes a fresh pool first. Only an idle engine sleeps: a request
-        in flight would lose its KV values. Every cached prefix is forgotten, since
-        its values are gone. Only for an engine that owns its runner's cache (not a
-        member of an engine group, whose cache the other members use)."""
-        if self.sleeping:
-            return
-        if self.has_unfinished_requests():
-            running, waiting = self.scheduler.queue_lengths()
-            raise RuntimeError(f"cannot sleep: {running} running and {waiting} waiting request(s)")
-        self.kv.forget_contents()
-        self.runner.free_kv_cache()
-        self.sleeping = True
+        add_request takes a fresh pool first. Only when idle, and for a member of an
+        engine group only with the whole group (colocate/engine/cache_sleep.py)."""
+        self.cache_sleep.sleep(self.runner)
 
     def wake(self) -> None:
-        """Take the KV pool back (zeroed) if asleep; the time it took is recorded."""
-        if not self.sleeping:
-            return
+        """Take the KV pool back (zeroed) if asleep; the time it took is recorded
+        here, by the engine whose request waited for it."""
         start = time.monotonic()
-        self.runner.allocate_kv_cache()
-        self.sleeping = False
-        self.stats.wake.observe(time.monotonic() - start)
+        if self.cache_sleep.wake(self.runner):
+            self.stats.wake.observe(time.monotonic() - start)
 
     # ---- the step ----------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -198,6 +194,7 @@ class LLMEngine:
         return StatisticsSnapshot(
             num_running=running, num_waiting=waiting,
             kv_blocks_used=kv.num_used_blocks, kv_blocks_total=kv.num_usable_blocks,
+            kv_blocks_lent=kv.num_lent_blocks, kv_blocks_borrowed=kv.num_borrowed_blocks,
             block_size=self.limits.block_size, prompt_tokens=st.prompt_tokens,
             generation_tokens=st.generation_tokens,
             preemptions=self.scheduler.num_preemptions,

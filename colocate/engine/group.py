@@ -15,13 +15,20 @@ at least min(its demand, budget * weight / total weight) every step, and a flood
 one member cannot take another's share. Tokens left by rounding go to the members
 that have been served least per unit of weight so far, which keeps long-run shares
 exact, in the spirit of VTC (Sheng et al., OSDI'24).
+
+Lending. Members named in `lenders` lend their free blocks to the others and take
+them back within one step (colocate/engine/kv_lending.py). Lenders schedule first in
+every step, so a reclaim (which preempts borrowers' requests) never touches work a
+borrower has already scheduled in that step.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
+from colocate.engine.cache_sleep import CacheSleep
 from colocate.engine.engine import LLMEngine
+from colocate.engine.kv_lending import KVLending
 from colocate.sampling_params import SamplingParams
 from colocate.engine.outputs import RequestOutput
 from colocate.engine.scheduler import SchedulerOutput
@@ -72,7 +79,8 @@ class GroupStep:
 
 class EngineGroup:
     def __init__(self, runner, members: Mapping[str, LLMEngine], max_num_batched_tokens: int,
-                 weights: Mapping[str, float] | None = None) -> None:
+                 weights: Mapping[str, float] | None = None,
+                 lenders: Collection[str] = ()) -> None:
         if not members:
             raise ValueError("an engine group needs at least one member")
         for name, engine in members.items():
@@ -90,6 +98,28 @@ class EngineGroup:
             raise ValueError(f"weight of {bad[0]!r} must be > 0, got {self.weights[bad[0]]}")
         self.scheduled_tokens = dict.fromkeys(self.members, 0)   # per member, ever
         self.num_steps = 0
+        # One cache, one sleep: the group sleeps whole (colocate/engine/cache_sleep.py).
+        self.cache_sleep = CacheSleep()
+        for name, engine in self.members.items():
+            if engine.sleeping:
+                raise ValueError(f"member {name!r} is asleep; wake it before grouping")
+            engine.cache_sleep = self.cache_sleep
+            self.cache_sleep.join(name, engine.scheduler)
+        lenders = set(lenders)
+        self.lending = self._lend(lenders)
+        # Lenders first (see the module note); otherwise the members' own order.
+        self.order = sorted(self.members, key=lambda m: m not in lenders)
+
+    def _lend(self, lenders: set[str]) -> KVLending | None:
+        unknown = sorted(lenders - set(self.members))
+        if unknown:
+            raise ValueError(f"lender {unknown[0]!r} is not a member; have {sorted(self.members)}")
+        if not lenders:
+            return None
+        lending = KVLending()
+        for name, engine in self.members.items():
+            engine.kv.join_lending(lending, name, name in lenders, engine.scheduler)
+        return lending
 
     def add_request(self, member: str, prompt, params: SamplingParams,
                     request_id: str | None = None) -> str:
@@ -105,13 +135,23 @@ class EngineGroup:
     def has_unfinished_requests(self) -> bool:
         return any(e.has_unfinished_requests() for e in self.members.values())
 
+    # ---- sleep: the group's one cache is given back whole (LLMEngine.sleep) ------
+    @property
+    def sleeping(self) -> bool:
+        return self.cache_sleep.sleeping
+
+    def sleep(self) -> None:
+        """Give the whole cache back; only when every member is idle. Any member's
+        next request wakes the group (LLMEngine.add_request)."""
+        self.cache_sleep.sleep(self.runner)
+
     def step(self) -> dict[str, list[RequestOutput]]:
         """One forward for every member's scheduled work; outputs per member."""
         demands = {m: e.scheduler.pending_tokens() for m, e in self.members.items()}
         served = {m: self.scheduled_tokens[m] / self.weights[m] for m in self.members}
         shares = fair_shares(demands, self.weights, self.max_num_batched_tokens, served)
         parts = [GroupStep(m, self.members[m].scheduler.schedule(shares[m]))
-                 for m in self.members if shares[m] > 0]
+                 for m in self.order if shares[m] > 0]
         parts = [p for p in parts if not p.sched.empty]
         if not parts:
             return {}

@@ -4,10 +4,16 @@ It hides the block pool from the scheduler and the engine: the scheduler asks in
 tokens ("can this request grow by n tokens?") and gets blocks or a refusal; the
 engine reads the block counts it reports. `pool` is kept for the manager's own
 tests, which check the pool's invariants directly.
+
+In an engine group with lending (colocate/engine/kv_lending.py) the manager is also
+where blocks cross pools: a request's blocks are its own pool's first, then, when
+that is short, a lender's (borrowed), and a lender short of blocks takes its lent
+ones back before taking anything else; freeing sends each block to its owner.
 """
 from __future__ import annotations
 
 from colocate.engine.block_pool import BlockPool, KVCacheBlock, hash_block
+from colocate.engine.kv_lending import Holders, KVLending
 from colocate.engine.request import Request
 from colocate.sizes import cdiv
 
@@ -25,6 +31,15 @@ class KVCacheManager:
         # Prefix-cache statistics, in tokens, over admitted requests.
         self.prefix_queries = 0
         self.prefix_hits = 0
+        # Set by join_lending when the manager's group lends blocks between members.
+        self.lending: KVLending | None = None
+        self.member = ""
+
+    def join_lending(self, lending: KVLending, member: str, lends: bool,
+                     holders: Holders) -> None:
+        """Take part in a group's lending as `member`; holders is its scheduler."""
+        lending.join(member, self.pool, lends, holders)
+        self.lending, self.member = lending, member
 
     @property
     def num_free_blocks(self) -> int:
@@ -33,8 +48,18 @@ class KVCacheManager:
 
     @property
     def num_used_blocks(self) -> int:
-        """Blocks held by at least one request."""
+        """Blocks of the pool's range taken: held by its requests or lent out."""
         return self.pool.num_used_blocks
+
+    @property
+    def num_lent_blocks(self) -> int:
+        """Blocks of the pool's range that other members' requests hold now."""
+        return self.lending.lent[self.member] if self.lending else 0
+
+    @property
+    def num_borrowed_blocks(self) -> int:
+        """Blocks of other members' ranges that this pool's requests hold now."""
+        return self.lending.borrowed[self.member] if self.lending else 0
 
     @property
     def num_usable_blocks(self) -> int:
@@ -88,9 +113,23 @@ class KVCacheManager:
         # A hit on a block that sits in the free queue takes it out of the queue,
         # so it no longer counts as free for the new blocks.
         revived = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
-        if need > self.pool.num_free_blocks - revived:
+        room = self.pool.num_free_blocks - revived
+        if self.lending is not None and need > room:
+            # Its own lent blocks first (taken back now), then other members' free ones.
+            room += self.num_lent_blocks + self.lending.lendable(self.member)
+        if need > room:
             return None
         return need
+
+    def _take_blocks(self, need: int) -> list[KVCacheBlock]:
+        """need new blocks: own free ones, then own lent ones taken back, then borrowed."""
+        if need > self.pool.num_free_blocks and self.lending is not None:
+            self.lending.reclaim(self.member, need)
+        own = min(need, self.pool.num_free_blocks)
+        blocks = self.pool.get_new_blocks(own)
+        if need > own:
+            blocks += self.lending.borrow(self.member, need - own)
+        return blocks
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        new_computed_blocks: list[KVCacheBlock] = ()) -> list[KVCacheBlock] | None:
@@ -105,7 +144,7 @@ class KVCacheManager:
             self.pool.touch(new_computed_blocks)
             blocks.extend(new_computed_blocks)
             self.num_cached_blocks[request.request_id] = len(blocks)
-        new_blocks = self.pool.get_new_blocks(need)
+        new_blocks = self._take_blocks(need)
         blocks.extend(new_blocks)
         return new_blocks
 
@@ -121,7 +160,10 @@ class KVCacheManager:
         self._update_block_hashes(request)
         blocks = self.req_to_blocks[rid]
         for i in range(start, num_full):
-            self.pool.cache_block(blocks[i], request.block_hashes[i])
+            # A borrowed block goes back to its owner: it must never be found by a
+            # prefix lookup, in its owner's cache or in this one.
+            if self.pool.owns(blocks[i]):
+                self.pool.cache_block(blocks[i], request.block_hashes[i])
         self.num_cached_blocks[rid] = num_full
 
     def forget_contents(self) -> None:
@@ -134,4 +176,7 @@ class KVCacheManager:
         queue so they are evicted before the shared prefix they extend."""
         blocks = self.req_to_blocks.pop(request.request_id, [])
         self.num_cached_blocks.pop(request.request_id, None)
-        self.pool.free_blocks(reversed(blocks))
+        tail_first = blocks[::-1]
+        self.pool.free_blocks(b for b in tail_first if self.pool.owns(b))
+        if self.lending is not None:
+            self.lending.give_back([b for b in tail_first if not self.pool.owns(b)])

@@ -61,6 +61,9 @@ class Scheduler:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self.num_preemptions = 0
+        # Preempted between steps because a lender took its blocks back: reported in
+        # the next step's output (colocate/engine/kv_lending.py).
+        self.reclaimed: list[Request] = []
 
     # ---- bookkeeping -------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -96,7 +99,9 @@ class Scheduler:
 
     def schedule(self, budget: int | None = None) -> SchedulerOutput:
         """This step's work within `budget` tokens (at most max_num_batched_tokens)."""
-        out = SchedulerOutput()
+        out = SchedulerOutput(preempted=self.reclaimed)
+        self.reclaimed = []
+        num_reclaimed = len(out.preempted)
         budget = (self.max_num_batched_tokens if budget is None
                   else min(budget, self.max_num_batched_tokens))
 
@@ -114,8 +119,9 @@ class Scheduler:
             i += 1
 
         # 2. Admit waiting requests, oldest (or most recently preempted) first.
-        # Not in a step that had to preempt: the blocks are not there.
-        while (self.waiting and budget > 0 and not out.preempted
+        # Not in a step that had to preempt: the blocks are not there. (A reclaim
+        # before the step took a lender's blocks, not this pool's own.)
+        while (self.waiting and budget > 0 and len(out.preempted) == num_reclaimed
                and len(self.running) < self.max_num_seqs):
             request = self.waiting[0]
             hit_blocks, num_hit = self.kv.get_computed_blocks(request)
@@ -146,6 +152,21 @@ class Scheduler:
             if victim is request:
                 return False
         return True
+
+    # ---- lending (colocate/engine/kv_lending.py) ---------------------------------
+    def youngest_holding(self, owns) -> Request | None:
+        """The youngest running request holding a block for which owns() is true."""
+        holders = [r for r in self.running
+                   if any(owns(b) for b in self.kv.req_to_blocks.get(r.request_id, ()))]
+        return max(holders, key=lambda r: r.arrival_time, default=None)
+
+    def preempt_for_owner(self, request: Request) -> None:
+        """Preempt now, from another member's scheduling: the owner of blocks this
+        request borrowed needs them. Lenders schedule first in a group step, so the
+        request is not in this scheduler's output of the step."""
+        self.running.remove(request)
+        self._preempt(request)
+        self.reclaimed.append(request)
 
     # ---- after the step ------------------------------------------------------
     def update_from_output(self, out: SchedulerOutput, results) -> list[Request]:

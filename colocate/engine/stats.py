@@ -80,6 +80,8 @@ class StatisticsSnapshot:
     num_waiting: int = 0
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0           # usable blocks (the null block excluded)
+    kv_blocks_lent: int = 0            # of the used ones, held by other members' requests
+    kv_blocks_borrowed: int = 0        # other members' blocks its requests hold
     block_size: int = 0
     prompt_tokens: int = 0
     generation_tokens: int = 0

@@ -49,7 +49,13 @@ CATALOG: tuple[MetricSpec, ...] = (
     # ---- load and KV pool, per service ----
     _spec("colocate_requests_running", "gauge", "Requests the scheduler is running."),
     _spec("colocate_requests_waiting", "gauge", "Requests waiting to be scheduled."),
-    _spec("colocate_kv_cache_blocks_used", "gauge", "KV-cache blocks held by requests."),
+    _spec("colocate_kv_cache_blocks_used", "gauge",
+          "KV-cache blocks of the pool held by requests (lent ones included)."),
+    _spec("colocate_kv_cache_blocks_lent", "gauge",
+          "Blocks of the pool that other services of its fused group hold now "
+          "(kv_cache.lend), taken back within one step when it needs them."),
+    _spec("colocate_kv_cache_blocks_borrowed", "gauge",
+          "Blocks of lending services of its fused group that its requests hold now."),
     _spec("colocate_kv_cache_blocks_capacity", "gauge", "Usable KV-cache blocks in the pool."),
     _spec("colocate_kv_cache_budget_bytes", "gauge",
           "The service's KV-cache budget as the memory arbiter charges it."),

@@ -88,6 +88,8 @@ def _add_service(out: _Families, gpu: str, s: ServiceSample) -> None:
             ("colocate_requests_waiting", st.num_waiting),
             ("colocate_kv_cache_blocks_used", st.kv_blocks_used),
             ("colocate_kv_cache_blocks_capacity", st.kv_blocks_total),
+            ("colocate_kv_cache_blocks_lent", st.kv_blocks_lent),
+            ("colocate_kv_cache_blocks_borrowed", st.kv_blocks_borrowed),
             ("colocate_kv_cache_capacity_tokens", st.kv_capacity_tokens),
             ("colocate_service_sleeping", int(st.sleeping)),
             ("colocate_prompt_tokens_total", st.prompt_tokens),

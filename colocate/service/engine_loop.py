@@ -17,9 +17,10 @@ step whose model run raises fails only the requests that step held; a run of
 failed steps in a row declares the loop dead, since then the fault is in the
 engine, not in one batch: every front's requests end and its health fails.
 
-Sleep (`sleep_after_idle`, a service alone only): once the engine has held no
-request and no inbox has had work for that long, the loop puts the engine to sleep
-(LLMEngine.sleep: the KV pool's memory is given back). Only this thread adds
+Sleep (`sleep_after_idle`): once the engine has held no request and no inbox has
+had work for that long, the loop puts the engine to sleep (LLMEngine.sleep: the KV
+pool's memory is given back); a group sleeps whole, since its members' pools are
+ranges of one cache, and the first request of any member wakes it. Only this thread adds
 requests to the engine, and it sleeps only between steps with nothing queued, so a
 request is never caught by a sleep: one that arrives meanwhile waits in the inbox,
 and adding it wakes the engine first (LLMEngine.add_request).
@@ -70,6 +71,13 @@ class _Stepper:
     def num_steps(self) -> int:
         return self.stepped.num_steps
 
+    @property
+    def sleeping(self) -> bool:
+        return self.stepped.sleeping
+
+    def sleep(self) -> None:
+        self.stepped.sleep()
+
     def has_unfinished_requests(self) -> bool:
         return self.stepped.has_unfinished_requests()
 
@@ -118,12 +126,8 @@ class Front(Protocol):
 class EngineLoop:
     def __init__(self, stepper: SingleEngine | FusedEngines,
                  sleep_after_idle: float | None = None) -> None:
-        if sleep_after_idle is not None:
-            if not isinstance(stepper, SingleEngine):
-                raise ValueError("sleep_after_idle needs an engine of its own: a fused "
-                                 "group's members share one KV cache")
-            if not sleep_after_idle > 0:
-                raise ValueError(f"sleep_after_idle must be > 0 s, got {sleep_after_idle!r}")
+        if sleep_after_idle is not None and not sleep_after_idle > 0:
+            raise ValueError(f"sleep_after_idle must be > 0 s, got {sleep_after_idle!r}")
         self.stepper = stepper
         self.sleep_after_idle = sleep_after_idle
         self.cond = threading.Condition()
@@ -182,7 +186,7 @@ class EngineLoop:
     def _until_sleep(self, idle_since: float) -> float | None:
         """Seconds until the idle engine should sleep; None: never (not configured,
         or asleep already)."""
-        if self.sleep_after_idle is None or self.stepper.engine.sleeping:
+        if self.sleep_after_idle is None or self.stepper.sleeping:
             return None
         return idle_since + self.sleep_after_idle - time.monotonic()
 
@@ -199,7 +203,7 @@ class EngineLoop:
 
     def _fall_asleep(self) -> None:
         """Loop thread, idle: give the pool back; the fronts' stats say `sleeping`."""
-        self.stepper.engine.sleep()
+        self.stepper.sleep()
         log.info("engine idle for %.1f s: KV pool released until the next request",
                  self.sleep_after_idle)
         with self.cond:

@@ -50,7 +50,8 @@ class GroupRuntime:
         specs = [launch.spec for launch in launches]
         self.group = build_engine_group(
             self.model, config, load_tokenizer(Path(first.checkpoint_dir)),
-            [GroupMember(s.name, EngineConfig.from_service(s, launch.kv_tokens), s.weight)
+            [GroupMember(s.name, EngineConfig.from_service(s, launch.kv_tokens), s.weight,
+                         lend=s.kv_cache.lend)
              for s, launch in zip(specs, launches)],
             dtype=getattr(torch, first.weights.dtype), device=torch.device(first.device),
             max_num_batched_tokens=max(s.max_num_batched_tokens for s in specs))
@@ -60,7 +61,8 @@ class GroupRuntime:
             self.group.runner = faulty
             for engine in self.group.members.values():
                 engine.runner = faulty
-        self.loop = EngineLoop(FusedEngines(self.group))
+        # The group sleeps whole; the config gives its services one sleep_after_idle.
+        self.loop = EngineLoop(FusedEngines(self.group), first.spec.sleep_after_idle)
         self.doors: dict[str, ServiceDoor] = {}
         try:
             for name, launch in self.launches.items():

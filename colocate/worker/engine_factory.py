@@ -46,10 +46,12 @@ def build_engine(model: torch.nn.Module, config: LlamaConfig, tokenizer,
 
 @dataclass(frozen=True)
 class GroupMember:
-    """One service of a fused group: its name, its engine, its share of the steps."""
+    """One service of a fused group: its name, its engine, its share of the steps,
+    and whether its free blocks serve the others (colocate/engine/kv_lending.py)."""
     name: str
     engine: EngineConfig
     weight: float = 1.0
+    lend: bool = False
 
 
 def build_engine_group(model: torch.nn.Module, config: LlamaConfig, tokenizer,
@@ -74,4 +76,5 @@ def build_engine_group(model: torch.nn.Module, config: LlamaConfig, tokenizer,
                                          request_id_prefix=f"{member.name}-")
         first += blocks
     return EngineGroup(runner, engines, max_num_batched_tokens,
-                       {m.name: m.weight for m in members})
+                       {m.name: m.weight for m in members},
+                       lenders=[m.name for m in members if m.lend])

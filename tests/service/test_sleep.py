@@ -76,11 +76,28 @@ def test_bad_settings_are_refused():
     with pytest.raises(ValueError, match="sleep_after_idle must be > 0"):
         EngineLoop(SingleEngine(make_llm_engine()), 0)
     group, _ = make_group({"a": 8, "b": 8})
-    with pytest.raises(ValueError, match="fused group"):
-        EngineLoop(FusedEngines(group), 1.0)
     loop = EngineLoop(FusedEngines(group))
     with pytest.raises(ValueError, match="sleep_after_idle is set on the loop"):
         AsyncEngine(group.members["a"], loop=loop, sleep_after_idle=1.0)
+
+
+def test_a_fused_group_sleeps_whole_once_every_member_is_idle():
+    group, runner = make_group({"a": 8, "b": 8}, lenders=["b"])
+    loop = EngineLoop(FusedEngines(group), IDLE_S)
+    fronts = {m: AsyncEngine(e, loop=loop) for m, e in group.members.items()}
+    loop.start()
+    try:
+        assert tokens(fronts["a"]) == expected_tokens(PROMPT, 5)
+        wait_until(lambda: asleep(fronts["a"]) and asleep(fronts["b"]), 10,
+                   "the idle group to sleep")
+        assert group.sleeping and not runner.kv_allocated
+        assert tokens(fronts["b"]) == expected_tokens(PROMPT, 5)   # b's request wakes all
+        assert group.members["b"].statistics().wake.count == 1
+        wait_until(lambda: asleep(fronts["a"]), 10, "the group to sleep again")
+    finally:
+        loop.shutdown()
+    for engine in group.members.values():
+        engine.kv.pool.check_whole()
 
 
 def test_model_info_and_stats_say_sleeping(make_service):

@@ -1,0 +1,48 @@
+"""What each `batching:` mode of a device entry allows its services to ask for.
+
+`fused` runs the services of one model in one process over one copy of the weights
+and one KV cache tensor (each service its own block range of it); `isolated` runs a
+process per service, each with a pool of its own. Some service keys only make sense
+in one of them, and the reasons are the memory layouts:
+
+- `fused` needs `share_weights: true`: one forward runs over one copy.
+- In a `fused` group (the services of one model) every service gives the same
+  `sleep_after_idle`, or none: a member's range lies inside the group's one cache
+  tensor, so it cannot be unmapped alone, and the group sleeps whole.
+- `kv_cache.lend` needs `fused`: lending moves blocks between pools, which is free
+  when every pool is a range of one tensor in one process, but isolated processes
+  each map their own pool, and no block can move between them until the pools are
+  one shared mapping (CPU: one pool file mapped by every process, with per-service
+  block ranges; CUDA: virtual memory mapping of physical pages, as kvcached does).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from colocate.config_values import ConfigError
+
+
+def check_batching(error: Callable[[str, str], ConfigError], key: str, batching: str,
+                   share_weights: bool, services: Sequence) -> None:
+    """Raise the first rule of `batching` that the entry at `key` breaks."""
+    if batching == "fused" and not share_weights:
+        raise error(f"{key}.batching", "fused batching runs one forward over one copy "
+                                       "of the weights; it needs share_weights: true")
+    first_of_model: dict[str, int] = {}     # model -> its group's first service
+    for i, service in enumerate(services):
+        first = first_of_model.setdefault(service.model, i)
+        idle = services[first].sleep_after_idle
+        if batching == "fused" and service.sleep_after_idle != idle:
+            raise error(f"{key}.services[{i}].sleep_after_idle",
+                        f"the services of model {service.model!r} share one KV cache in "
+                        f"batching: fused, so they sleep together: give each the same "
+                        f"sleep_after_idle as services[{first}] ({_seconds(idle)})")
+        if batching == "isolated" and service.kv_cache.lend:
+            raise error(f"{key}.services[{i}].kv_cache.lend", "needs batching: fused; "
+                        "isolated services each map a pool of their own, so their blocks "
+                        "cannot move between processes yet (that needs one shared pool "
+                        "file on CPU or CUDA virtual memory mapping)")
+
+
+def _seconds(value: float | None) -> str:
+    return "not set" if value is None else f"{value:g}s"

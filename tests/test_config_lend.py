@@ -1,0 +1,35 @@
+"""`kv_cache.lend` in the deployment YAML: off by default, fused groups only."""
+from __future__ import annotations
+
+import pytest
+
+from colocate.config import load_config
+from tests.test_config import ENV, base_config, load_error, write
+
+
+def fused(lend_b) -> dict:
+    data = base_config()
+    data["gpus"][0]["batching"] = "fused"
+    data["gpus"][0]["services"][1]["kv_cache"]["lend"] = lend_b
+    return data
+
+
+def test_lend_is_read_and_off_by_default(tmp_path):
+    config = load_config(write(tmp_path, fused(True)), env=ENV)
+    a, b = config.gpus[0].services
+    assert (a.kv_cache.lend, b.kv_cache.lend) == (False, True)
+    assert b.kv_cache.tokens == 4096                   # the other keys still read
+
+
+@pytest.mark.parametrize("raw", ["yes", 1, None])
+def test_lend_must_be_a_boolean(tmp_path, raw):
+    message = load_error(tmp_path, fused(raw))
+    assert "gpus[0].services[1].kv_cache.lend: expected true or false" in message, message
+
+
+def test_isolated_services_cannot_lend(tmp_path):
+    data = base_config()                                # batching: isolated by default
+    data["gpus"][0]["services"][1]["kv_cache"]["lend"] = True
+    message = load_error(tmp_path, data)
+    assert "gpus[0].services[1].kv_cache.lend: needs batching: fused" in message, message
+    assert "cannot move between processes" in message, message

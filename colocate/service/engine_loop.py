@@ -60,26 +60,13 @@ class StepFailed(Exception):
 
 
 class _Stepper:
-    """What the loop steps (`stepped`: an LLMEngine or an EngineGroup, which both count
-    their steps and know whether work is left) and the engines whose requests it holds."""
+    """What the loop steps, `stepped`: an LLMEngine or an EngineGroup, which both count
+    their steps (num_steps), know whether work is left (has_unfinished_requests) and
+    sleep whole (sleeping, sleep); `members`: the engines whose requests it holds."""
 
     def __init__(self, stepped: LLMEngine | EngineGroup, members: tuple[LLMEngine, ...]) -> None:
         self.stepped = stepped
         self.members = members
-
-    @property
-    def num_steps(self) -> int:
-        return self.stepped.num_steps
-
-    @property
-    def sleeping(self) -> bool:
-        return self.stepped.sleeping
-
-    def sleep(self) -> None:
-        self.stepped.sleep()
-
-    def has_unfinished_requests(self) -> bool:
-        return self.stepped.has_unfinished_requests()
 
 
 class SingleEngine(_Stepper):
@@ -186,7 +173,7 @@ class EngineLoop:
     def _until_sleep(self, idle_since: float) -> float | None:
         """Seconds until the idle engine should sleep; None: never (not configured,
         or asleep already)."""
-        if self.sleep_after_idle is None or self.stepper.sleeping:
+        if self.sleep_after_idle is None or self.stepper.stepped.sleeping:
             return None
         return idle_since + self.sleep_after_idle - time.monotonic()
 
@@ -203,7 +190,7 @@ class EngineLoop:
 
     def _fall_asleep(self) -> None:
         """Loop thread, idle: give the pool back; the fronts' stats say `sleeping`."""
-        self.stepper.sleep()
+        self.stepper.stepped.sleep()
         log.info("engine idle for %.1f s: KV pool released until the next request",
                  self.sleep_after_idle)
         with self.cond:
@@ -229,8 +216,8 @@ class EngineLoop:
                         self.cond.wait(wait)
                     inboxes = [(f, f.take_inbox()) for f in self.fronts.values()]
                 outputs = {f.engine: f.apply_inbox(*box) for f, box in inboxes}
-                steps_before = self.stepper.num_steps
-                if self.stepper.has_unfinished_requests():
+                steps_before = self.stepper.stepped.num_steps
+                if self.stepper.stepped.has_unfinished_requests():
                     try:
                         for engine, outs in self.stepper.step().items():
                             outputs[engine] += outs
@@ -248,11 +235,11 @@ class EngineLoop:
                 with self.cond:
                     for engine, outs in outputs.items():
                         self.fronts[engine].deliver(outs)
-                if not self.stepper.has_unfinished_requests():
+                if not self.stepper.stepped.has_unfinished_requests():
                     wait = None
                     idle_since = time.monotonic()
                 else:
-                    wait = 0.0 if self.stepper.num_steps > steps_before else _STALL_WAIT_S
+                    wait = 0.0 if self.stepper.stepped.num_steps > steps_before else _STALL_WAIT_S
         except Exception as exc:     # the engine is broken: fail every request
             log.exception("engine loop failed; aborting every request")
             error = exc

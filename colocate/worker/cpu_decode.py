@@ -1,8 +1,8 @@
 """The CPU decode step as one C call (kernels/cpu/decode_step.c), planned once per model.
 
 A batch where every sequence adds one token, on a float32 model whose decoder linears
-are all block-dot kernels' weights (int4 "blocks", or int8 with float32 scales; what a
-GGUF loads as stored) and whose KV cache is float32: the whole layer stack runs in C,
+are float32 or block-dot kernels' weights (int4 "blocks", or int8 with float32 scales;
+what a GGUF loads as stored) and whose KV cache is float32: the whole layer stack runs in C,
 so a step costs its matrix products and not hundreds of small torch ops (see the C
 file for the measurement). The embedding, the final norm and the output head stay in
 torch: each is one op per step.
@@ -54,24 +54,29 @@ def enabled() -> bool:
     choice = os.environ.get(DECODE_ENV, "c")
     if choice not in ("c", "torch"):
         raise ValueError(f"{DECODE_ENV}={choice!r}: expected 'c' or 'torch'")
-    return choice == "c" and cpu_ops.block_kernels_on()
+    return choice == "c" and block_kernels.available()
 
 
 def _qlinear(module) -> tuple[_QLinear, list[torch.Tensor]] | None:
     """The C view of one linear, and the tensors it points into; None if not covered."""
     if getattr(module, "bias", None) is not None:
         return None
-    if isinstance(module, Int4Linear) and module.layout == "blocks" and module.perm is None:
-        held = [module.qweight, module.scale, module.min]
-        bits = 4
+    if isinstance(module, torch.nn.Linear):
+        held, bits = [module.weight], 32
+    elif not cpu_ops.block_kernels_on():        # COLOCATE_CPU_MATMUL=torch: torch's ops
+        return None
+    elif isinstance(module, Int4Linear) and module.layout == "blocks" and module.perm is None:
+        held, bits = [module.qweight, module.scale, module.min], 4
     elif isinstance(module, Int8Linear) and module.scale.dtype == torch.float32:
-        held = [module.qweight, module.scale]
-        bits = 8
+        held, bits = [module.qweight, module.scale], 8
     else:
         return None
     if any(t.device.type != "cpu" or not t.is_contiguous() for t in held):
         return None
     N, K = module.out_features, module.in_features
+    if bits == 32:
+        ok = held[0].dtype == torch.float32
+        return (_QLinear(32, held[0].data_ptr(), None, None, N, K, K), held) if ok else None
     groups = held[1].numel() // N
     if K % block_kernels.BLOCK or (K // groups) % block_kernels.BLOCK:
         return None

@@ -8,11 +8,12 @@
  * dispatch and allocation, which together cost more than the matrix products (the
  * decode issue measured 26 ms of them per SmolLM2 step against 24 ms of products at
  * one thread). Here the loop over layers is C and the products are block_dot.c's
- * integer kernels on activations quantized once per input.
+ * integer kernels on activations quantized per input, or float dot products.
  *
  * Scope: float32 activations, float32 KV cache, linears as block_dot.c takes them
- * (int4 blocks with scale and min, or int8 with a scale per group), no biases. The
- * caller (colocate/model/cpu_decode.py) falls back to the torch path for anything else.
+ * (int4 blocks with scale and min, or int8 with a scale per group) or float32, no
+ * biases. The caller (colocate/worker/cpu_decode.py) keeps the torch path for anything
+ * else.
  *
  * Layouts (as colocate/model/attention_metadata.py defines them):
  *   h          (S, hidden) float, the residual stream: read, and overwritten with the
@@ -28,6 +29,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define HAVE_X86 1
+#else
+#define HAVE_X86 0
+#endif
+
 #define QK 32
 
 /* block_dot.c, linked into the same library. */
@@ -41,8 +49,8 @@ void int8_block_mm(const int8_t *q, const float *scale, int64_t N, int64_t K, in
 
 /* Mirrored by ctypes Structures in colocate/model/cpu_decode.py: change both. */
 typedef struct {
-    int64_t bits;                  /* 4 or 8 */
-    const void *q;                 /* int4: (N, K/2) uint8; int8: (N, K) int8 */
+    int64_t bits;                  /* 4, 8, or 32 (float weights, no scales) */
+    const void *q;                 /* int4: (N, K/2) uint8; int8: (N, K) int8; float (N, K) */
     const float *scale;            /* (N, K / group) */
     const float *mins;             /* int4 only: (N, K / group) */
     int64_t N, K, group;
@@ -68,13 +76,72 @@ typedef struct {
     int32_t *s;
 } QuantizedRows;
 
-static void qlinear(const QLinear *w, const QuantizedRows *x, int64_t M, float *y, int simd,
-                    int threads) {
+/* Float weights: y (M, N) = x (M, K) @ w (N, K).T. Each weight row is read once from
+ * memory and stays in L1 while the M activation rows pass over it, so a small batch
+ * costs about what one row does (the weights are the traffic). */
+static void f32_rows_c(int64_t n0, int64_t n1, const float *w, int64_t K, const float *x,
+                       int64_t M, float *y, int64_t N) {
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t m = 0; m < M; m++) {
+            float acc = 0.0f;
+            for (int64_t k = 0; k < K; k++) acc += w[n * K + k] * x[m * K + k];
+            y[m * N + n] = acc;
+        }
+}
+
+#if HAVE_X86
+__attribute__((target("avx2,fma")))
+static void f32_rows_avx2(int64_t n0, int64_t n1, const float *w, int64_t K, const float *x,
+                          int64_t M, float *y, int64_t N) {
+    for (int64_t n = n0; n < n1; n++) {
+        const float *row = w + n * K;
+        for (int64_t m = 0; m < M; m++) {
+            const float *a = x + m * K;
+            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                             _mm256_setzero_ps()};
+            int64_t k = 0;
+            for (; k + 32 <= K; k += 32)
+                for (int u = 0; u < 4; u++)
+                    acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(row + k + 8 * u),
+                                             _mm256_loadu_ps(a + k + 8 * u), acc[u]);
+            __m256 v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+            __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_add_ss(h, _mm_movehdup_ps(h));
+            float tail = 0.0f;
+            for (; k < K; k++) tail += row[k] * a[k];
+            y[m * N + n] = _mm_cvtss_f32(h) + tail;
+        }
+    }
+}
+#endif
+
+static void f32_linear(const float *w, int64_t N, int64_t K, const float *x, int64_t M,
+                       float *y, int simd, int threads) {
+    const int64_t step = ((N + threads - 1) / threads + 7) / 8 * 8;   /* whole cache lines of y */
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n0 = 0; n0 < N; n0 += step) {
+        const int64_t n1 = n0 + step < N ? n0 + step : N;
+#if HAVE_X86
+        if (simd) { f32_rows_avx2(n0, n1, w, K, x, M, y, N); continue; }
+#endif
+        f32_rows_c(n0, n1, w, K, x, M, y, N);
+    }
+}
+
+/* y (M, N) = x (M, K) through one linear; a quantized one first quantizes x into q. */
+static void linear(const QLinear *w, const float *x, int64_t M, const QuantizedRows *q,
+                   float *y, int simd, int threads) {
+    if (w->bits == 32) {
+        f32_linear((const float *)w->q, w->N, w->K, x, M, y, simd, threads);
+        return;
+    }
+    quantize_rows(x, M, w->K, q->q, q->d, q->s);
     if (w->bits == 4)
-        int4_block_mm((const uint8_t *)w->q, w->scale, w->mins, w->N, w->K, w->group, x->q,
-                      x->d, x->s, M, y, simd, threads);
+        int4_block_mm((const uint8_t *)w->q, w->scale, w->mins, w->N, w->K, w->group, q->q,
+                      q->d, q->s, M, y, simd, threads);
     else
-        int8_block_mm((const int8_t *)w->q, w->scale, w->N, w->K, w->group, x->q, x->d, M, y,
+        int8_block_mm((const int8_t *)w->q, w->scale, w->N, w->K, w->group, q->q, q->d, M, y,
                       simd, threads);
 }
 
@@ -152,8 +219,7 @@ int decode_step(const DecodeModel *m, int64_t S, const int64_t *positions, const
     for (int64_t l = 0; ok && l < m->num_layers; l++) {
         const DecoderLayer *L = m->layers + l;
         rms_norm(h, L->attn_norm, S, H, m->eps, xn);
-        quantize_rows(xn, S, H, x.q, x.d, x.s);
-        qlinear(&L->qkv, &x, S, qkv, simd, threads);                  /* (S, qkv_w) */
+        linear(&L->qkv, xn, S, &x, qkv, simd, threads);               /* (S, qkv_w) */
         for (int64_t s = 0; s < S; s++) {
             float *row = qkv + s * qkv_w;                             /* q | k | v heads */
             rope(row, nh + nkv, hd, m->cos_sin + positions[s] * 2 * hd, rot);
@@ -168,20 +234,17 @@ int decode_step(const DecodeModel *m, int64_t S, const int64_t *positions, const
                         positions[s] + 1, head / group, scores + task * longest,
                         attn + task * hd);
         }
-        quantize_rows(attn, S, nh * hd, x.q, x.d, x.s);
-        qlinear(&L->o, &x, S, tmp, simd, threads);                    /* (S, H) */
+        linear(&L->o, attn, S, &x, tmp, simd, threads);               /* (S, H) */
         for (int64_t i = 0; i < S * H; i++) h[i] += tmp[i];
 
         rms_norm(h, L->mlp_norm, S, H, m->eps, xn);
-        quantize_rows(xn, S, H, x.q, x.d, x.s);
-        qlinear(&L->gate_up, &x, S, gu, simd, threads);               /* (S, 2I): gate | up */
+        linear(&L->gate_up, xn, S, &x, gu, simd, threads);            /* (S, 2I): gate | up */
         for (int64_t s = 0; s < S; s++)
             for (int64_t i = 0; i < I; i++) {
                 const float g = gu[s * 2 * I + i];
                 act[s * I + i] = g / (1.0f + expf(-g)) * gu[s * 2 * I + I + i];
             }
-        quantize_rows(act, S, I, x.q, x.d, x.s);
-        qlinear(&L->down, &x, S, tmp, simd, threads);                 /* (S, H) */
+        linear(&L->down, act, S, &x, tmp, simd, threads);             /* (S, H) */
         for (int64_t i = 0; i < S * H; i++) h[i] += tmp[i];
     }
     free(xn); free(qkv); free(attn); free(tmp); free(gu); free(act); free(scores); free(rot);

@@ -9,7 +9,7 @@ import torch
 
 from colocate.model.attention_metadata import AttentionMetadata
 from colocate.model.llama import allocate_kv_caches
-from colocate.quant import block_kernels
+from colocate.quant import block_kernels, cpu_ops
 from colocate.quant.loading import load_model
 from colocate.worker import cpu_decode
 from colocate.worker.cpu_decode import CpuDecodePlan
@@ -45,7 +45,8 @@ def _prefilled(model, gen):
     return caches, tables
 
 
-@pytest.mark.parametrize("method,group", [("int4", 32), ("int4", 64), ("int8", None)])
+@pytest.mark.parametrize("method,group", [(None, None), ("int4", 32), ("int4", 64),
+                                          ("int8", None)])
 @pytest.mark.parametrize("simd", [True, False])
 def test_decode_steps_match_the_torch_path(tiny_gqa_model_dir, method, group, simd,
                                            monkeypatch):
@@ -83,21 +84,25 @@ def test_decode_steps_match_the_torch_path(tiny_gqa_model_dir, method, group, si
     # (measured: the AVX2 and portable bodies of the C step differ from each other just
     # so). Elsewhere the two agree to float rounding, which a wrong index, head, block
     # or position would not: most rows must agree exactly, every row roughly.
+    # A float model quantizes nothing: every row agrees to float rounding.
     exact = sum(e < 1e-5 for e in errors)
-    assert max(errors) < 3e-2 and exact >= 2 * len(errors) // 3, errors
+    assert max(errors) < (1e-5 if method is None else 3e-2), errors
+    assert exact >= 2 * len(errors) // 3, errors
 
 
 def test_plan_refuses_what_it_does_not_cover(tiny_gqa_model_dir, monkeypatch):
-    model = load_model(tiny_gqa_model_dir)                                   # float linears
-    assert CpuDecodePlan.build(model) is None
+    assert CpuDecodePlan.build(load_model(tiny_gqa_model_dir, dtype=torch.bfloat16)) is None
     quantized = load_model(tiny_gqa_model_dir, quantization="int4", quant_group_size=32)
     plan = CpuDecodePlan.build(quantized)
     int8_caches = allocate_kv_caches(quantized.config, 4, BS, dtype=torch.int8)
     float_caches = allocate_kv_caches(quantized.config, 4, BS)
     assert not plan.covers(int8_caches, _meta([[1]], [[0]]))
     assert not plan.covers(float_caches, _meta([[1]], [[0, 1]]))          # a prefill
-    monkeypatch.setenv(cpu_decode.DECODE_ENV, "torch")
+    monkeypatch.setenv(cpu_ops.BACKEND_ENV, "torch")        # torch's int8/int4 ops asked for
     assert CpuDecodePlan.build(quantized) is None
+    assert CpuDecodePlan.build(load_model(tiny_gqa_model_dir)) is not None   # float linears
+    monkeypatch.setenv(cpu_decode.DECODE_ENV, "torch")
+    assert CpuDecodePlan.build(load_model(tiny_gqa_model_dir)) is None
     monkeypatch.setenv(cpu_decode.DECODE_ENV, "fast")
     with pytest.raises(ValueError, match="COLOCATE_CPU_DECODE='fast'"):
         CpuDecodePlan.build(quantized)

@@ -4,6 +4,8 @@ cache, for a batch of sequences of different lengths that cross block boundaries
 with both kernel bodies (AVX2 where the CPU has it, portable C)."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
@@ -35,6 +37,12 @@ def _meta(tables: list[list[int]], positions: list[list[int]]) -> AttentionMetad
         block_size=BS, all_decode=all(len(p) == 1 for p in positions))
 
 
+@functools.lru_cache(maxsize=None)
+def _model(path, method, group):
+    """One load per quantization for the whole module (both bodies share it)."""
+    return load_model(path, quantization=method, quant_group_size=group)
+
+
 def _prefilled(model, gen):
     """Caches holding each sequence's prompt (torch path), the tables, the last ids."""
     caches = allocate_kv_caches(model.config, 1 + 3 * 8, BS)               # block 0: null
@@ -53,7 +61,7 @@ def test_decode_steps_match_the_torch_path(tiny_gqa_model_dir, method, group, si
     if simd and not block_kernels.has_avx2():
         pytest.skip("this CPU has no AVX2")
     monkeypatch.setattr(block_kernels, "default_simd", lambda: simd)
-    model = load_model(tiny_gqa_model_dir, quantization=method, quant_group_size=group)
+    model = _model(tiny_gqa_model_dir, method, group)
     plan = CpuDecodePlan.build(model)
     assert plan is not None
     gen = torch.Generator().manual_seed(1)

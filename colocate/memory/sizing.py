@@ -38,6 +38,12 @@ def runtime_overhead(is_cuda: bool) -> int:
     return RUNTIME_OVERHEAD_CUDA if is_cuda else RUNTIME_OVERHEAD_CPU
 
 
+def _cpu_int4_layout() -> str:
+    from colocate.quant.cpu_ops import int4_layout
+
+    return int4_layout()
+
+
 @dataclass(frozen=True)
 class ModelFootprint:
     """A model as it will sit in memory: its shape plus the dtype and quantization."""
@@ -135,8 +141,9 @@ class ModelFootprint:
             per_layer = sum(i * o + o * b for i, o in shapes)
         elif q == "int4":
             # Two weights per byte + a scale and a zero point per group of in_features
-            # in each output row (float32 for a GGUF kept exact).
-            zb = 4 if native else b
+            # in each output row; a GGUF kept exact: float16 in the CPU kernels' blocks
+            # layout, else float32 (torch's tinygemm op; on CUDA this overestimates).
+            zb = (2 if _cpu_int4_layout() == "blocks" else 4) if native else b
             per_layer = sum(cdiv(i * o, 2) + o * cdiv(i, g) * 2 * zb
                             for i, o in shapes)
         else:

@@ -89,11 +89,12 @@ def _library() -> ctypes.CDLL | None:
         return None
     lib.block_dot_has_avx2.restype = _INT
     lib.quantize_rows.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR]
-    lib.int4_block_mm.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64,
-                                  _PTR, _INT, _INT]
+    lib.int4_block_mm.argtypes = [_PTR, _PTR, _PTR, _INT, _I64, _I64, _I64, _PTR, _PTR, _PTR,
+                                  _I64, _PTR, _INT, _INT]
+    lib.int4_block_mm.restype = _INT
     lib.int8_block_mm.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _INT,
                                   _INT]
-    lib.int4_block_dequantize.argtypes = [_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR, _INT]
+    lib.int4_block_dequantize.argtypes = [_PTR, _PTR, _PTR, _INT, _I64, _I64, _I64, _PTR, _INT]
     lib.int8_block_dequantize.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _PTR, _INT]
     lib.decode_step.argtypes = [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _INT, _INT]
     lib.decode_step.restype = _INT
@@ -141,18 +142,32 @@ def _check(x: torch.Tensor, K: int, group: int) -> None:
                          f"dividing K")
 
 
+SCALE_DTYPES = (torch.float32, torch.float16)
+
+
+def half_scales(scale: torch.Tensor, mins: torch.Tensor) -> bool:
+    """Whether int4 scales and mins are float16 (a GGUF's own) rather than float32."""
+    if scale.dtype not in SCALE_DTYPES or mins.dtype != scale.dtype:
+        raise ValueError(f"int4 scale and min must both be one of {SCALE_DTYPES}, got "
+                         f"{scale.dtype} and {mins.dtype}")
+    return scale.dtype == torch.float16
+
+
 def int4_mm(x: torch.Tensor, qs: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor,
             group: int, simd: bool | None = None) -> torch.Tensor:
     """x (M, K) float32; qs (N, K/2) uint8 (see block_dot.c for the nibble order); scale,
-    mins (N, K/group) float32 -> (M, N) float32, W = q * scale + min."""
+    mins (N, K/group) float32 or float16 -> (M, N) float32, W = q * scale + min."""
     N, K = qs.shape[0], qs.shape[1] * 2
     _check(x, K, group)
+    half = half_scales(scale, mins)
     xq, xd, xs = quantize_activations(x)
     y = torch.empty(x.shape[0], N, dtype=torch.float32)
-    _library().int4_block_mm(_ptr(qs), _ptr(scale), _ptr(mins), N, K, group, _ptr(xq),
-                             _ptr(xd), _ptr(xs), x.shape[0], _ptr(y),
-                             int(default_simd() if simd is None else simd),
-                             torch.get_num_threads())
+    rc = _library().int4_block_mm(_ptr(qs), _ptr(scale), _ptr(mins), int(half), N, K, group,
+                                  _ptr(xq), _ptr(xd), _ptr(xs), x.shape[0], _ptr(y),
+                                  int(default_simd() if simd is None else simd),
+                                  torch.get_num_threads())
+    if rc != 0:
+        raise MemoryError("int4_block_mm could not allocate its float scales")
     return y
 
 
@@ -174,9 +189,10 @@ def int4_dequantize(qs: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor,
                     group: int) -> torch.Tensor:
     """The (N, K) float32 weight of int4_mm's operands, exactly q * scale + min."""
     N, K = qs.shape[0], qs.shape[1] * 2
+    half = half_scales(scale, mins)
     w = torch.empty(N, K, dtype=torch.float32)
-    _library().int4_block_dequantize(_ptr(qs), _ptr(scale), _ptr(mins), N, K, group, _ptr(w),
-                                     torch.get_num_threads())
+    _library().int4_block_dequantize(_ptr(qs), _ptr(scale), _ptr(mins), int(half), N, K, group,
+                                     _ptr(w), torch.get_num_threads())
     return w
 
 

@@ -18,8 +18,8 @@ per process). Both layouts hold the integers of Int4Weight, two per byte.
 "blocks" (CPU, kernels/cpu/block_dot.c through quant/block_kernels.py): qweight (N, K/2)
     uint8, each block of 32 inputs in 16 bytes, byte j holding input j (low nibble) and
     j + 16 (high nibble) as GGUF's Q4_0/Q4_1 store them; scale and min (N, G) float32,
-    W = q * scale + min. A GGUF's fp16 scales and mins are held exactly, and a zero
-    point becomes min = -zero * scale (exact in float32 for fp16/bf16 scales).
+    W = q * scale + min; a zero point becomes min = -zero * scale (exact in float32 for
+    fp16/bf16 scales). A GGUF's scales and mins (exact_scales) stay float16, as stored.
 """
 from __future__ import annotations
 
@@ -138,7 +138,8 @@ BLOCK = 32
 
 
 def pack_blocks(w: Int4Weight, dtype: torch.dtype, exact_scales: bool = False) -> Buffers:
-    """`dtype` and exact_scales are unused: scale and min are float32 always."""
+    """`dtype` is unused: scale and min are float32, or with exact_scales (a GGUF's fp16
+    scales and mins) float16, exactly as stored and half the bytes."""
     N, K = w.q.shape
     if K % BLOCK or w.group_size % BLOCK:
         raise ValueError(f"the blocks layout needs K and the group size in multiples of "
@@ -147,8 +148,17 @@ def pack_blocks(w: Int4Weight, dtype: torch.dtype, exact_scales: bool = False) -
     qweight = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(N, K // 2)  # (N, K/2)
     scale = w.scale.float()
     mins = w.min.float() if w.min is not None else -w.zero.float() * scale   # (N, G)
+    if exact_scales:
+        scale, mins = _exact_half(scale, "scale"), _exact_half(mins, "min")
     return {"qweight": qweight.contiguous(), "scale": scale.contiguous(),
             "min": mins.contiguous()}
+
+
+def _exact_half(t: torch.Tensor, what: str) -> torch.Tensor:
+    half = t.half()
+    if not torch.equal(half.float(), t):
+        raise ValueError(f"exact int4 {what}s must be float16 values (a GGUF's are)")
+    return half
 
 
 def unpack_blocks(buffers: Buffers) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -157,15 +167,16 @@ def unpack_blocks(buffers: Buffers) -> tuple[torch.Tensor, torch.Tensor, torch.T
     N, half = p.shape
     blocks = p.view(N, half // (BLOCK // 2), BLOCK // 2)                     # (N, B, 16)
     q = torch.stack([blocks & 15, blocks >> 4], dim=2).view(N, half * 2)     # (N, K)
-    return q, buffers["scale"], buffers["min"]
+    return q, buffers["scale"].float(), buffers["min"].float()
 
 
 def empty_blocks(N: int, K: int, group_size: int, dtype: torch.dtype,
                  exact_scales: bool = False) -> Buffers:
     G = K // group_size
+    scale_dtype = torch.float16 if exact_scales else torch.float32
     return {"qweight": torch.empty(N, K // 2, dtype=torch.uint8),
-            "scale": torch.empty(N, G, dtype=torch.float32),
-            "min": torch.empty(N, G, dtype=torch.float32)}
+            "scale": torch.empty(N, G, dtype=scale_dtype),
+            "min": torch.empty(N, G, dtype=scale_dtype)}
 
 
 def dequantize(layout: str, buffers: Buffers, group_size: int) -> torch.Tensor:

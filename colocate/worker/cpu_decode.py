@@ -35,7 +35,7 @@ _P, _I64, _F64 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
 
 class _QLinear(ctypes.Structure):
     _fields_ = [("bits", _I64), ("q", _P), ("scale", _P), ("mins", _P),
-                ("N", _I64), ("K", _I64), ("group", _I64)]
+                ("N", _I64), ("K", _I64), ("group", _I64), ("half", _I64)]
 
 
 class _DecoderLayer(ctypes.Structure):
@@ -76,12 +76,14 @@ def _qlinear(module) -> tuple[_QLinear, list[torch.Tensor]] | None:
     N, K = module.out_features, module.in_features
     if bits == 32:
         ok = held[0].dtype == torch.float32
-        return (_QLinear(32, held[0].data_ptr(), None, None, N, K, K), held) if ok else None
+        return (_QLinear(32, held[0].data_ptr(), None, None, N, K, K, 0), held) if ok else None
     groups = held[1].numel() // N
     if K % block_kernels.BLOCK or (K // groups) % block_kernels.BLOCK:
         return None
     mins = held[2].data_ptr() if bits == 4 else None
-    return _QLinear(bits, held[0].data_ptr(), held[1].data_ptr(), mins, N, K, K // groups), held
+    half = bits == 4 and block_kernels.half_scales(held[1], held[2])
+    return _QLinear(bits, held[0].data_ptr(), held[1].data_ptr(), mins, N, K, K // groups,
+                    half), held
 
 
 class CpuDecodePlan:

@@ -6,7 +6,8 @@
  * Weights (N output rows, K inputs, K a multiple of 32, G = K / group groups):
  *   int4: qs (N, K/2) uint8, byte j of block b holding inputs 32b+j (low nibble) and
  *         32b+j+16 (high nibble), as GGUF's Q4_0/Q4_1 do; scale and min (N, G) float,
- *         W[n,k] = q * scale[n,g] + min[n,g].
+ *         or float16 (`half`: a GGUF's own, 2 bytes each instead of 4, which at batch 1
+ *         is an eighth of what a step reads), W[n,k] = q * scale[n,g] + min[n,g].
  *   int8: q (N, K) int8 in [-127, 127]; scale (N, G) float, W[n,k] = q * scale[n,g].
  * Activations: x (M, K) float; quantize_rows writes xq (M, K) int8, xd (M, K/32) float
  * (the step of each block) and xs (M, K/32) int32 (each block's sum of codes, for min).
@@ -19,6 +20,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -30,10 +32,32 @@
 
 #define QK 32
 
+/* IEEE half -> float, exactly (normals, subnormals, inf, nan). */
+static float half_to_float(uint16_t h) {
+    const uint32_t sign = (uint32_t)(h & 0x8000) << 16, e = (h >> 10) & 31, m = h & 1023;
+    uint32_t bits;
+    if (e == 31)
+        bits = sign | 0x7f800000u | (m << 13);
+    else if (e)
+        bits = sign | ((e + 112) << 23) | (m << 13);
+    else if (!m)
+        bits = sign;
+    else {                                     /* subnormal: normalize */
+        int shift = 0;
+        uint32_t mm = m;
+        while (!(mm & 1024)) { mm <<= 1; shift++; }
+        bits = sign | ((uint32_t)(113 - shift) << 23) | ((mm & 1023) << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
 int block_dot_has_avx2(void) {
 #if HAVE_X86
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+        && __builtin_cpu_supports("f16c");
 #else
     return 0;
 #endif
@@ -301,16 +325,50 @@ static int64_t chunk_rows(int64_t N, int threads) {
 #define BODY(simd, avx2_call, c_call) do { (void)(simd); c_call; } while (0)
 #endif
 
-void int4_block_mm(const uint8_t *qs, const float *scale, const float *mins, int64_t N,
-                   int64_t K, int64_t group, const int8_t *xq, const float *xd,
-                   const int32_t *xs, int64_t M, float *y, int simd, int threads) {
+#if HAVE_X86
+__attribute__((target("avx2,f16c")))
+static void halves_avx2(const uint16_t *src, int64_t n, float *dst) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
+    for (; i < n; i++) dst[i] = half_to_float(src[i]);
+}
+#endif
+
+static void halves_to_floats(const uint16_t *src, int64_t n, float *dst, int simd) {
+#if HAVE_X86
+    if (simd) { halves_avx2(src, n, dst); return; }
+#endif
+    for (int64_t i = 0; i < n; i++) dst[i] = half_to_float(src[i]);
+}
+
+/* Returns 0, or -1 when half scales could not get their float buffer (y untouched). */
+int int4_block_mm(const uint8_t *qs, const void *scale, const void *mins, int half, int64_t N,
+                  int64_t K, int64_t group, const int8_t *xq, const float *xd,
+                  const int32_t *xs, int64_t M, float *y, int simd, int threads) {
     const int64_t G = K / group, step = chunk_rows(N, threads);
-#pragma omp parallel for num_threads(threads) schedule(static)
+    int failed = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(|:failed)
     for (int64_t n0 = 0; n0 < N; n0 += step) {
-        const int64_t n1 = n0 + step < N ? n0 + step : N;
-        BODY(simd, int4_rows_avx2(n0, n1, qs, scale, mins, G, group, xq, xd, xs, M, K, y, N),
-             int4_rows_c(n0, n1, qs, scale, mins, G, group, xq, xd, xs, M, K, y, N));
+        const int64_t n1 = n0 + step < N ? n0 + step : N, rows = n1 - n0;
+        const float *sc = (const float *)scale + n0 * G, *mn = (const float *)mins + n0 * G;
+        float *buf = NULL;
+        if (half) {   /* this chunk's scales as floats: G * rows * 2 values, in L2 */
+            buf = malloc(sizeof(float) * 2 * rows * G);
+            if (!buf) { failed = 1; continue; }
+            halves_to_floats((const uint16_t *)scale + n0 * G, rows * G, buf, simd);
+            halves_to_floats((const uint16_t *)mins + n0 * G, rows * G, buf + rows * G, simd);
+            sc = buf;
+            mn = buf + rows * G;
+        }
+        /* The body sees rows 0 .. rows-1 of the chunk: weights, scales and y shifted. */
+        BODY(simd, int4_rows_avx2(0, rows, qs + n0 * (K / 2), sc, mn, G, group, xq, xd, xs, M,
+                                  K, y + n0, N),
+             int4_rows_c(0, rows, qs + n0 * (K / 2), sc, mn, G, group, xq, xd, xs, M, K,
+                         y + n0, N));
+        free(buf);
     }
+    return failed ? -1 : 0;
 }
 
 void int8_block_mm(const int8_t *q, const float *scale, int64_t N, int64_t K, int64_t group,
@@ -331,7 +389,7 @@ void int8_block_mm(const int8_t *q, const float *scale, int64_t N, int64_t K, in
  * dequantizes the weight once per call (w: (N, K) float, overwritten) and multiplies
  * in float. Plain loops: the compiler vectorizes them. */
 
-void int4_block_dequantize(const uint8_t *qs, const float *scale, const float *mins,
+void int4_block_dequantize(const uint8_t *qs, const void *scale, const void *mins, int half,
                            int64_t N, int64_t K, int64_t group, float *w, int threads) {
     const int64_t G = K / group;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -339,7 +397,11 @@ void int4_block_dequantize(const uint8_t *qs, const float *scale, const float *m
         const uint8_t *row = qs + n * (K / 2);
         float *out = w + n * K;
         for (int64_t b = 0; b < K / QK; b++) {
-            const float s = scale[n * G + b * QK / group], m = mins[n * G + b * QK / group];
+            const int64_t g = n * G + b * QK / group;
+            const float s = half ? half_to_float(((const uint16_t *)scale)[g])
+                                 : ((const float *)scale)[g];
+            const float m = half ? half_to_float(((const uint16_t *)mins)[g])
+                                 : ((const float *)mins)[g];
             for (int j = 0; j < QK / 2; j++) {
                 const uint8_t byte = row[b * (QK / 2) + j];
                 out[b * QK + j] = (float)(byte & 15) * s + m;

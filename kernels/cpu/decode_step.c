@@ -40,9 +40,9 @@
 
 /* block_dot.c, linked into the same library. */
 void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *xd, int32_t *xs);
-void int4_block_mm(const uint8_t *qs, const float *scale, const float *mins, int64_t N,
-                   int64_t K, int64_t group, const int8_t *xq, const float *xd,
-                   const int32_t *xs, int64_t M, float *y, int simd, int threads);
+int int4_block_mm(const uint8_t *qs, const void *scale, const void *mins, int half, int64_t N,
+                  int64_t K, int64_t group, const int8_t *xq, const float *xd,
+                  const int32_t *xs, int64_t M, float *y, int simd, int threads);
 void int8_block_mm(const int8_t *q, const float *scale, int64_t N, int64_t K, int64_t group,
                    const int8_t *xq, const float *xd, int64_t M, float *y, int simd,
                    int threads);
@@ -51,9 +51,9 @@ void int8_block_mm(const int8_t *q, const float *scale, int64_t N, int64_t K, in
 typedef struct {
     int64_t bits;                  /* 4, 8, or 32 (float weights, no scales) */
     const void *q;                 /* int4: (N, K/2) uint8; int8: (N, K) int8; float (N, K) */
-    const float *scale;            /* (N, K / group) */
-    const float *mins;             /* int4 only: (N, K / group) */
-    int64_t N, K, group;
+    const void *scale;             /* (N, K / group) float; int4 also float16 (half) */
+    const void *mins;              /* int4 only: (N, K / group), as scale */
+    int64_t N, K, group, half;
 } QLinear;
 
 typedef struct {
@@ -129,20 +129,21 @@ static void f32_linear(const float *w, int64_t N, int64_t K, const float *x, int
     }
 }
 
-/* y (M, N) = x (M, K) through one linear; a quantized one first quantizes x into q. */
-static void linear(const QLinear *w, const float *x, int64_t M, const QuantizedRows *q,
-                   float *y, int simd, int threads) {
+/* y (M, N) = x (M, K) through one linear; a quantized one first quantizes x into q.
+ * Returns 0, or -1 when the int4 kernel could not allocate. */
+static int linear(const QLinear *w, const float *x, int64_t M, const QuantizedRows *q,
+                  float *y, int simd, int threads) {
     if (w->bits == 32) {
         f32_linear((const float *)w->q, w->N, w->K, x, M, y, simd, threads);
-        return;
+        return 0;
     }
     quantize_rows(x, M, w->K, q->q, q->d, q->s);
     if (w->bits == 4)
-        int4_block_mm((const uint8_t *)w->q, w->scale, w->mins, w->N, w->K, w->group, q->q,
-                      q->d, q->s, M, y, simd, threads);
-    else
-        int8_block_mm((const int8_t *)w->q, w->scale, w->N, w->K, w->group, q->q, q->d, M, y,
-                      simd, threads);
+        return int4_block_mm((const uint8_t *)w->q, w->scale, w->mins, (int)w->half, w->N,
+                             w->K, w->group, q->q, q->d, q->s, M, y, simd, threads);
+    int8_block_mm((const int8_t *)w->q, (const float *)w->scale, w->N, w->K, w->group, q->q,
+                  q->d, M, y, simd, threads);
+    return 0;
 }
 
 /* HF's RMSNorm in float32: weight * (x * rsqrt(mean(x^2) + eps)). */
@@ -219,7 +220,7 @@ int decode_step(const DecodeModel *m, int64_t S, const int64_t *positions, const
     for (int64_t l = 0; ok && l < m->num_layers; l++) {
         const DecoderLayer *L = m->layers + l;
         rms_norm(h, L->attn_norm, S, H, m->eps, xn);
-        linear(&L->qkv, xn, S, &x, qkv, simd, threads);               /* (S, qkv_w) */
+        ok = ok && linear(&L->qkv, xn, S, &x, qkv, simd, threads) == 0;     /* (S, qkv_w) */
         for (int64_t s = 0; s < S; s++) {
             float *row = qkv + s * qkv_w;                             /* q | k | v heads */
             rope(row, nh + nkv, hd, m->cos_sin + positions[s] * 2 * hd, rot);
@@ -234,17 +235,18 @@ int decode_step(const DecodeModel *m, int64_t S, const int64_t *positions, const
                         positions[s] + 1, head / group, scores + task * longest,
                         attn + task * hd);
         }
-        linear(&L->o, attn, S, &x, tmp, simd, threads);               /* (S, H) */
+        ok = ok && linear(&L->o, attn, S, &x, tmp, simd, threads) == 0;  /* (S, H) */
         for (int64_t i = 0; i < S * H; i++) h[i] += tmp[i];
 
         rms_norm(h, L->mlp_norm, S, H, m->eps, xn);
-        linear(&L->gate_up, xn, S, &x, gu, simd, threads);            /* (S, 2I): gate | up */
+        /* (S, 2I): gate | up */
+        ok = ok && linear(&L->gate_up, xn, S, &x, gu, simd, threads) == 0;
         for (int64_t s = 0; s < S; s++)
             for (int64_t i = 0; i < I; i++) {
                 const float g = gu[s * 2 * I + i];
                 act[s * I + i] = g / (1.0f + expf(-g)) * gu[s * 2 * I + I + i];
             }
-        linear(&L->down, act, S, &x, tmp, simd, threads);             /* (S, H) */
+        ok = ok && linear(&L->down, act, S, &x, tmp, simd, threads) == 0;  /* (S, H) */
         for (int64_t i = 0; i < S * H; i++) h[i] += tmp[i];
     }
     free(xn); free(qkv); free(attn); free(tmp); free(gu); free(act); free(scores); free(rot);

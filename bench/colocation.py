@@ -33,6 +33,7 @@ import os
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))    # run as a script, not a package
@@ -126,7 +127,10 @@ def load_specs(args: argparse.Namespace) -> list[LoadSpec]:
     specs += [LoadSpec(rate=r, **common) for r in rates]
     specs += [LoadSpec(concurrency=args.saturate, **common)] if args.saturate else []
     specs += [LoadSpec(concurrency=1, flood=args.flood, **common)] if args.flood else []
-    return specs or [LoadSpec(rate=DEFAULT_RATE, **common)]
+    # Each load its own requests (seed + its place): a server answering a second load
+    # would otherwise find the first one's prompts in its prefix cache.
+    return [replace(s, seed=args.seed + i) for i, s in enumerate(specs)] or [
+        LoadSpec(rate=DEFAULT_RATE, **common)]
 
 
 def describe_load(specs: list[LoadSpec]) -> str:
@@ -136,7 +140,8 @@ def describe_load(specs: list[LoadSpec]) -> str:
                                      spec.num_requests and f"{spec.num_requests} requests") if x)
     return (f"loads {how}, each until {until}; prompts {spec.prompt_tokens[0]}-{spec.prompt_tokens[1]} "
             f"tokens, outputs {spec.output_tokens[0]}-{spec.output_tokens[1]} (uniform, "
-            f"seed {spec.seed}); greedy, EOS ignored, every request streamed")
+            f"seed {spec.seed} plus the load's place); greedy, EOS ignored, every request "
+            f"streamed")
 
 
 def start_servers(name: str, configs: dict, args: argparse.Namespace, results: Path):

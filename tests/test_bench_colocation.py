@@ -172,6 +172,7 @@ def test_the_loads_each_option_adds():
          "--requests", "4", "--peer", "llamacpp"]))
     assert [s.label for s in specs] == ["1 conc", "0.5 req/s", "6 conc", "flood 8 beside 1"]
     assert all(s.num_requests == 4 for s in specs)
+    assert [s.seed for s in specs] == [0, 1, 2, 3]      # no prompt replayed across loads
     flood = specs[-1]
     assert [flood.in_flight(i) for i in range(3)] == [1, 8, 0]
     assert [specs[2].in_flight(i) for i in range(3)] == [6, 6, 6]

@@ -12,8 +12,13 @@ replaying the same seeded requests (see colocation_load.py):
   fused     the same N services in one process, decoding as one batch (batching: fused),
             with the threads the N isolated processes had between them;
   unshared  the same with `share_weights: false` (one copy per service);
-  peer      the same N loads to other servers over an OpenAI-compatible streaming API:
-            N `transformers serve` processes started here on CPU, or --peer-url.
+  peer      the same N loads to other servers over an OpenAI-compatible streaming API,
+            started here on CPU (--peer transformers: `transformers serve`; --peer
+            llamacpp: `llama_cpp.server` on the same GGUF), or --peer-url.
+Loads, each run against every scenario in turn: Poisson arrivals (--rate, --rates), a
+closed loop (--concurrency), the machine saturated (--saturate C: C in flight per
+service; its figure is the total output tok/s) and a flood (--flood F: tenant 1 keeps F
+in flight while tenant 0 has one; its figure is tenant 0's latency over alone's).
 --door http drives the colocate scenarios through their own OpenAI-compatible HTTP
 ports with the peers' client, so that every scenario is measured through one door.
 Writes colocation.json, colocation.md and PNG plots under --results and prints a
@@ -28,6 +33,7 @@ import os
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))    # run as a script, not a package
@@ -37,9 +43,9 @@ from colocation_bursty import run_bursty  # noqa: E402
 from colocation_load import LoadSpec, PromptMaker, run_load  # noqa: E402
 from colocation_report import (headline_ratios, markdown_report, scenario_result,  # noqa: E402
                                terminal_report, write_plots)
-from colocation_servers import (SCENARIOS, ColocateServers, TransformersPeers,  # noqa: E402
-                                UrlPeers, cpu_seconds, describe, load_bench_config,
-                                scenario_configs, transformers_serve_unavailable,
+from colocation_peers import PEERS, ProcessPeers, UrlPeers, peer_unavailable  # noqa: E402
+from colocation_servers import (SCENARIOS, ColocateServers, cpu_seconds,  # noqa: E402
+                                describe, load_bench_config, scenario_configs,
                                 write_default_config)
 
 # Measured here (2 cores, `small` preset, 1 torch thread per service, default
@@ -60,12 +66,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--services", type=int, default=3)
     p.add_argument("--kv-tokens", type=int, default=4096, help="KV pool per service")
     p.add_argument("--max-model-len", type=int, default=1024)
-    load = p.add_mutually_exclusive_group()
-    load.add_argument("--rate", type=float, help=f"Poisson requests/s per service "
-                      f"(default {DEFAULT_RATE})")
-    load.add_argument("--rates", help="a sweep: comma-separated rates, each run in turn")
-    load.add_argument("--concurrency", type=int, help="closed loop: requests in flight "
-                      "per service")
+    rate = p.add_mutually_exclusive_group()
+    rate.add_argument("--rate", type=float, help=f"Poisson requests/s per service "
+                      f"(default {DEFAULT_RATE} when no other load is given)")
+    rate.add_argument("--rates", help="a sweep: comma-separated rates, each run in turn")
+    p.add_argument("--concurrency", type=int, help="closed loop: requests in flight "
+                   "per service")
+    p.add_argument("--saturate", type=int, metavar="C", help="a closed loop of C in flight "
+                   "per service, to measure the total output tok/s with every service flooded")
+    p.add_argument("--flood", type=int, metavar="F", help="tenant 1 keeps F requests in "
+                   "flight while tenant 0 keeps one (the others idle)")
     p.add_argument("--duration", type=float, help=f"seconds of arrivals per load "
                    f"(default {DEFAULT_DURATION_S:g} unless --requests is given)")
     p.add_argument("--requests", type=int, help="requests per service")
@@ -78,6 +88,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--door", choices=("grpc", "http"), default="grpc",
                    help="how the colocate scenarios are driven: gRPC Generate, or their "
                         "OpenAI-compatible HTTP port, through the same client as the peers")
+    p.add_argument("--peer", choices=PEERS, default="transformers",
+                   help="the peer servers started here on CPU (without --peer-url)")
     p.add_argument("--peer-url", action="append", default=[], help="an OpenAI-compatible "
                    "server (vLLM, SGLang, TGI); repeat or comma-separate, 1 or N of them")
     p.add_argument("--peer-model", help="model name the peers serve (default: the checkpoint)")
@@ -109,21 +121,27 @@ def load_specs(args: argparse.Namespace) -> list[LoadSpec]:
     common = dict(duration_s=duration, num_requests=args.requests,
                   prompt_tokens=pair(args.prompt_tokens), output_tokens=pair(args.output_tokens),
                   seed=args.seed, request_timeout_s=args.request_timeout)
-    if args.concurrency:
-        return [LoadSpec(concurrency=args.concurrency, **common)]
-    rates = [float(r) for r in args.rates.split(",")] if args.rates else [args.rate or DEFAULT_RATE]
-    return [LoadSpec(rate=r, **common) for r in rates]
+    rates = ([float(r) for r in args.rates.split(",")] if args.rates
+             else [args.rate] if args.rate else [])
+    specs = ([LoadSpec(concurrency=args.concurrency, **common)] if args.concurrency else [])
+    specs += [LoadSpec(rate=r, **common) for r in rates]
+    specs += [LoadSpec(concurrency=args.saturate, **common)] if args.saturate else []
+    specs += [LoadSpec(concurrency=1, flood=args.flood, **common)] if args.flood else []
+    # Each load its own requests (seed + its place): a server answering a second load
+    # would otherwise find the first one's prompts in its prefix cache.
+    return [replace(s, seed=args.seed + i) for i, s in enumerate(specs)] or [
+        LoadSpec(rate=DEFAULT_RATE, **common)]
 
 
 def describe_load(specs: list[LoadSpec]) -> str:
-    spec = specs[0]                  # a sweep's specs differ only in their rate
-    how = (f"Poisson arrivals at {', '.join(f'{s.rate:g}' for s in specs)} req/s"
-           if spec.rate is not None else f"{spec.concurrency} in flight (closed loop)")
+    spec = specs[0]                  # the specs differ only in how requests arrive
+    how = ", ".join(s.label for s in specs)
     until = " and ".join(x for x in (spec.duration_s and f"{spec.duration_s:g} s",
                                      spec.num_requests and f"{spec.num_requests} requests") if x)
-    return (f"{how}, until {until}; prompts {spec.prompt_tokens[0]}-{spec.prompt_tokens[1]} "
+    return (f"loads {how}, each until {until}; prompts {spec.prompt_tokens[0]}-{spec.prompt_tokens[1]} "
             f"tokens, outputs {spec.output_tokens[0]}-{spec.output_tokens[1]} (uniform, "
-            f"seed {spec.seed}); greedy, EOS ignored, every request streamed")
+            f"seed {spec.seed} plus the load's place); greedy, EOS ignored, every request "
+            f"streamed")
 
 
 def start_servers(name: str, configs: dict, args: argparse.Namespace, results: Path):
@@ -137,17 +155,17 @@ def start_servers(name: str, configs: dict, args: argparse.Namespace, results: P
     if name != "peer":
         return ColocateServers(configs[name], args.threads, args.startup_timeout,
                                args.door), None
+    from colocate.cluster.supervisor import checkpoint_dir
     gpu = configs["shared"].gpus[0]
+    checkpoint = str(checkpoint_dir(configs["shared"].models[gpu.services[0].model]))
     if args.peer_url:
-        from colocate.cluster.supervisor import checkpoint_dir
-        model = args.peer_model or str(checkpoint_dir(configs["shared"].models[
-            gpu.services[0].model]))
-        return UrlPeers(args.peer_url, [s.name for s in gpu.services], model), None
-    reason = transformers_serve_unavailable(gpu.device)
+        return UrlPeers(args.peer_url, [s.name for s in gpu.services],
+                        args.peer_model or checkpoint), None
+    reason = peer_unavailable(args.peer, gpu.device, checkpoint)
     if reason:
         return None, reason
-    return TransformersPeers(configs["shared"], args.threads, args.startup_timeout,
-                             results / "logs"), None
+    return ProcessPeers(args.peer, configs["shared"], args.threads, args.startup_timeout,
+                        results / "logs"), None
 
 
 def warm_up(targets, prompts: PromptMaker, spec: LoadSpec) -> None:
@@ -200,8 +218,8 @@ def run(args: argparse.Namespace) -> dict:
     gpu = configs["shared"].gpus[0]
     prompts = PromptMaker(checkpoint_dir(config.models[gpu.services[0].model]))
     specs = load_specs(args)
-    runs = [{"rate": s.rate, "concurrency": s.concurrency, "load": s.label, "scenarios": {}}
-            for s in specs]
+    runs = [{"rate": s.rate, "concurrency": s.concurrency, "flood": s.flood, "load": s.label,
+             "scenarios": {}} for s in specs]
     skipped: dict[str, str] = {}
     start_private_ray()       # one Ray for every scenario: start-up once, not 3 times
     try:
@@ -212,9 +230,10 @@ def run(args: argparse.Namespace) -> dict:
         ray.shutdown()
     for r in runs:
         r["ratios"] = headline_ratios(r["scenarios"])
+    machine["load_average_after"] = list(os.getloadavg())
     return {"machine": machine, "config": describe(configs["shared"]),
             "settings": {"scenario_source": str(args.config or f"{args.services} x {args.model}"),
-                         "torch_threads": args.threads, "door": args.door,
+                         "torch_threads": args.threads, "door": args.door, "peer": args.peer,
                          "load_description": describe_load(specs), "argv": sys.argv[1:]},
             "skipped": skipped, "runs": runs}
 

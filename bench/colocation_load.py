@@ -31,9 +31,14 @@ from colocate import progress
 class LoadSpec:
     """One tenant's load. Open loop (`rate`, Poisson arrivals) or closed loop
     (`concurrency` requests always in flight); it stops at `duration_s` or after
-    `num_requests`, whichever comes first (at least one of them is set)."""
+    `num_requests`, whichever comes first (at least one of them is set).
+
+    `flood`: a closed loop for tenant 0 only (the neighbour), while tenant 1 keeps
+    `flood` requests in flight until tenant 0 is done and the others send nothing;
+    alone, with tenant 0 only, is then the neighbour's own baseline."""
     rate: float | None = None
     concurrency: int | None = None
+    flood: int | None = None
     duration_s: float | None = None
     num_requests: int | None = None
     prompt_tokens: tuple[int, int] = (32, 512)     # inclusive range, uniform
@@ -44,12 +49,22 @@ class LoadSpec:
     def __post_init__(self) -> None:
         if (self.rate is None) == (self.concurrency is None):
             raise ValueError("give exactly one of rate and concurrency")
+        if self.flood is not None and self.concurrency is None:
+            raise ValueError("a flood is a closed loop: give concurrency")
         if self.duration_s is None and self.num_requests is None:
             raise ValueError("give a duration or a request count")
 
     @property
     def label(self) -> str:
+        if self.flood is not None:
+            return f"flood {self.flood} beside {self.concurrency}"
         return f"{self.rate:g} req/s" if self.rate is not None else f"{self.concurrency} conc"
+
+    def in_flight(self, stream: int) -> int:
+        """Closed loop: the requests tenant `stream` keeps in flight."""
+        if self.flood is None:
+            return self.concurrency or 0
+        return {0: self.concurrency, 1: self.flood}.get(stream, 0)
 
 
 @dataclass(frozen=True)
@@ -188,7 +203,8 @@ class OpenAITarget:
             self.headers["Authorization"] = f"Bearer {token}"
 
     def body(self, prompt: str, max_tokens: int) -> dict:
-        extra = {k: (v.replace("{max_tokens}", str(max_tokens)) if isinstance(v, str) else v)
+        extra = {k: (max_tokens if v == "{max_tokens}" else
+                     v.replace("{max_tokens}", str(max_tokens)) if isinstance(v, str) else v)
                  for k, v in self.extra.items()}
         return {"model": self.model, "prompt": prompt, "max_tokens": max_tokens,
                 "temperature": 0.0, "stream": True, **extra}
@@ -255,7 +271,9 @@ def planned_total(spec: LoadSpec, streams: int) -> int | None:
     bounds a closed loop."""
     if spec.rate is not None:
         return sum(len(arrival_offsets(spec, s)) for s in range(streams))
-    return None if spec.num_requests is None else spec.num_requests * streams
+    if spec.flood is not None or spec.num_requests is None:
+        return None                          # the flood lasts as long as the neighbour
+    return spec.num_requests * streams
 
 
 def run_load(targets: list[Target], spec: LoadSpec, prompts: PromptMaker,
@@ -302,13 +320,18 @@ def _run_load(targets: list[Target], spec: LoadSpec, prompts: PromptMaker,
         w.start()
 
     drivers = []
+    neighbour_done = threading.Event()       # a flood ends with its neighbour's load
     for stream, target in enumerate(targets):
         if spec.rate is not None:
             drivers.append(threading.Thread(target=open_loop, args=(target, stream), daemon=True))
-        else:
-            counter = _Counter(spec, t0)
-            drivers += [threading.Thread(target=closed_loop, args=(target, stream, counter),
-                                         daemon=True) for _ in range(spec.concurrency)]
+            continue
+        counter = (_Counter(spec, t0, until=neighbour_done) if spec.flood and stream == 1
+                   else _Counter(spec, t0))
+        drivers += [threading.Thread(target=closed_loop, args=(target, stream, counter),
+                                     daemon=True) for _ in range(spec.in_flight(stream))]
+    if spec.flood:                           # the neighbour's drivers, then the flood ends
+        drivers.append(threading.Thread(target=_set_after, daemon=True, args=(
+            drivers[:spec.in_flight(0)], neighbour_done)))
     for d in drivers:
         d.start()
     for d in drivers:              # open loop: all arrivals sent; closed: all done or timed out
@@ -325,17 +348,28 @@ def _run_load(targets: list[Target], spec: LoadSpec, prompts: PromptMaker,
     return done, (max(ends) if ends else time.perf_counter() - t0)
 
 
+def _set_after(threads: list[threading.Thread], event: threading.Event) -> None:
+    for t in threads:
+        t.join()
+    event.set()
+
+
 class _Counter:
     """Hands out the next request index of one closed-loop tenant, or None when the
     count is reached or the duration has passed."""
 
-    def __init__(self, spec: LoadSpec, t0: float) -> None:
+    def __init__(self, spec: LoadSpec, t0: float, until: threading.Event | None = None) -> None:
+        """until: a flood's tenant, which sends until the event, not a count."""
         self._next, self._lock, self._spec, self._t0 = 0, threading.Lock(), spec, t0
+        self._until = until
 
     def __call__(self) -> int | None:
         with self._lock:
             spec = self._spec
-            if spec.num_requests is not None and self._next >= spec.num_requests:
+            if self._until is not None:
+                if self._until.is_set():
+                    return None
+            elif spec.num_requests is not None and self._next >= spec.num_requests:
                 return None
             if spec.duration_s is not None and time.perf_counter() - self._t0 > spec.duration_s:
                 return None

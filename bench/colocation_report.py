@@ -85,6 +85,9 @@ def headline_ratios(scenarios: dict[str, dict]) -> dict[str, float | None]:
             mem = [(ok(n) or {}).get("memory") or {} for n in (mode, other)]
             out[f"memory_{mode}_over_{other}"] = ratio(mem[0].get("total_bytes"),
                                                        mem[1].get("total_bytes"))
+    # Total output tok/s: the capacity when every service is flooded (--saturate).
+    tok_s = {n: ok(n) and ok(n)["overall"]["output_tokens_per_s"] for n in ("shared", "fused")}
+    out["output_tok_s_fused_over_shared"] = ratio(tok_s["fused"], tok_s["shared"])
     return out
 
 
@@ -133,7 +136,8 @@ def markdown_report(result: dict, plots: list[str]) -> str:
     m, s = result["machine"], result["settings"]
     lines = [f"# colocation benchmark: {s['scenario_source']}", "",
              f"{m['date']}; {m['cpu_count']} CPU cores ({m['processor']}); load average "
-             f"before the run {', '.join(f'{x:.2f}' for x in m['load_average_before'])}; "
+             f"before the run {', '.join(f'{x:.2f}' for x in m['load_average_before'])}, "
+             f"after {', '.join(f'{x:.2f}' for x in m.get('load_average_after', []))}; "
              f"torch threads per server: {s['torch_threads']}.", "",
              f"Load per service: {s['load_description']}.", "",
              format_markdown_table(HEADERS, table_rows(result["runs"])), "",

@@ -1,22 +1,15 @@
 """The servers' side of bench/colocation.py: the deployments each scenario runs, how
 they are started and stopped, and the memory they hold.
 
-alone, shared and unshared are all cut from one device entry of one config, so they
-differ in exactly one thing each: alone keeps only the first service; unshared sets
-`share_weights: false`. The peer scenario runs other servers on the same checkpoint
-behind an OpenAI-compatible API: `transformers serve` processes started here, or
-servers given by URL.
+alone, shared, fused and unshared are all cut from one device entry of one config, so
+they differ in exactly one thing each: alone keeps only the first service; fused sets
+`batching: fused`; unshared sets `share_weights: false`. The peer scenario's servers
+are in colocation_peers.py.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
 import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,7 +18,6 @@ import psutil
 from colocate.config import DeploymentConfig
 from colocate.memory.probe import device_process_memory
 from colocate.cluster.deploy import Deployment, load_with_demo_tokens
-from colocate.cluster.supervisor import checkpoint_dir
 from colocation_load import ColocateTarget, OpenAITarget, Target
 
 SCENARIOS = ("alone", "shared", "fused", "unshared", "peer")
@@ -165,124 +157,6 @@ def measure(device: str, pids: dict[str, int], extra: dict | None = None) -> dic
             "total_bytes": sum(per.values()), "per_process": per, **(extra or {})}
 
 
-# ---- peers: other servers behind an OpenAI-compatible API ----------------------------
-
-SERVE_MODULES = ("fastapi", "uvicorn", "openai")   # what `transformers serve` imports
-PEER_BLOCK = 16                                    # tokens per KV block, as colocate's
-
-
-def kv_tokens(config: DeploymentConfig, service) -> int:
-    """The tokens a service's KV budget holds, for sizing a peer's cache alike."""
-    from colocate.memory.sizing import ModelFootprint, kv_budget
-    return kv_budget(ModelFootprint.of(config.models[service.model]), service)[1]
-
-
-def transformers_serve_unavailable(device: str) -> str | None:
-    """Why `transformers serve` peers cannot be started here, or None if they can."""
-    if not device.startswith("cpu"):
-        return "peers are started only on CPU; on a GPU pass --peer-url (vLLM, SGLang, TGI)"
-    if shutil.which("transformers", path=str(Path(sys.executable).parent)) is None:
-        return "no `transformers` command beside this Python (pip install transformers)"
-    missing = [m for m in SERVE_MODULES if importlib.util.find_spec(m) is None]
-    if missing:
-        return (f"`transformers serve` needs {', '.join(missing)}: "
-                f"pip install 'transformers[serving]'")
-    return None
-
-
-class TransformersPeers:
-    """One `transformers serve` process per service, on the same checkpoint, with the
-    same torch thread count, continuous batching on (its closest to a serving engine;
-    without it requests are generated one at a time) and a paged KV cache of as many
-    tokens as the service's (left to itself it sizes the cache by a share of the
-    machine's RAM: gigabytes here)."""
-
-    def __init__(self, config: DeploymentConfig, torch_threads: int, timeout_s: float,
-                 log_dir: Path) -> None:
-        gpu = config.gpus[0]
-        model = config.models[gpu.services[0].model]
-        self.checkpoint = str(checkpoint_dir(model))
-        env = {**os.environ, "OMP_NUM_THREADS": str(torch_threads), "HF_HUB_OFFLINE": "1",
-               "TRANSFORMERS_OFFLINE": "1"}
-        dtype = model.dtype if model.dtype != "auto" else "auto"
-        self.procs: list[subprocess.Popen] = []
-        self.targets: list[Target] = []
-        # The server takes its output length from `generation_config`; min = max makes
-        # it ignore EOS, as the colocate services are asked to.
-        extra = {"generation_config": '{"do_sample": false, "min_new_tokens": {max_tokens}}'}
-        log_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            for s in gpu.services:
-                port = free_port()
-                cmd = [str(Path(sys.executable).parent / "transformers"), "serve",
-                       self.checkpoint, "--host", "127.0.0.1", "--port", str(port),
-                       "--device", "cpu", "--dtype", dtype, "--continuous-batching",
-                       "--cb-block-size", str(PEER_BLOCK), "--cb-num-blocks",
-                       str(-(-kv_tokens(config, s) // PEER_BLOCK))]
-                log = open(log_dir / f"peer-{s.name}.log", "w")
-                self.procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=log))
-                self.targets.append(OpenAITarget(s.name, f"http://127.0.0.1:{port}",
-                                                 self.checkpoint, extra))
-            self.command = " ".join(cmd)
-            for proc, target in zip(self.procs, self.targets):
-                wait_healthy(target.url.rsplit("/v1/", 1)[0], proc, timeout_s)
-        except BaseException:
-            self.close()
-            raise
-
-    def pids(self) -> dict[str, int]:
-        pids = {}
-        for proc, t in zip(self.procs, self.targets):     # a server and any children
-            tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(True)]
-            pids.update({f"peer {t.name}" + (f" child {i}" if i else ""): pid
-                         for i, pid in enumerate(tree)})
-        return pids
-
-    def memory(self) -> dict:
-        return measure("cpu", self.pids())
-
-    def close(self) -> None:
-        for proc in self.procs:
-            proc.terminate()
-        for proc in self.procs:
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-    def __enter__(self) -> "TransformersPeers":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-class UrlPeers:
-    """Servers someone else started (vLLM, SGLang, TGI on a GPU). One URL serves every
-    tenant's load, or one URL per tenant. `ignore_eos` is vLLM's and SGLang's name
-    for what the colocate services are asked to do; their memory is not ours to see."""
-
-    def __init__(self, urls: list[str], names: list[str], model: str) -> None:
-        if len(urls) not in (1, len(names)):
-            raise ValueError(f"--peer-url: give 1 URL or {len(names)}, got {len(urls)}")
-        urls = urls * len(names) if len(urls) == 1 else urls
-        self.command = "given by --peer-url"
-        self.targets: list[Target] = [OpenAITarget(n, u, model, {"ignore_eos": True})
-                                      for n, u in zip(names, urls)]
-
-    def pids(self) -> dict[str, int]:
-        return {}
-
-    def memory(self) -> dict | None:
-        return None
-
-    def __enter__(self) -> "UrlPeers":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
-
-
 def cpu_seconds(pids: dict[str, int]) -> float:
     """User + system CPU seconds the processes have used so far (their threads too)."""
     total = 0.0
@@ -293,22 +167,6 @@ def cpu_seconds(pids: dict[str, int]) -> float:
         except psutil.Error:         # gone: its share is simply missing
             pass
     return total
-
-
-def wait_healthy(base_url: str, proc: subprocess.Popen | None, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{base_url}: the server exited with code {proc.returncode}")
-        try:
-            with urllib.request.urlopen(base_url + "/health", timeout=5) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{base_url}: not healthy after {timeout_s:.0f} s")
-        time.sleep(0.5)
 
 
 def describe(config: DeploymentConfig) -> dict:

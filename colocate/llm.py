@@ -10,6 +10,7 @@ import torch
 from colocate.engine.block_pool import KV_BLOCK_SIZE
 from colocate.engine.config import EngineConfig
 from colocate.engine.outputs import RequestOutput
+from colocate.engine.scheduler import DEFAULT_MAX_PREFILL_TOKENS_PER_MIXED_STEP
 from colocate.model.kv_cache import resolve_kv_cache_dtype
 from colocate.model.checkpoint import parse_dtype
 from colocate.quant.loading import load_model
@@ -42,7 +43,9 @@ class LLM:
                  kv_cache_tokens: int | None = None, max_model_len: int | None = None,
                  max_num_seqs: int = 64, max_num_batched_tokens: int = 2048,
                  enable_prefix_caching: bool = True,
-                 quant_group_size: int | None = None) -> None:
+                 quant_group_size: int | None = None,
+                 max_prefill_tokens_per_mixed_step: int =
+                 DEFAULT_MAX_PREFILL_TOKENS_PER_MIXED_STEP) -> None:
         """quantization: None | "int8" (per channel) | "int4" (groups of quant_group_size
         input channels, default 128); AWQ / GPTQ checkpoints load as int4 regardless."""
         torch_device = resolve_device(device)
@@ -57,6 +60,7 @@ class LLM:
                              else kv_cache_tokens),
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
             block_size=block_size, enable_prefix_caching=enable_prefix_caching,
+            max_prefill_tokens_per_mixed_step=max_prefill_tokens_per_mixed_step,
             kv_cache_dtype=kv_cache_dtype)
 
         self.model = load_model(path, dtype=torch_dtype, device=str(torch_device),

@@ -19,8 +19,12 @@ sys.path.insert(0, str(SCRIPT.parent))
 import colocation  # noqa: E402
 from colocation_load import (LoadSpec, PromptMaker, arrival_offsets,  # noqa: E402
                              planned_request, run_load)
+from colocation_peers import (llamacpp_command, peer_commands,  # noqa: E402
+                              peer_unavailable)
+from colocation_report import headline_ratios, scenario_result  # noqa: E402
+from colocation_load import RequestRecord  # noqa: E402
 from colocation_servers import (load_bench_config, scenario_configs,  # noqa: E402
-                                transformers_serve_unavailable, write_default_config)
+                                write_default_config)
 
 SERVICES, REQUESTS = 2, 3
 SCENARIOS = ("alone", "shared", "fused", "unshared", "peer")
@@ -128,10 +132,11 @@ def test_outputs_written(run):
 
 
 def test_peer_skip_is_recorded_without_starting_anything(tiny, tmp_path, monkeypatch):
-    monkeypatch.setattr(colocation, "transformers_serve_unavailable", lambda device: "no")
+    monkeypatch.setattr(colocation, "peer_unavailable", lambda peer, device, ckpt: "no")
     config = load_bench_config(write_default_config(
         tmp_path / "d.yaml", str(tiny), 2, kv_tokens=256, max_model_len=128, max_num_seqs=4))
-    args = Namespace(peer_url=[], peer_model=None, threads=1, startup_timeout=1)
+    args = Namespace(peer="transformers", peer_url=[], peer_model=None, threads=1,
+                     startup_timeout=1)
     runs, skipped = [{"scenarios": {}}, {"scenarios": {}}], {}
     colocation.run_scenario("peer", scenario_configs(config), args, tmp_path, None, [], runs,
                             skipped)
@@ -139,8 +144,78 @@ def test_peer_skip_is_recorded_without_starting_anything(tiny, tmp_path, monkeyp
     assert all(r["scenarios"]["peer"] == {"status": "skipped", "reason": "no"} for r in runs)
 
 
-def test_peers_are_started_only_on_cpu():
-    assert "--peer-url" in transformers_serve_unavailable("cuda:0")
+def test_peers_are_started_only_on_cpu_and_llamacpp_only_on_a_gguf():
+    assert "--peer-url" in peer_unavailable("transformers", "cuda:0", "m")
+    assert "--peer-url" in peer_unavailable("llamacpp", "cuda:0", "m.gguf")
+    assert "GGUF" in peer_unavailable("llamacpp", "cpu", "/models/tiny")
+
+
+def test_peer_commands(tiny, tmp_path):
+    cmd = llamacpp_command("/m/x.gguf", 8123, 2, 4096)
+    assert cmd[1:3] == ["-m", "llama_cpp.server"]
+    flags = dict(zip(cmd[3::2], cmd[4::2]))
+    assert flags == {"--model": "/m/x.gguf", "--host": "127.0.0.1", "--port": "8123",
+                     "--n_threads": "2", "--n_threads_batch": "2", "--n_ctx": "4096",
+                     "--n_batch": "512", "--verbose": "False"}
+    config = load_bench_config(write_default_config(
+        tmp_path / "d.yaml", str(tiny), 2, kv_tokens=256, max_model_len=128, max_num_seqs=4))
+    cmds = peer_commands("transformers", config, 1, [9001, 9002])
+    assert [c[c.index("--port") + 1] for c in cmds] == ["9001", "9002"]
+    assert all(c[1:3] == ["serve", str(tiny)] and "--continuous-batching" in c for c in cmds)
+    # 256 KV tokens in blocks of 16.
+    assert all(c[c.index("--cb-num-blocks") + 1] == "16" for c in cmds)
+
+
+def test_the_loads_each_option_adds():
+    specs = colocation.load_specs(colocation.parse_args(
+        ["--concurrency", "1", "--rate", "0.5", "--saturate", "6", "--flood", "8",
+         "--requests", "4", "--peer", "llamacpp"]))
+    assert [s.label for s in specs] == ["1 conc", "0.5 req/s", "6 conc", "flood 8 beside 1"]
+    assert all(s.num_requests == 4 for s in specs)
+    assert [s.seed for s in specs] == [0, 1, 2, 3]      # no prompt replayed across loads
+    flood = specs[-1]
+    assert [flood.in_flight(i) for i in range(3)] == [1, 8, 0]
+    assert [specs[2].in_flight(i) for i in range(3)] == [6, 6, 6]
+    (default,) = colocation.load_specs(colocation.parse_args([]))
+    assert default.rate == colocation.DEFAULT_RATE
+    with pytest.raises(SystemExit):
+        colocation.parse_args(["--peer", "vllm"])
+    with pytest.raises(ValueError, match="closed loop"):
+        LoadSpec(rate=1.0, flood=8, num_requests=1)
+
+
+def _records(service, e2e, tokens, n=2):
+    return [RequestRecord(service, i, 0.0, 10, tokens, ttft_s=e2e / 4, e2e_s=e2e,
+                          output_tokens=tokens, itl_s=[e2e / 8] * 4) for i in range(n)]
+
+
+def test_headline_ratios_on_synthetic_records():
+    alone = scenario_result(_records("svc-0", 2.0, 10), 4.0, ["svc-0"], {"total_bytes": 100})
+    fused = scenario_result(_records("svc-0", 2.5, 10) + _records("svc-1", 9.0, 10), 5.0,
+                            ["svc-0", "svc-1"], {"total_bytes": 150})
+    shared = scenario_result(_records("svc-0", 3.0, 10) + _records("svc-1", 3.0, 10), 10.0,
+                             ["svc-0", "svc-1"], {"total_bytes": 300})
+    peer = scenario_result(_records("svc-0", 2.0, 10) + _records("svc-1", 3.5, 10), 5.0,
+                           ["svc-0", "svc-1"], {"total_bytes": 600})
+    r = headline_ratios({"alone": alone, "shared": shared, "fused": fused, "peer": peer})
+    # The neighbour (svc-0) against alone, whatever svc-1 (the flood) went through.
+    assert r["e2e_mean_fused_over_alone"] == pytest.approx(1.25)
+    assert r["ttft_mean_shared_over_alone"] == pytest.approx(1.5)
+    assert r["e2e_mean_fused_over_peer"] == pytest.approx(5.75 / 2.75)
+    # 40 tokens in 5 s against 40 in 10 s.
+    assert r["output_tok_s_fused_over_shared"] == pytest.approx(2.0)
+    assert r["memory_fused_over_peer"] == pytest.approx(0.25)
+    assert headline_ratios({"alone": alone})["output_tok_s_fused_over_shared"] is None
+
+
+def test_a_flood_lasts_as_long_as_its_neighbour(prompts):
+    spec = LoadSpec(concurrency=1, flood=4, num_requests=3, prompt_tokens=(8, 16),
+                    output_tokens=(3, 9))
+    records, _ = run_load([FakeTarget("n"), FakeTarget("f"), FakeTarget("idle")], spec, prompts)
+    mine = {name: [r for r in records if r.service == name] for name in ("n", "f", "idle")}
+    assert sorted(r.index for r in mine["n"]) == [0, 1, 2]
+    assert len(mine["f"]) >= 4 and not mine["idle"]
+    assert all(r.ok for r in records)
 
 
 def test_scenarios_differ_only_as_named(tiny, tmp_path):

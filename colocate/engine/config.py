@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 
 from colocate.engine.block_pool import KV_BLOCK_SIZE, pool_blocks
+from colocate.engine.scheduler import DEFAULT_MAX_PREFILL_TOKENS_PER_MIXED_STEP
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,8 @@ class EngineConfig:
     # "auto" (the model's dtype) | "int8"; checked where the cache is built
     # (model/kv_cache.py: resolve_kv_cache_dtype), which knows the device too.
     kv_cache_dtype: str = "auto"
+    # Prefill tokens a step that holds a decode may take (engine/scheduler.py).
+    max_prefill_tokens_per_mixed_step: int = DEFAULT_MAX_PREFILL_TOKENS_PER_MIXED_STEP
 
     def __post_init__(self) -> None:
         for f in fields(self):

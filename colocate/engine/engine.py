@@ -17,7 +17,8 @@ from colocate.engine.kv_cache_manager import KVCacheManager
 from colocate.engine.output_processor import OutputProcessor
 from colocate.engine.outputs import RequestOutput
 from colocate.engine.request import FinishReason, Request
-from colocate.engine.scheduler import Scheduler, SchedulerOutput
+from colocate.engine.scheduler import (DEFAULT_MAX_PREFILL_TOKENS_PER_MIXED_STEP, Scheduler,
+                                       SchedulerOutput)
 from colocate.engine.stats import EngineStatistics, StatisticsSnapshot
 from colocate.sampling_params import SamplingParams
 
@@ -50,6 +51,8 @@ class EngineLimits:
     # Where this engine's blocks start in the KV tensors it writes: 1 alone; in an
     # engine group each member owns its own range of one shared cache.
     first_block_id: int = 1
+    # Prefill tokens a step that holds a decode may take (scheduler.py); None: no cap.
+    max_prefill_tokens_per_mixed_step: int | None = DEFAULT_MAX_PREFILL_TOKENS_PER_MIXED_STEP
 
 
 class LLMEngine:
@@ -63,7 +66,7 @@ class LLMEngine:
         self.kv = KVCacheManager(limits.num_blocks, limits.block_size,
                                  limits.enable_prefix_caching, limits.first_block_id)
         self.scheduler = Scheduler(self.kv, limits.max_num_seqs, limits.max_num_batched_tokens,
-                                   limits.max_model_len)
+                                   limits.max_model_len, limits.max_prefill_tokens_per_mixed_step)
         self.output_processor = OutputProcessor(tokenizer)
         self._ids = itertools.count()
         self.num_steps = 0

@@ -20,6 +20,12 @@ Lending. Members named in `lenders` lend their free blocks to the others and tak
 them back within one step (colocate/engine/kv_lending.py). Lenders schedule first in
 every step, so a reclaim (which preempts borrowers' requests) never touches work a
 borrower has already scheduled in that step.
+
+Mixed steps. When any member has a decode in the step, the step's prefill tokens,
+all members together, are capped at `max_prefill_tokens_per_mixed_step`, that cap
+split among the members with prompts to compute by the same fair rule: one
+service's long prompt runs in chunks beside the others' decodes, so their next
+token waits for one chunk, not for the whole prompt (scheduler.py).
 """
 from __future__ import annotations
 
@@ -31,7 +37,7 @@ from colocate.engine.engine import LLMEngine
 from colocate.engine.kv_lending import KVLending
 from colocate.sampling_params import SamplingParams
 from colocate.engine.outputs import RequestOutput
-from colocate.engine.scheduler import SchedulerOutput
+from colocate.engine.scheduler import DEFAULT_MAX_PREFILL_TOKENS_PER_MIXED_STEP, SchedulerOutput
 
 
 class GroupStepFailedError(RuntimeError):
@@ -80,7 +86,9 @@ class GroupStep:
 class EngineGroup:
     def __init__(self, runner, members: Mapping[str, LLMEngine], max_num_batched_tokens: int,
                  weights: Mapping[str, float] | None = None,
-                 lenders: Collection[str] = ()) -> None:
+                 lenders: Collection[str] = (),
+                 max_prefill_tokens_per_mixed_step: int | None =
+                 DEFAULT_MAX_PREFILL_TOKENS_PER_MIXED_STEP) -> None:
         if not members:
             raise ValueError("an engine group needs at least one member")
         for name, engine in members.items():
@@ -92,6 +100,7 @@ class EngineGroup:
         self.runner = runner
         self.members = dict(members)
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_prefill_tokens_per_mixed_step = max_prefill_tokens_per_mixed_step
         self.weights = {m: float((weights or {}).get(m, 1.0)) for m in self.members}
         bad = [m for m, w in self.weights.items() if not w > 0]
         if bad:
@@ -145,12 +154,24 @@ class EngineGroup:
         next request wakes the group (LLMEngine.add_request)."""
         self.cache_sleep.sleep(self.runner)
 
+    def prefill_caps(self, served: Mapping[str, float]) -> dict[str, int] | None:
+        """Each member's prefill tokens this step when some member decodes in it (the
+        cap split fairly by weight), or None when the step is not capped."""
+        cap = self.max_prefill_tokens_per_mixed_step
+        if cap is None or not any(e.scheduler.has_decode() for e in self.members.values()):
+            return None
+        wants = {m: e.scheduler.pending_split()[1] for m, e in self.members.items()}
+        return fair_shares(wants, self.weights, cap, served)
+
     def step(self) -> dict[str, list[RequestOutput]]:
         """One forward for every member's scheduled work; outputs per member."""
-        demands = {m: e.scheduler.pending_tokens() for m, e in self.members.items()}
         served = {m: self.scheduled_tokens[m] / self.weights[m] for m in self.members}
+        prefill = self.prefill_caps(served)
+        demands = {m: e.scheduler.pending_tokens(prefill and prefill[m])
+                   for m, e in self.members.items()}
         shares = fair_shares(demands, self.weights, self.max_num_batched_tokens, served)
-        parts = [GroupStep(m, self.members[m].scheduler.schedule(shares[m]))
+        parts = [GroupStep(m, self.members[m].scheduler.schedule(
+                     shares[m], shares[m] if prefill is None else prefill[m]))
                  for m in self.order if shares[m] > 0]
         parts = [p for p in parts if not p.sched.empty]
         if not parts:

@@ -7,6 +7,13 @@ step. Running requests go first; when blocks run out the newest running request
 is preempted (its blocks freed, to be recomputed later); waiting requests are
 admitted only with what budget and blocks are left.
 
+Mixed steps. A step that holds a decode (a running request one token behind) takes
+at most `max_prefill_tokens_per_mixed_step` prefill tokens (prompt chunks, new or
+resumed), so a long prompt is computed a few hundred tokens a step beside the
+decodes instead of all at once, and their next token waits for one chunk only (as
+vLLM's long-prefill threshold). A step with no decode is not capped. Chunks end
+where they end: the tokens sampled are the same, only the step they land in moves.
+
 After the step the scheduler owns what changed (update_from_output): computed
 tokens, newly filled blocks into the prefix cache, the sampled token and its
 log-probabilities, and stopping on a stop token id or on length, which frees the
@@ -21,6 +28,9 @@ from dataclasses import dataclass, field
 
 from colocate.engine.kv_cache_manager import KVCacheManager
 from colocate.engine.request import FinishReason, Request, RequestStatus
+
+# Measured on SmolLM2-135M, 2 CPU cores (docs/benchmarks.md, "Fused batching").
+DEFAULT_MAX_PREFILL_TOKENS_PER_MIXED_STEP = 256
 
 
 @dataclass
@@ -52,10 +62,13 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, kv_cache_manager: KVCacheManager, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int) -> None:
+                 max_num_batched_tokens: int, max_model_len: int,
+                 max_prefill_tokens_per_mixed_step: int | None = None) -> None:
+        """max_prefill_tokens_per_mixed_step: None, no cap."""
         self.kv = kv_cache_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_prefill_tokens_per_mixed_step = max_prefill_tokens_per_mixed_step
         self.max_model_len = max_model_len
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -87,45 +100,73 @@ class Scheduler:
         self.requests.pop(request.request_id, None)
 
     # ---- the step ----------------------------------------------------------
-    def pending_tokens(self) -> int:
-        """What one step could use at most: every running request's backlog plus the
-        prompts of the waiting requests that max_num_seqs would admit, capped at the
-        token budget. An upper bound (prefix hits may need fewer); engine groups
-        split a shared budget by it."""
-        running = sum(r.num_tokens - r.num_computed_tokens for r in self.running)
+    def pending_split(self) -> tuple[int, int]:
+        """(decode tokens, prefill tokens) one step could use at most: a token for each
+        running request one behind; the backlog of the running requests further behind
+        plus the prompts of the waiting requests that max_num_seqs would admit. An
+        upper bound (prefix hits may need fewer); uncapped."""
+        behind = [r.num_tokens - r.num_computed_tokens for r in self.running]
         room = max(0, self.max_num_seqs - len(self.running))
         waiting = sum(r.num_tokens for r in list(self.waiting)[:room])
-        return min(running + waiting, self.max_num_batched_tokens)
+        return behind.count(1), sum(n for n in behind if n > 1) + waiting
 
-    def schedule(self, budget: int | None = None) -> SchedulerOutput:
-        """This step's work within `budget` tokens (at most max_num_batched_tokens)."""
+    def has_decode(self) -> bool:
+        """Whether this step would hold a decode: a running request one token behind."""
+        return any(r.num_tokens - r.num_computed_tokens == 1 for r in self.running)
+
+    def pending_tokens(self, prefill_cap: int | None = None) -> int:
+        """What one step could use at most (pending_split), with at most `prefill_cap`
+        prefill tokens, capped at the token budget. Engine groups split a shared
+        budget by it."""
+        decode, prefill = self.pending_split()
+        if prefill_cap is not None:
+            prefill = min(prefill, prefill_cap)
+        return min(decode + prefill, self.max_num_batched_tokens)
+
+    def schedule(self, budget: int | None = None,
+                 prefill_budget: int | None = None) -> SchedulerOutput:
+        """This step's work within `budget` tokens (at most max_num_batched_tokens), of
+        which at most `prefill_budget` are prefill. prefill_budget None: this
+        scheduler's own cap if this step holds a decode, else none (an engine group
+        passes it, as the decodes that matter may be another member's)."""
         out = SchedulerOutput(preempted=self.reclaimed)
         self.reclaimed = []
         num_reclaimed = len(out.preempted)
         budget = (self.max_num_batched_tokens if budget is None
                   else min(budget, self.max_num_batched_tokens))
+        if prefill_budget is None:
+            cap = self.max_prefill_tokens_per_mixed_step
+            prefill_budget = cap if cap is not None and self.has_decode() else budget
 
-        # 1. Running requests keep their place; each asks for what it is behind.
+        # 1. Running requests keep their place; each asks for what it is behind
+        # (a prefill chunk, within what prefill budget is left).
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
-            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            behind = request.num_tokens - request.num_computed_tokens
+            num_new = min(behind, budget, prefill_budget if behind > 1 else behind)
+            if num_new == 0:
+                i += 1              # a prefill with no prefill budget left: next step
+                continue
             scheduled = self._grow_or_preempt(request, num_new, out)
             if not scheduled:
                 break               # the request itself was preempted: it was the newest
             out.scheduled.append(ScheduledRequest(
                 request, num_new, self.kv.get_block_ids(request.request_id)))
             budget -= num_new
+            if behind > 1:
+                prefill_budget -= num_new
             i += 1
 
         # 2. Admit waiting requests, oldest (or most recently preempted) first.
         # Not in a step that had to preempt: the blocks are not there. (A reclaim
         # before the step took a lender's blocks, not this pool's own.)
-        while (self.waiting and budget > 0 and len(out.preempted) == num_reclaimed
+        while (self.waiting and min(budget, prefill_budget) > 0
+               and len(out.preempted) == num_reclaimed
                and len(self.running) < self.max_num_seqs):
             request = self.waiting[0]
             hit_blocks, num_hit = self.kv.get_computed_blocks(request)
-            num_new = min(request.num_tokens - num_hit, budget)
+            num_new = min(request.num_tokens - num_hit, budget, prefill_budget)
             if self.kv.allocate_slots(request, num_new, hit_blocks) is None:
                 break
             self.waiting.popleft()
@@ -139,6 +180,7 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(
                 request, num_new, self.kv.get_block_ids(request.request_id)))
             budget -= num_new
+            prefill_budget -= num_new
         return out
 
     def _grow_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:

@@ -27,7 +27,8 @@ def _limits(config: LlamaConfig, engine: EngineConfig, first_block_id: int = 1) 
         vocab_size=config.vocab_size, max_model_len=engine.max_model_len,
         block_size=engine.block_size, num_blocks=engine.num_blocks,
         max_num_seqs=engine.max_num_seqs, max_num_batched_tokens=engine.max_num_batched_tokens,
-        enable_prefix_caching=engine.enable_prefix_caching, first_block_id=first_block_id)
+        enable_prefix_caching=engine.enable_prefix_caching, first_block_id=first_block_id,
+        max_prefill_tokens_per_mixed_step=engine.max_prefill_tokens_per_mixed_step)
 
 
 def _eos(config: LlamaConfig, tokenizer) -> tuple[int, ...]:
@@ -75,6 +76,9 @@ def build_engine_group(model: torch.nn.Module, config: LlamaConfig, tokenizer,
                                          tokenizer, _eos(config, tokenizer),
                                          request_id_prefix=f"{member.name}-")
         first += blocks
+    # One cap for the group's steps: the strictest a member asked for.
     return EngineGroup(runner, engines, max_num_batched_tokens,
                        {m.name: m.weight for m in members},
-                       lenders=[m.name for m in members if m.lend])
+                       lenders=[m.name for m in members if m.lend],
+                       max_prefill_tokens_per_mixed_step=min(
+                           m.engine.max_prefill_tokens_per_mixed_step for m in members))

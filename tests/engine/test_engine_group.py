@@ -17,7 +17,7 @@ BLOCK = 4
 
 
 def make_group(usable: dict[str, int], budget: int = 32, max_num_seqs: int = 8,
-               weights=None, runner=None, lenders=()):
+               weights=None, runner=None, lenders=(), prefill_cap: int | None = 256):
     runner = runner or FakeRunner(BLOCK, VOCAB)
     members, first = {}, 1
     for name, blocks in usable.items():
@@ -26,7 +26,7 @@ def make_group(usable: dict[str, int], budget: int = 32, max_num_seqs: int = 8,
                               max_num_batched_tokens=budget, first_block_id=first)
         members[name] = LLMEngine(runner, limits, request_id_prefix=f"{name}-")
         first += blocks
-    return EngineGroup(runner, members, budget, weights, lenders), runner
+    return EngineGroup(runner, members, budget, weights, lenders, prefill_cap), runner
 
 
 def run(group, limit=10_000):
@@ -127,6 +127,52 @@ def test_a_flooded_neighbour_does_not_slow_a_light_service_in_steps():
         group.step()
         steps += 1
     assert steps == steps_alone == 20
+
+
+def test_a_neighbours_long_prompt_is_chunked_beside_decodes():
+    """a decodes; b's 300-token prompt arrives. Every step holding a's decode takes at
+    most the cap of b's prompt (not the 128 the budget has room for), a gets its token
+    every step, and both answers are the tokens they are without a cap."""
+    cap = 24
+    group, runner = make_group({"a": 200, "b": 200}, budget=128, prefill_cap=cap)
+    pa, pb = prompts_of([20, 300], seed=5)
+    ra = group.add_request("a", pa, SamplingParams(max_tokens=30))
+    group.step()                                  # a's prompt alone: not a mixed step
+    rb = group.add_request("b", pb, SamplingParams(max_tokens=5))
+    final = run(group)
+    assert final[ra].token_ids == expected_tokens(pa, 30)
+    assert final[rb].token_ids == expected_tokens(pb, 5)
+    steps = _tokens_per_step(runner, "ab")
+    assert steps[0] == {"a": 20, "b": 0}
+    mixed = [s for s in steps[1:] if s["a"] == 1]
+    assert len(mixed) == 29                       # a decoded in every step until done
+    assert all(s["b"] <= cap for s in mixed), mixed
+    assert [s["b"] for s in mixed[:12]] == [cap] * 12    # b's prompt, cap by cap
+    # Once a is done, b's last decodes run alone; no step ever passed the budget.
+    assert all(sum(s.values()) <= 128 for s in steps)
+
+
+def test_the_prefill_cap_is_split_fairly_between_members_with_prompts():
+    """Two members' long prompts beside a third's decode: the cap is shared, each of
+    the two gets half of it every mixed step."""
+    group, runner = make_group({"a": 200, "b": 200, "c": 200}, budget=128, prefill_cap=32)
+    rc = group.add_request("c", [1, 2, 3], SamplingParams(max_tokens=20))
+    group.step()
+    for m in "ab":
+        group.add_request(m, prompts_of([200], seed=ord(m))[0], SamplingParams(max_tokens=2))
+    for _ in range(5):
+        group.step()
+    steps = _tokens_per_step(runner, "abc")[1:]
+    assert all((s["a"], s["b"], s["c"]) == (16, 16, 1) for s in steps), steps
+    assert run(group)[rc].token_ids == expected_tokens([1, 2, 3], 20)
+
+
+def test_without_a_decode_a_step_is_not_capped():
+    group, runner = make_group({"a": 200, "b": 200}, budget=128, prefill_cap=8)
+    for m in "ab":
+        group.add_request(m, prompts_of([100], seed=ord(m))[0], SamplingParams(max_tokens=3))
+    group.step()
+    assert _tokens_per_step(runner, "ab")[0] == {"a": 64, "b": 64}
 
 
 class FailOnce(FakeRunner):

@@ -14,11 +14,12 @@ VOCAB = 1000
 
 
 def make_engine(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=64,
-                max_model_len=512, prefix=True):
+                max_model_len=512, prefix=True, prefill_cap=256):
     limits = EngineLimits(vocab_size=VOCAB, max_model_len=max_model_len, block_size=block_size,
                           num_blocks=num_blocks, max_num_seqs=max_num_seqs,
                           max_num_batched_tokens=max_num_batched_tokens,
-                          enable_prefix_caching=prefix)
+                          enable_prefix_caching=prefix,
+                          max_prefill_tokens_per_mixed_step=prefill_cap)
     runner = FakeRunner(block_size, VOCAB)
     return LLMEngine(runner, limits, tokenizer=None, eos_token_ids=()), runner
 
@@ -67,6 +68,31 @@ def test_chunked_prefill_respects_token_budget():
     assert all(sum(n for _, n in step) <= 8 for step in runner.steps)
     # The first prompt needed several chunks; the step that finished it mixed in the other.
     assert runner.steps[0] == [("req-0", 8)]
+
+
+def test_a_step_with_decodes_takes_at_most_the_prefill_cap():
+    """One engine: a prompt arriving while another request decodes is computed 6
+    tokens a step beside it (the budget has room for 64); the tokens are unchanged."""
+    engine, runner = make_engine(num_blocks=128, prefill_cap=6)
+    first, second = prompts_of([5, 40], seed=2)
+    r0 = engine.add_request(first, SamplingParams(max_tokens=20))
+    engine.step()
+    r1 = engine.add_request(second, SamplingParams(max_tokens=4))
+    final = {}
+    while engine.has_unfinished_requests():
+        final.update({o.request_id: o for o in engine.step() if o.finished})
+    assert final[r0].token_ids == expected_tokens(first, 20)
+    assert final[r1].token_ids == expected_tokens(second, 4)
+    steps = [dict(step) for step in runner.steps]
+    assert steps[0] == {r0: 5}
+    assert [s[r1] for s in steps[1:8]] == [6] * 6 + [4]      # 40 = 6 x 6 + 4
+    assert all(s[r0] == 1 for s in steps[1:8])
+    uncapped, runner2 = make_engine(num_blocks=128, prefill_cap=None)
+    uncapped.add_request(first, SamplingParams(max_tokens=20))
+    uncapped.step()
+    uncapped.add_request(second, SamplingParams(max_tokens=4))
+    uncapped.step()
+    assert dict(runner2.steps[1]) == {"req-0": 1, "req-1": 40}
 
 
 def test_preemption_recomputes_and_gives_same_tokens():

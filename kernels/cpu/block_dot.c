@@ -239,12 +239,63 @@ static void int4_row1_avx2(int64_t n0, int64_t n1, const uint8_t *qs, const floa
     }
 }
 
+/* int4_row1_avx2 for groups of one block (every GGUF): the per-block scalar work, the
+ * scale times the activation step and the min term, is done eight blocks at a time
+ * per row (the min term is then one dot product of mins with step * code sum), so the
+ * inner loop is the unpack, the integer dot and one multiply-add by a loaded
+ * broadcast. At batch 1 the kernel is bound by instructions, not memory, on this CPU
+ * (its two vCPUs are one core's hyperthreads). */
+#define ROW1_MAX_BLOCKS 512
+
+__attribute__((target("avx2,fma")))
+static void int4_row1_g32_avx2(int64_t n0, int64_t n1, const uint8_t *qs, const float *scale,
+                               const float *mins, const int8_t *xq, const float *xd,
+                               const int32_t *xs, int64_t nb, float *y) {
+    float xds[ROW1_MAX_BLOCKS], comb[ROW1_MAX_BLOCKS];
+    for (int64_t b = 0; b < nb; b++) xds[b] = xd[b] * (float)xs[b];
+    for (int64_t n = n0; n < n1; n++) {
+        const uint8_t *row = qs + n * nb * (QK / 2);
+        const float *sc = scale + n * nb, *mn = mins + n * nb;
+        __m256 mv = _mm256_setzero_ps();
+        float mtail = 0.0f;
+        int64_t b = 0;
+        for (; b + 8 <= nb; b += 8) {
+            _mm256_storeu_ps(comb + b, _mm256_mul_ps(_mm256_loadu_ps(sc + b),
+                                                     _mm256_loadu_ps(xd + b)));
+            mv = _mm256_fmadd_ps(_mm256_loadu_ps(mn + b), _mm256_loadu_ps(xds + b), mv);
+        }
+        for (; b < nb; b++) {
+            comb[b] = sc[b] * xd[b];
+            mtail += mn[b] * xds[b];
+        }
+        __m256 acc[4] = {mv, _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+        for (b = 0; b + 4 <= nb; b += 4)
+            for (int u = 0; u < 4; u++) {
+                const __m256i a = _mm256_loadu_si256((const __m256i *)(xq + (b + u) * QK));
+                acc[u] = _mm256_fmadd_ps(_mm256_broadcast_ss(comb + b + u),
+                                         dot_u8s8(unpack_nibbles(row + (b + u) * (QK / 2)), a),
+                                         acc[u]);
+            }
+        for (; b < nb; b++) {
+            const __m256i a = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
+            acc[0] = _mm256_fmadd_ps(_mm256_broadcast_ss(comb + b),
+                                     dot_u8s8(unpack_nibbles(row + b * (QK / 2)), a), acc[0]);
+        }
+        y[n] = hsum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]),
+                                   _mm256_add_ps(acc[2], acc[3]))) + mtail;
+    }
+}
+
 __attribute__((target("avx2,fma")))
 static void int4_rows_avx2(int64_t n0, int64_t n1, const uint8_t *qs, const float *scale,
                            const float *mins, int64_t G, int64_t group, const int8_t *xq,
                            const float *xd, const int32_t *xs, int64_t M, int64_t K,
                            float *y, int64_t N) {
     const int64_t nb = K / QK, per_group = group / QK, row_bytes = K / 2;
+    if (M == 1 && per_group == 1 && nb <= ROW1_MAX_BLOCKS) {
+        int4_row1_g32_avx2(n0, n1, qs, scale, mins, xq, xd, xs, nb, y);
+        return;
+    }
     if (M == 1) {
         int4_row1_avx2(n0, n1, qs, scale, mins, G, per_group, xq, xd, xs, nb, y);
         return;
@@ -291,11 +342,46 @@ static inline void int8_tile(int64_t n, int64_t m0, const int mr, const int8_t *
         for (int j = 0; j < mr; j++) y[(m0 + j) * N + n + i] = hsum8(acc[i][j]);
 }
 
+/* One activation row of int8 (the output head at batch 1): a row at a time, its scales
+ * times the activation steps first, as int4_row1_g32_avx2 does. */
+__attribute__((target("avx2,fma")))
+static void int8_row1_avx2(int64_t n0, int64_t n1, const int8_t *q, const float *scale,
+                           int64_t G, int64_t per_group, const int8_t *xq, const float *xd,
+                           int64_t nb, float *y) {
+    float comb[ROW1_MAX_BLOCKS];
+    for (int64_t n = n0; n < n1; n++) {
+        const int8_t *row = q + n * nb * QK;
+        const float *sc = scale + n * G;
+        int64_t b = 0;
+        if (per_group == 1)
+            for (; b + 8 <= nb; b += 8)
+                _mm256_storeu_ps(comb + b, _mm256_mul_ps(_mm256_loadu_ps(sc + b),
+                                                         _mm256_loadu_ps(xd + b)));
+        for (; b < nb; b++) comb[b] = sc[b / per_group] * xd[b];
+        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                         _mm256_setzero_ps()};
+        for (b = 0; b < nb; b++) {
+            const __m256i w = _mm256_loadu_si256((const __m256i *)(row + b * QK));
+            const __m256i a = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
+            /* s8 x s8 through the u8 x s8 instruction: |w| times a with w's sign */
+            acc[b & 3] = _mm256_fmadd_ps(_mm256_broadcast_ss(comb + b),
+                                         dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w)),
+                                         acc[b & 3]);
+        }
+        y[n] = hsum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]),
+                                   _mm256_add_ps(acc[2], acc[3])));
+    }
+}
+
 __attribute__((target("avx2,fma")))
 static void int8_rows_avx2(int64_t n0, int64_t n1, const int8_t *q, const float *scale,
                            int64_t G, int64_t group, const int8_t *xq, const float *xd,
                            int64_t M, int64_t K, float *y, int64_t N) {
     const int64_t nb = K / QK, per_group = group / QK;
+    if (M == 1 && nb <= ROW1_MAX_BLOCKS) {
+        int8_row1_avx2(n0, n1, q, scale, G, per_group, xq, xd, nb, y);
+        return;
+    }
     int64_t n = n0;
     for (; n + NR <= n1; n += NR) {
         int64_t m0 = 0;

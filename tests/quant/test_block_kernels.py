@@ -7,6 +7,8 @@ machine's own capability, and must agree with it to float32 accumulation order.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -43,26 +45,44 @@ def test_activation_codes_are_round_to_nearest_of_each_blocks_step():
     assert xq.abs().max() <= 127 and torch.all(xq[0, :32] == 0)
 
 
+def _gguf_like(w):
+    """w with float16 scales and mins, as a GGUF's Q4_1 holds them (W = q * d + m)."""
+    scale = w.scale.half().float()
+    mins = (-w.zero * w.scale).half().float()
+    return dataclasses.replace(w, scale=scale, min=mins, zero=-mins / scale)
+
+
 @pytest.mark.parametrize("simd", BODIES)
-# M = 1 takes its own loop (one weight row at a time, blocks four at a time):
-# 320 and 1536 inputs run it with and without a tail of blocks, with groups of 2 and 4 blocks.
+@pytest.mark.parametrize("half", [False, True])
+# M = 1 takes its own loops (one weight row at a time, blocks four at a time; with groups
+# of one block, scales and mins eight blocks at a time): 320, 576 and 1536 inputs run
+# them with and without tails, with groups of 1, 2 and 4 blocks.
 @pytest.mark.parametrize("M,N,K,group", [(1, 64, 64, 32), (3, 37, 128, 64), (8, 20, 256, 128),
-                                         (5, 4, 32, 32), (1, 37, 320, 64), (1, 9, 1536, 128)])
-def test_int4_blocks_match_the_dequantized_product(simd, M, N, K, group):
+                                         (5, 4, 32, 32), (1, 37, 320, 64), (1, 9, 1536, 128),
+                                         (1, 21, 576, 32)])
+def test_int4_blocks_match_the_dequantized_product(simd, half, M, N, K, group):
     gen = torch.Generator().manual_seed(M * N + K)
     w = quantize_int4(torch.randn(N, K, generator=gen), group)
-    buffers = pack_blocks(w, torch.float32)
+    if half:
+        w = _gguf_like(w)
+    buffers = pack_blocks(w, torch.float32, exact_scales=half)
+    assert buffers["scale"].dtype == (torch.float16 if half else torch.float32)
     q, scale, mins = unpack_blocks(buffers)
     assert torch.equal(q, w.q)                                # the packing round-trips
     x = _activations(M, K, seed=K)
     y = bk.int4_mm(x, buffers["qweight"], buffers["scale"], buffers["min"], group, simd=simd)
     ref = _dequantized_activations(x) @ w.dequantize(torch.float64).T       # (M, N)
-    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    # float32 sums of up to 48 blocks against float64: a few ulps of outputs up to ~10
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=3e-5)
+    dense = bk.int4_dequantize(buffers["qweight"], buffers["scale"], buffers["min"], group)
+    torch.testing.assert_close(dense, w.dequantize(), rtol=1e-6, atol=1e-6)
+    if half:                          # q * scale + min, both ways, from the same halves
+        assert torch.equal(dense, w.dequantize())
 
 
 @pytest.mark.parametrize("simd", BODIES)
 @pytest.mark.parametrize("M,N,K,group", [(1, 64, 64, 32), (3, 37, 128, 128), (8, 20, 96, 96),
-                                         (2, 4, 32, 32)])
+                                         (2, 4, 32, 32), (1, 21, 576, 32), (1, 5, 320, 64)])
 def test_int8_blocks_match_the_dequantized_product(simd, M, N, K, group):
     gen = torch.Generator().manual_seed(M + N * K)
     q = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=gen)  # -128: GGUF Q8_0

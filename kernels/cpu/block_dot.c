@@ -71,6 +71,7 @@ void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *xd,
     for (int64_t r = 0; r < M * nb; r++) {
         const float *v = x + r * QK;
         float amax = 0.0f;
+#pragma omp simd reduction(max:amax)
         for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(v[j]));
         const float d = amax / 127.0f;
         const float inv = d > 0.0f ? 1.0f / d : 0.0f;
@@ -247,26 +248,39 @@ static void int4_row1_avx2(int64_t n0, int64_t n1, const uint8_t *qs, const floa
  * (its two vCPUs are one core's hyperthreads). */
 #define ROW1_MAX_BLOCKS 512
 
-__attribute__((target("avx2,fma")))
-static void int4_row1_g32_avx2(int64_t n0, int64_t n1, const uint8_t *qs, const float *scale,
-                               const float *mins, const int8_t *xq, const float *xd,
+/* Eight scales (or mins) from p + i as floats, p float32 or float16 (half). */
+__attribute__((target("avx2,fma,f16c"), always_inline))
+static inline __m256 load8(const void *p, int64_t i, int half) {
+    return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)))
+                : _mm256_loadu_ps((const float *)p + i);
+}
+
+__attribute__((target("avx2,fma,f16c"), always_inline))
+static inline float load1(const void *p, int64_t i, int half) {
+    return half ? _cvtsh_ss(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+/* Scales and mins are read in place, float16 or float32: no widened copy. */
+__attribute__((target("avx2,fma,f16c")))
+static void int4_row1_g32_avx2(int64_t n0, int64_t n1, const uint8_t *qs, const void *scale,
+                               const void *mins, int half, const int8_t *xq, const float *xd,
                                const int32_t *xs, int64_t nb, float *y) {
     float xds[ROW1_MAX_BLOCKS], comb[ROW1_MAX_BLOCKS];
     for (int64_t b = 0; b < nb; b++) xds[b] = xd[b] * (float)xs[b];
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *row = qs + n * nb * (QK / 2);
-        const float *sc = scale + n * nb, *mn = mins + n * nb;
+        const int64_t at = n * nb;                   /* this row's first scale */
         __m256 mv = _mm256_setzero_ps();
         float mtail = 0.0f;
         int64_t b = 0;
         for (; b + 8 <= nb; b += 8) {
-            _mm256_storeu_ps(comb + b, _mm256_mul_ps(_mm256_loadu_ps(sc + b),
+            _mm256_storeu_ps(comb + b, _mm256_mul_ps(load8(scale, at + b, half),
                                                      _mm256_loadu_ps(xd + b)));
-            mv = _mm256_fmadd_ps(_mm256_loadu_ps(mn + b), _mm256_loadu_ps(xds + b), mv);
+            mv = _mm256_fmadd_ps(load8(mins, at + b, half), _mm256_loadu_ps(xds + b), mv);
         }
         for (; b < nb; b++) {
-            comb[b] = sc[b] * xd[b];
-            mtail += mn[b] * xds[b];
+            comb[b] = load1(scale, at + b, half) * xd[b];
+            mtail += load1(mins, at + b, half) * xds[b];
         }
         __m256 acc[4] = {mv, _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
         for (b = 0; b + 4 <= nb; b += 4)
@@ -293,7 +307,7 @@ static void int4_rows_avx2(int64_t n0, int64_t n1, const uint8_t *qs, const floa
                            float *y, int64_t N) {
     const int64_t nb = K / QK, per_group = group / QK, row_bytes = K / 2;
     if (M == 1 && per_group == 1 && nb <= ROW1_MAX_BLOCKS) {
-        int4_row1_g32_avx2(n0, n1, qs, scale, mins, xq, xd, xs, nb, y);
+        int4_row1_g32_avx2(n0, n1, qs, scale, mins, 0, xq, xd, xs, nb, y);
         return;
     }
     if (M == 1) {
@@ -439,6 +453,12 @@ int int4_block_mm(const uint8_t *qs, const void *scale, const void *mins, int ha
         const int64_t n1 = n0 + step < N ? n0 + step : N, rows = n1 - n0;
         const float *sc = (const float *)scale + n0 * G, *mn = (const float *)mins + n0 * G;
         float *buf = NULL;
+#if HAVE_X86
+        if (simd && half && M == 1 && group == QK && K / QK <= ROW1_MAX_BLOCKS) {
+            int4_row1_g32_avx2(n0, n1, qs, scale, mins, 1, xq, xd, xs, K / QK, y);
+            continue;
+        }
+#endif
         if (half) {   /* this chunk's scales as floats: G * rows * 2 values, in L2 */
             buf = malloc(sizeof(float) * 2 * rows * G);
             if (!buf) { failed = 1; continue; }

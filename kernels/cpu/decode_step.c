@@ -181,6 +181,7 @@ static void attend_head(const float *q, const DecodeModel *m, const DecoderLayer
     for (int64_t t = 0; t < len; t++) {
         const float *k = layer->key_cache + ((table[t / bs] * bs + t % bs) * nkv + kv_head) * hd;
         float dot = 0.0f;
+#pragma omp simd reduction(+:dot)
         for (int64_t i = 0; i < hd; i++) dot += q[i] * k[i];
         scores[t] = dot * scale;
         top = scores[t] > top ? scores[t] : top;
@@ -194,6 +195,7 @@ static void attend_head(const float *q, const DecodeModel *m, const DecoderLayer
     for (int64_t t = 0; t < len; t++) {
         const float *v = layer->value_cache + ((table[t / bs] * bs + t % bs) * nkv + kv_head) * hd;
         const float p = scores[t] / total;
+#pragma omp simd
         for (int64_t i = 0; i < hd; i++) out[i] += p * v[i];
     }
 }

@@ -37,16 +37,17 @@ CACHE_ENV = "COLOCATE_CACHE_DIR"
 CFLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-std=c11")
 
 
-# One library from every C file of kernels/cpu: decode_step.c calls block_dot.c's kernels.
-SOURCES = ("block_dot.c", "decode_step.c")
+# One library from every C file of kernels/cpu (decode_step.c calls block_dot.c's
+# kernels); the header is hashed with them, so a change to it rebuilds too.
+SOURCES = ("block_dot.c", "block_dot_avx2.c", "decode_step.c")
+HEADERS = ("block_dot.h",)
 
 
-def _source_paths() -> list[Path]:
-    """kernels/ is installed as colocate.kernels: find the C files either way."""
+def _cpu_dir() -> Path:
+    """kernels/ is installed as colocate.kernels: find its C files either way."""
     from colocate import kernels
 
-    here = Path(kernels.__file__).resolve().parent / "cpu"
-    return [here / name for name in SOURCES]
+    return Path(kernels.__file__).resolve().parent / "cpu"
 
 
 def _cache_dir() -> Path:
@@ -54,7 +55,7 @@ def _cache_dir() -> Path:
 
 
 def _build(sources: list[Path]) -> Path:
-    text = b"".join(p.read_bytes() for p in sources)
+    text = b"".join(p.read_bytes() for p in [*sources, *(_cpu_dir() / h for h in HEADERS)])
     compiler = os.environ.get("CC", "cc")
     tag = hashlib.sha256(text + " ".join((compiler, *CFLAGS)).encode()).hexdigest()[:16]
     target = _cache_dir() / f"block_dot-{tag}.so"
@@ -81,7 +82,7 @@ _I64, _PTR, _INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
 @functools.lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
     try:
-        lib = ctypes.CDLL(str(_build(_source_paths())))
+        lib = ctypes.CDLL(str(_build([_cpu_dir() / name for name in SOURCES])))
     except (OSError, subprocess.SubprocessError) as exc:
         detail = getattr(exc, "stderr", "") or exc
         log.warning("CPU block-dot kernels unavailable (%s); using torch's int8/int4 ops",

@@ -24,30 +24,9 @@
  *   cos_sin    (max_pos, 2, head_dim): cos and the sign-folded sin of rope.py, so that
  *              rotate(x)[i] = x[i] * cos[i] + x[(i + hd/2) % hd] * sin[i]
  */
-#include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
+#include "block_dot.h"   /* the block-dot kernels, linked into the same library */
 
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define HAVE_X86 1
-#else
-#define HAVE_X86 0
-#endif
-
-#define QK 32
-
-/* block_dot.c, linked into the same library. */
-void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *xd, int32_t *xs);
-int int4_block_mm(const uint8_t *qs, const void *scale, const void *mins, int half, int64_t N,
-                  int64_t K, int64_t group, const int8_t *xq, const float *xd,
-                  const int32_t *xs, int64_t M, float *y, int simd, int threads);
-void int8_block_mm(const int8_t *q, const float *scale, int64_t N, int64_t K, int64_t group,
-                   const int8_t *xq, const float *xd, int64_t M, float *y, int simd,
-                   int threads);
-
-/* Mirrored by ctypes Structures in colocate/model/cpu_decode.py: change both. */
+/* Mirrored by ctypes Structures in colocate/worker/cpu_decode.py: change both. */
 typedef struct {
     int64_t bits;                  /* 4, 8, or 32 (float weights, no scales) */
     const void *q;                 /* int4: (N, K/2) uint8; int8: (N, K) int8; float (N, K) */

@@ -9,7 +9,7 @@ from colocate.config import DeploymentConfig
 
 # `colocate serve --demo` asks each service one of these (in turn) through its chat template.
 DEMO_QUESTIONS = ("What is the capital of Japan?", "Name three primary colors.",
-                  "How many legs does a spider have?")
+                  "How many days are in a week?")
 
 
 def send_demo_requests(cfg: DeploymentConfig, endpoints: list,

@@ -13,9 +13,10 @@ $COLOCATE_CACHE_DIR (default ~/.cache/colocate), named by a hash of the source a
 flags, so every process of a deployment loads the same file and a change of the source
 rebuilds it. With no compiler, `available()` is False and the callers keep torch's ops.
 
-`simd`: which body runs, AVX2 or portable C. The default follows torch's own run-time
-choice (ATEN_CPU_CAPABILITY), so `ATEN_CPU_CAPABILITY=default` exercises the portable
-body on any machine; tests call both explicitly.
+`simd`: which body runs: BODY_C (portable), BODY_AVX2 or BODY_AVX512 (with VNNI). The
+default follows torch's own run-time choice (ATEN_CPU_CAPABILITY), capped by what the
+CPU has, so `ATEN_CPU_CAPABILITY=default` exercises the portable body and `=avx2` the
+AVX2 one on an AVX-512 machine; tests call every body the CPU can run explicitly.
 """
 from __future__ import annotations
 
@@ -39,7 +40,11 @@ CFLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-std=c11")
 
 # One library from every C file of kernels/cpu (decode_step.c calls block_dot.c's
 # kernels); the header is hashed with them, so a change to it rebuilds too.
-SOURCES = ("block_dot.c", "block_dot_avx2.c", "decode_step.c")
+SOURCES = ("block_dot.c", "block_dot_avx2.c", "block_dot_avx512.c", "decode_step.c")
+
+# The bodies, as block_dot.h numbers them.
+BODY_C, BODY_AVX2, BODY_AVX512 = 0, 1, 2
+BODY_NAMES = {BODY_C: "portable C", BODY_AVX2: "AVX2", BODY_AVX512: "AVX-512 VNNI"}
 HEADERS = ("block_dot.h",)
 
 
@@ -88,16 +93,19 @@ def _library() -> ctypes.CDLL | None:
         log.warning("CPU block-dot kernels unavailable (%s); using torch's int8/int4 ops",
                     str(detail).strip()[:500])
         return None
-    lib.block_dot_has_avx2.restype = _INT
+    lib.block_dot_best_body.restype = _INT
     lib.quantize_rows.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR]
     lib.int4_block_mm.argtypes = [_PTR, _PTR, _PTR, _INT, _I64, _I64, _I64, _PTR, _PTR, _PTR,
                                   _I64, _PTR, _INT, _INT]
-    lib.int4_block_mm.restype = _INT
+    lib.int4_block_mm.restype = None
     lib.int8_block_mm.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _INT,
                                   _INT]
     lib.int4_block_dequantize.argtypes = [_PTR, _PTR, _PTR, _INT, _I64, _I64, _I64, _PTR, _INT]
     lib.int8_block_dequantize.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _PTR, _INT]
-    lib.decode_step.argtypes = [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _INT, _INT]
+    lib.decode_step_workspace.argtypes = [_PTR, _I64, _I64]
+    lib.decode_step_workspace.restype = _I64
+    lib.decode_step.argtypes = [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _INT,
+                                _INT]
     lib.decode_step.restype = _INT
     return lib
 
@@ -107,16 +115,26 @@ def available() -> bool:
 
 
 @functools.lru_cache(maxsize=1)
-def has_avx2() -> bool:
+def best_body() -> int:
+    """The widest body this CPU runs (BODY_C where the kernels did not build)."""
     lib = _library()
-    return lib is not None and bool(lib.block_dot_has_avx2())
+    return BODY_C if lib is None else int(lib.block_dot_best_body())
+
+
+def runnable_bodies() -> list[int]:
+    return list(range(best_body() + 1))
+
+
+# torch's capability names -> the widest body it admits
+_CAPABILITY_BODY = {"DEFAULT": BODY_C, "AVX2": BODY_AVX2, "AVX512": BODY_AVX512}
 
 
 @functools.lru_cache(maxsize=1)
-def default_simd() -> bool:
-    """The AVX2 body where torch itself dispatches AVX2 or better, and the CPU has it.
-    Asked once per process (torch fixes its capability at start): every matmul uses it."""
-    return torch.backends.cpu.get_cpu_capability() != "DEFAULT" and has_avx2()
+def default_simd() -> int:
+    """The body of torch's own dispatch level, capped by what the CPU has: asked once per
+    process (torch fixes its capability at start), and every matmul uses it."""
+    wanted = _CAPABILITY_BODY.get(torch.backends.cpu.get_cpu_capability(), BODY_C)
+    return min(wanted, best_body())
 
 
 def _ptr(t: torch.Tensor) -> int:
@@ -154,8 +172,12 @@ def half_scales(scale: torch.Tensor, mins: torch.Tensor) -> bool:
     return scale.dtype == torch.float16
 
 
+def _body(simd: int | None) -> int:
+    return default_simd() if simd is None else int(simd)
+
+
 def int4_mm(x: torch.Tensor, qs: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor,
-            group: int, simd: bool | None = None) -> torch.Tensor:
+            group: int, simd: int | None = None) -> torch.Tensor:
     """x (M, K) float32; qs (N, K/2) uint8 (see block_dot.c for the nibble order); scale,
     mins (N, K/group) float32 or float16 -> (M, N) float32, W = q * scale + min."""
     N, K = qs.shape[0], qs.shape[1] * 2
@@ -163,17 +185,14 @@ def int4_mm(x: torch.Tensor, qs: torch.Tensor, scale: torch.Tensor, mins: torch.
     half = half_scales(scale, mins)
     xq, xd, xs = quantize_activations(x)
     y = torch.empty(x.shape[0], N, dtype=torch.float32)
-    rc = _library().int4_block_mm(_ptr(qs), _ptr(scale), _ptr(mins), int(half), N, K, group,
-                                  _ptr(xq), _ptr(xd), _ptr(xs), x.shape[0], _ptr(y),
-                                  int(default_simd() if simd is None else simd),
-                                  torch.get_num_threads())
-    if rc != 0:
-        raise MemoryError("int4_block_mm could not allocate its float scales")
+    _library().int4_block_mm(_ptr(qs), _ptr(scale), _ptr(mins), int(half), N, K, group,
+                             _ptr(xq), _ptr(xd), _ptr(xs), x.shape[0], _ptr(y), _body(simd),
+                             torch.get_num_threads())
     return y
 
 
 def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group: int,
-            simd: bool | None = None) -> torch.Tensor:
+            simd: int | None = None) -> torch.Tensor:
     """x (M, K) float32; q (N, K) int8 in [-127, 127]; scale (N, K/group) float32
     (group = K: one scale per row) -> (M, N) float32."""
     N, K = q.shape
@@ -181,8 +200,7 @@ def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group: int,
     xq, xd, _ = quantize_activations(x)
     y = torch.empty(x.shape[0], N, dtype=torch.float32)
     _library().int8_block_mm(_ptr(q), _ptr(scale), N, K, group, _ptr(xq), _ptr(xd),
-                             x.shape[0], _ptr(y), int(default_simd() if simd is None else simd),
-                             torch.get_num_threads())
+                             x.shape[0], _ptr(y), _body(simd), torch.get_num_threads())
     return y
 
 
@@ -206,12 +224,19 @@ def int8_dequantize(q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.T
     return w
 
 
+def decode_step_workspace(model: int, S: int, longest: int) -> int:
+    """The bytes of scratch decode_step needs for S sequences attending to at most
+    `longest` tokens."""
+    return int(_library().decode_step_workspace(model, S, longest))
+
+
 def decode_step(model: int, S: int, positions: torch.Tensor, slots: torch.Tensor,
-                tables: torch.Tensor, h: torch.Tensor, simd: bool | None = None) -> int:
-    """decode_step.c over the DecodeModel at address `model` (colocate/model/cpu_decode.py
+                tables: torch.Tensor, h: torch.Tensor, work: torch.Tensor,
+                simd: int | None = None) -> int:
+    """decode_step.c over the DecodeModel at address `model` (colocate/worker/cpu_decode.py
     builds it): h (S, hidden) float32 in place; positions, slots (S,) and tables
-    (S, max_blocks) int64, contiguous. Returns the C function's status (0: done)."""
+    (S, max_blocks) int64, contiguous; work: a uint8 scratch buffer of at least
+    decode_step_workspace bytes. Returns the C function's status (0: done)."""
     return _library().decode_step(model, S, _ptr(positions), _ptr(slots), _ptr(tables),
-                                  tables.shape[1], _ptr(h),
-                                  int(default_simd() if simd is None else simd),
-                                  torch.get_num_threads())
+                                  tables.shape[1], _ptr(h), _ptr(work), work.numel(),
+                                  _body(simd), torch.get_num_threads())

@@ -11,7 +11,7 @@ The plan holds every weight's address in ctypes structures built once, the first
 a decode step meets the model (weights are final by then, and they live as long as the
 model: the plan keeps references to them). Anything it does not cover returns None
 from `build` or False from `covers`, and the caller keeps the torch path: the two
-compute the same function (tests/model/test_cpu_decode.py holds them together).
+compute the same function (tests/quant/test_cpu_decode_step.py holds them together).
 
 `COLOCATE_CPU_DECODE=torch` keeps the torch path everywhere.
 """
@@ -100,6 +100,7 @@ class CpuDecodePlan:
             cfg.intermediate_size, cfg.num_hidden_layers, 0, cfg.rms_norm_eps,
             cfg.head_dim ** -0.5, self.cos_sin.data_ptr(), ctypes.addressof(self.layers))
         self._bound: tuple[int, ...] = ()
+        self.work = torch.empty(0, dtype=torch.uint8)   # the step's scratch, grown on demand
 
     @classmethod
     def build(cls, model) -> "CpuDecodePlan | None":
@@ -147,10 +148,14 @@ class CpuDecodePlan:
         self._bind(kv_caches, meta.block_size)
         inner = self.model.model
         h = inner.embed_tokens(input_ids).float().contiguous()               # (S, H)
+        model = ctypes.addressof(self.struct)
+        need = block_kernels.decode_step_workspace(model, h.shape[0], int(positions.max()) + 1)
+        if need > self.work.numel():
+            self.work = torch.empty(need, dtype=torch.uint8)
         rc = block_kernels.decode_step(
-            ctypes.addressof(self.struct), h.shape[0], positions.to(torch.int64).contiguous(),
+            model, h.shape[0], positions.to(torch.int64).contiguous(),
             meta.slot_mapping.to(torch.int64).contiguous(),
-            meta.block_tables.to(torch.int64).contiguous(), h)
-        if rc != 0:
-            raise MemoryError("decode_step could not allocate its workspace")
+            meta.block_tables.to(torch.int64).contiguous(), h, self.work)
+        if rc != 0:            # the size asked just above: a mismatch is a bug, not input
+            raise RuntimeError(f"decode_step: workspace of {self.work.numel()} bytes refused")
         return inner.norm(h)                                                 # (S, H)

@@ -13,10 +13,11 @@
  * (the step of each block) and xs (M, K/32) int32 (each block's sum of codes, for min).
  * Output: y (M, N) float, overwritten.
  *
- * Every kernel has two bodies: portable C (here) and AVX2 + FMA + F16C
- * (block_dot_avx2.c). The caller picks one per call (`simd`), from the CPU's capability
- * at run time, so both are tested on any x86 machine. Rows of the output are split across OpenMP threads; `threads` is the
- * caller's torch thread count.
+ * Every kernel has three bodies: portable C (here), AVX2 + FMA + F16C
+ * (block_dot_avx2.c) and AVX-512 with VNNI (block_dot_avx512.c). The caller picks one
+ * per call (`simd`, a BODY_ level), from the CPU's capability at run time, so a machine
+ * tests every body it can execute. Rows of the output are split across OpenMP threads;
+ * `threads` is the caller's torch thread count.
  */
 #include "block_dot.h"
 
@@ -41,14 +42,20 @@ float half_to_float(uint16_t h) {
     return f;
 }
 
-int block_dot_has_avx2(void) {
+/* The widest body this CPU can run (the OS's saving of the wide registers included:
+ * the compiler's cpu checks read it). */
+int block_dot_best_body(void) {
 #if HAVE_X86
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
-        && __builtin_cpu_supports("f16c");
-#else
-    return 0;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")
+        && __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq")
+        && __builtin_cpu_supports("avx512vnni"))
+        return BODY_AVX512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+        && __builtin_cpu_supports("f16c"))
+        return BODY_AVX2;
 #endif
+    return BODY_C;
 }
 
 /* ---- activations --------------------------------------------------------------- */
@@ -76,11 +83,8 @@ void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *xd,
 
 /* ---- portable bodies ----------------------------------------------------------- */
 
-void int4_rows_c(int64_t n0, int64_t n1, const uint8_t *qs, const float *scale,
-                        const float *mins, int64_t G, int64_t group, const int8_t *xq,
-                        const float *xd, const int32_t *xs, int64_t M, int64_t K,
-                        float *y, int64_t N) {
-    const int64_t nb = K / QK, per_group = group / QK;
+void int4_rows_c(INT4_BODY_ARGS) {
+    const int64_t nb = K / QK, per_group = group / QK, G = K / group;
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *wrow = qs + n * (K / 2);
         for (int64_t m = 0; m < M; m++) {
@@ -92,18 +96,16 @@ void int4_rows_c(int64_t n0, int64_t n1, const uint8_t *qs, const float *scale,
                 for (int j = 0; j < QK / 2; j++)
                     dot += (w[j] & 15) * a[j] + (w[j] >> 4) * a[j + QK / 2];
                 const int64_t g = n * G + b / per_group;
-                acc += scale[g] * xd[m * nb + b] * (float)dot
-                     + mins[g] * xd[m * nb + b] * (float)xs[m * nb + b];
+                acc += scale_at(scale, g, half) * xd[m * nb + b] * (float)dot
+                     + scale_at(mins, g, half) * xd[m * nb + b] * (float)xs[m * nb + b];
             }
             y[m * N + n] = acc;
         }
     }
 }
 
-void int8_rows_c(int64_t n0, int64_t n1, const int8_t *q, const float *scale,
-                        int64_t G, int64_t group, const int8_t *xq, const float *xd,
-                        int64_t M, int64_t K, float *y, int64_t N) {
-    const int64_t nb = K / QK, per_group = group / QK;
+void int8_rows_c(INT8_BODY_ARGS) {
+    const int64_t nb = K / QK, per_group = group / QK, G = K / group;
     for (int64_t n = n0; n < n1; n++) {
         for (int64_t m = 0; m < M; m++) {
             float acc = 0.0f;
@@ -119,6 +121,16 @@ void int8_rows_c(int64_t n0, int64_t n1, const int8_t *q, const float *scale,
     }
 }
 
+/* Float weights: each weight row is read once from memory and stays in L1 while the M
+ * activation rows pass over it, so a small batch costs about what one row does. */
+void f32_rows_c(F32_BODY_ARGS) {
+    for (int64_t n = n0; n < n1; n++)
+        for (int64_t m = 0; m < M; m++) {
+            float acc = 0.0f;
+            for (int64_t k = 0; k < K; k++) acc += w[n * K + k] * x[m * K + k];
+            y[m * N + n] = acc;
+        }
+}
 
 /* ---- entry points: split the output rows across threads ------------------------ */
 
@@ -129,66 +141,45 @@ static int64_t chunk_rows(int64_t N, int threads) {
     return (c + 7) / 8 * 8;
 }
 
-/* One body per call: AVX2 where asked (and compiled: x86), else portable C. */
+/* Every task of an entry point runs body(n0, n1, args...) over its rows, the body of
+ * the caller's level (on a machine that is not x86, always the portable one). */
 #if HAVE_X86
-#define BODY(simd, avx2_call, c_call) do { if (simd) avx2_call; else c_call; } while (0)
+#define RUN_BODIES(N, threads, simd, kernel, ...) do {                                    \
+    const int64_t step_ = chunk_rows(N, threads);                                         \
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")                     \
+    for (int64_t n0 = 0; n0 < (N); n0 += step_) {                                         \
+        const int64_t n1 = n0 + step_ < (N) ? n0 + step_ : (N);                           \
+        if ((simd) == BODY_AVX512) kernel##_avx512(n0, n1, __VA_ARGS__);                  \
+        else if ((simd) == BODY_AVX2) kernel##_avx2(n0, n1, __VA_ARGS__);                 \
+        else kernel##_c(n0, n1, __VA_ARGS__);                                             \
+    }                                                                                     \
+} while (0)
 #else
-#define BODY(simd, avx2_call, c_call) do { (void)(simd); c_call; } while (0)
+#define RUN_BODIES(N, threads, simd, kernel, ...) do {                                    \
+    const int64_t step_ = chunk_rows(N, threads);                                         \
+    (void)(simd);                                                                         \
+    _Pragma("omp parallel for num_threads(threads) schedule(static)")                     \
+    for (int64_t n0 = 0; n0 < (N); n0 += step_)                                           \
+        kernel##_c(n0, n0 + step_ < (N) ? n0 + step_ : (N), __VA_ARGS__);                 \
+} while (0)
 #endif
 
-
-static void halves_to_floats(const uint16_t *src, int64_t n, float *dst, int simd) {
-#if HAVE_X86
-    if (simd) { halves_avx2(src, n, dst); return; }
-#endif
-    for (int64_t i = 0; i < n; i++) dst[i] = half_to_float(src[i]);
-}
-
-/* Returns 0, or -1 when half scales could not get their float buffer (y untouched). */
-int int4_block_mm(const uint8_t *qs, const void *scale, const void *mins, int half, int64_t N,
-                  int64_t K, int64_t group, const int8_t *xq, const float *xd,
-                  const int32_t *xs, int64_t M, float *y, int simd, int threads) {
-    const int64_t G = K / group, step = chunk_rows(N, threads);
-    int failed = 0;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(|:failed)
-    for (int64_t n0 = 0; n0 < N; n0 += step) {
-        const int64_t n1 = n0 + step < N ? n0 + step : N, rows = n1 - n0;
-        const float *sc = (const float *)scale + n0 * G, *mn = (const float *)mins + n0 * G;
-        float *buf = NULL;
-#if HAVE_X86
-        if (simd && half && M == 1 && group == QK && K / QK <= ROW1_MAX_BLOCKS) {
-            int4_row1_g32_avx2(n0, n1, qs, scale, mins, 1, xq, xd, xs, K / QK, y);
-            continue;
-        }
-#endif
-        if (half) {   /* this chunk's scales as floats: G * rows * 2 values, in L2 */
-            buf = malloc(sizeof(float) * 2 * rows * G);
-            if (!buf) { failed = 1; continue; }
-            halves_to_floats((const uint16_t *)scale + n0 * G, rows * G, buf, simd);
-            halves_to_floats((const uint16_t *)mins + n0 * G, rows * G, buf + rows * G, simd);
-            sc = buf;
-            mn = buf + rows * G;
-        }
-        /* The body sees rows 0 .. rows-1 of the chunk: weights, scales and y shifted. */
-        BODY(simd, int4_rows_avx2(0, rows, qs + n0 * (K / 2), sc, mn, G, group, xq, xd, xs, M,
-                                  K, y + n0, N),
-             int4_rows_c(0, rows, qs + n0 * (K / 2), sc, mn, G, group, xq, xd, xs, M, K,
-                         y + n0, N));
-        free(buf);
-    }
-    return failed ? -1 : 0;
+void int4_block_mm(const uint8_t *qs, const void *scale, const void *mins, int half, int64_t N,
+                   int64_t K, int64_t group, const int8_t *xq, const float *xd,
+                   const int32_t *xs, int64_t M, float *y, int simd, int threads) {
+    RUN_BODIES(N, threads, simd, int4_rows, qs, scale, mins, half, group, xq, xd, xs, M, K,
+               y, N);
 }
 
 void int8_block_mm(const int8_t *q, const float *scale, int64_t N, int64_t K, int64_t group,
                    const int8_t *xq, const float *xd, int64_t M, float *y, int simd,
                    int threads) {
-    const int64_t G = K / group, step = chunk_rows(N, threads);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n0 = 0; n0 < N; n0 += step) {
-        const int64_t n1 = n0 + step < N ? n0 + step : N;
-        BODY(simd, int8_rows_avx2(n0, n1, q, scale, G, group, xq, xd, M, K, y, N),
-             int8_rows_c(n0, n1, q, scale, G, group, xq, xd, M, K, y, N));
-    }
+    RUN_BODIES(N, threads, simd, int8_rows, q, scale, group, xq, xd, M, K, y, N);
+}
+
+void f32_mm(const float *w, int64_t N, int64_t K, const float *x, int64_t M, float *y,
+            int simd, int threads) {
+    RUN_BODIES(N, threads, simd, f32_rows, w, K, x, M, y, N);
 }
 
 /* ---- dequantization, for prefill ------------------------------------------------
@@ -206,10 +197,7 @@ void int4_block_dequantize(const uint8_t *qs, const void *scale, const void *min
         float *out = w + n * K;
         for (int64_t b = 0; b < K / QK; b++) {
             const int64_t g = n * G + b * QK / group;
-            const float s = half ? half_to_float(((const uint16_t *)scale)[g])
-                                 : ((const float *)scale)[g];
-            const float m = half ? half_to_float(((const uint16_t *)mins)[g])
-                                 : ((const float *)mins)[g];
+            const float s = scale_at(scale, g, half), m = scale_at(mins, g, half);
             for (int j = 0; j < QK / 2; j++) {
                 const uint8_t byte = row[b * (QK / 2) + j];
                 out[b * QK + j] = (float)(byte & 15) * s + m;

@@ -1,6 +1,6 @@
-/* What the CPU kernels' C files share (block_dot.c, block_dot_avx2.c, decode_step.c):
- * one library, built by colocate/quant/block_kernels.py from every file of this folder.
- * Layouts and semantics are documented at the top of block_dot.c. */
+/* What the CPU kernels' C files share (block_dot.c, block_dot_avx2.c, block_dot_avx512.c,
+ * decode_step.c): one library, built by colocate/quant/block_kernels.py from every file
+ * of this folder. Layouts and semantics are documented at the top of block_dot.c. */
 #ifndef COLOCATE_BLOCK_DOT_H
 #define COLOCATE_BLOCK_DOT_H
 
@@ -19,37 +19,49 @@
 #define QK 32                  /* inputs per block: one activation step, one weight scale */
 #define ROW1_MAX_BLOCKS 512    /* batch-1 loops keep per-row values of this many blocks */
 
+/* Which body a call runs (`simd`), chosen by the caller from the CPU at run time. */
+enum { BODY_C = 0, BODY_AVX2 = 1, BODY_AVX512 = 2 };
+
 float half_to_float(uint16_t h);
+
+/* Scale (or min) i of a weight's scales, float32 or float16 (`half`), read in place. */
+static inline float scale_at(const void *p, int64_t i, int half) {
+    return half ? half_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
 
 /* entry points (ctypes, and decode_step.c) */
 void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *xd, int32_t *xs);
-int int4_block_mm(const uint8_t *qs, const void *scale, const void *mins, int half, int64_t N,
-                  int64_t K, int64_t group, const int8_t *xq, const float *xd,
-                  const int32_t *xs, int64_t M, float *y, int simd, int threads);
+void int4_block_mm(const uint8_t *qs, const void *scale, const void *mins, int half, int64_t N,
+                   int64_t K, int64_t group, const int8_t *xq, const float *xd,
+                   const int32_t *xs, int64_t M, float *y, int simd, int threads);
 void int8_block_mm(const int8_t *q, const float *scale, int64_t N, int64_t K, int64_t group,
                    const int8_t *xq, const float *xd, int64_t M, float *y, int simd,
                    int threads);
+void f32_mm(const float *w, int64_t N, int64_t K, const float *x, int64_t M, float *y,
+            int simd, int threads);
 
-/* bodies over output rows [n0, n1): portable (block_dot.c) and AVX2 (block_dot_avx2.c) */
-void int4_rows_c(int64_t n0, int64_t n1, const uint8_t *qs, const float *scale,
-                 const float *mins, int64_t G, int64_t group, const int8_t *xq,
-                 const float *xd, const int32_t *xs, int64_t M, int64_t K, float *y,
-                 int64_t N);
-void int8_rows_c(int64_t n0, int64_t n1, const int8_t *q, const float *scale, int64_t G,
-                 int64_t group, const int8_t *xq, const float *xd, int64_t M, int64_t K,
-                 float *y, int64_t N);
+/* Bodies over output rows [n0, n1) of y (M, N): portable C (block_dot.c), AVX2 + FMA +
+ * F16C (block_dot_avx2.c) and AVX-512 with VNNI (block_dot_avx512.c). One signature per
+ * kernel, so the entry points pick a body with one switch. */
+#define INT4_BODY_ARGS int64_t n0, int64_t n1, const uint8_t *qs, const void *scale, \
+    const void *mins, int half, int64_t group, const int8_t *xq, const float *xd,   \
+    const int32_t *xs, int64_t M, int64_t K, float *y, int64_t N
+#define INT8_BODY_ARGS int64_t n0, int64_t n1, const int8_t *q, const float *scale, \
+    int64_t group, const int8_t *xq, const float *xd, int64_t M, int64_t K, float *y, \
+    int64_t N
+#define F32_BODY_ARGS int64_t n0, int64_t n1, const float *w, int64_t K, const float *x, \
+    int64_t M, float *y, int64_t N
+
+void int4_rows_c(INT4_BODY_ARGS);
+void int8_rows_c(INT8_BODY_ARGS);
+void f32_rows_c(F32_BODY_ARGS);
 #if HAVE_X86
-void int4_rows_avx2(int64_t n0, int64_t n1, const uint8_t *qs, const float *scale,
-                    const float *mins, int64_t G, int64_t group, const int8_t *xq,
-                    const float *xd, const int32_t *xs, int64_t M, int64_t K, float *y,
-                    int64_t N);
-void int4_row1_g32_avx2(int64_t n0, int64_t n1, const uint8_t *qs, const void *scale,
-                        const void *mins, int half, const int8_t *xq, const float *xd,
-                        const int32_t *xs, int64_t nb, float *y);
-void int8_rows_avx2(int64_t n0, int64_t n1, const int8_t *q, const float *scale, int64_t G,
-                    int64_t group, const int8_t *xq, const float *xd, int64_t M, int64_t K,
-                    float *y, int64_t N);
-void halves_avx2(const uint16_t *src, int64_t n, float *dst);
+void int4_rows_avx2(INT4_BODY_ARGS);
+void int8_rows_avx2(INT8_BODY_ARGS);
+void f32_rows_avx2(F32_BODY_ARGS);
+void int4_rows_avx512(INT4_BODY_ARGS);
+void int8_rows_avx512(INT8_BODY_ARGS);
+void f32_rows_avx512(F32_BODY_ARGS);
 #endif
 
 #endif

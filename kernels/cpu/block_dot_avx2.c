@@ -1,6 +1,7 @@
 /* The AVX2 (+FMA, F16C) bodies of block_dot.c's kernels: chosen per call at run time
  * (`simd`), compiled for any x86-64 through target attributes, so the library also
- * loads, and runs the portable bodies, on a CPU without AVX2. */
+ * loads, and runs the portable bodies, on a CPU without AVX2. Scales are read in place,
+ * float32 or float16 (`half`): no widened copy of them is ever made. */
 #include "block_dot.h"
 
 #if HAVE_X86
@@ -35,11 +36,23 @@ static inline __m256i unpack_nibbles(const uint8_t *p) {
     return _mm256_and_si256(both, _mm256_set1_epi8(15));
 }
 
+/* Eight scales (or mins) from p + i as floats, p float32 or float16 (half). */
+__attribute__((target("avx2,fma,f16c"), always_inline))
+static inline __m256 load8(const void *p, int64_t i, int half) {
+    return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)))
+                : _mm256_loadu_ps((const float *)p + i);
+}
+
+__attribute__((target("avx2,fma,f16c"), always_inline))
+static inline float load1(const void *p, int64_t i, int half) {
+    return half ? _cvtsh_ss(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
 /* One tile: weight rows n..n+NR-1 against activation rows m0..m0+mr-1. Always inlined
  * with a constant `mr`, so the accumulators live in registers. */
-__attribute__((target("avx2,fma"), always_inline))
+__attribute__((target("avx2,fma,f16c"), always_inline))
 static inline void int4_tile(int64_t n, int64_t m0, const int mr, const uint8_t *qs,
-                             const float *scale, const float *mins, int64_t G,
+                             const void *scale, const void *mins, int half, int64_t G,
                              int64_t per_group, const int8_t *xq, const float *xd,
                              const int32_t *xs, int64_t nb, int64_t row_bytes, float *y,
                              int64_t N) {
@@ -59,10 +72,11 @@ static inline void int4_tile(int64_t n, int64_t m0, const int mr, const uint8_t 
         for (int i = 0; i < NR; i++) {
             const __m256i w = unpack_nibbles(qs + (n + i) * row_bytes + b * (QK / 2));
             const int64_t g = (n + i) * G + b / per_group;
+            const float s = load1(scale, g, half), mn = load1(mins, g, half);
             for (int j = 0; j < mr; j++) {
-                acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(scale[g] * d[j]),
-                                            dot_u8s8(w, a[j]), acc[i][j]);
-                mins_acc[i][j] += mins[g] * sd[j];
+                acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(s * d[j]), dot_u8s8(w, a[j]),
+                                            acc[i][j]);
+                mins_acc[i][j] += mn * sd[j];
             }
         }
     }
@@ -74,82 +88,34 @@ static inline void int4_tile(int64_t n, int64_t m0, const int mr, const uint8_t 
 /* One activation row (batch-1 decode): one weight row at a time, so the whole matrix
  * is read front to back as one stream. Four tiles of rows read four streams at the
  * row stride, which the hardware prefetcher follows poorly once a row is longer than
- * a few cache lines (measured at K = 1536: half the bandwidth of K = 576). Four
- * accumulators over consecutive blocks hide the multiply-add latency instead. */
-__attribute__((target("avx2,fma")))
-static void int4_row1_avx2(int64_t n0, int64_t n1, const uint8_t *qs, const float *scale,
-                           const float *mins, int64_t G, int64_t per_group,
+ * a few cache lines (measured at K = 1536: half the bandwidth of K = 576). Per row, the
+ * per-block scalar work (scale times activation step; the min term, one dot product of
+ * mins with step * code sum) is done first, eight blocks at a time where each block is
+ * its own group (every GGUF), so the inner loop is the unpack, the integer dot and one
+ * multiply-add by a loaded broadcast, over four accumulators that hide its latency. At
+ * batch 1 the kernel is bound by instructions, not memory, on an AVX2 CPU. */
+__attribute__((target("avx2,fma,f16c")))
+static void int4_row1_avx2(int64_t n0, int64_t n1, const uint8_t *qs, const void *scale,
+                           const void *mins, int half, int64_t G, int64_t per_group,
                            const int8_t *xq, const float *xd, const int32_t *xs, int64_t nb,
                            float *y) {
-    for (int64_t n = n0; n < n1; n++) {
-        const uint8_t *row = qs + n * nb * (QK / 2);
-        const float *sc = scale + n * G, *mn = mins + n * G;
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                         _mm256_setzero_ps()};
-        float min_acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};     /* four chains here too */
-        int64_t b = 0;
-        for (; b + 4 <= nb; b += 4)
-            for (int u = 0; u < 4; u++) {
-                const int64_t g = (b + u) / per_group;
-                const __m256i a = _mm256_loadu_si256((const __m256i *)(xq + (b + u) * QK));
-                acc[u] = _mm256_fmadd_ps(_mm256_set1_ps(sc[g] * xd[b + u]),
-                                         dot_u8s8(unpack_nibbles(row + (b + u) * (QK / 2)), a),
-                                         acc[u]);
-                min_acc[u] += mn[g] * xd[b + u] * (float)xs[b + u];
-            }
-        for (; b < nb; b++) {
-            const int64_t g = b / per_group;
-            const __m256i a = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
-            acc[0] = _mm256_fmadd_ps(_mm256_set1_ps(sc[g] * xd[b]),
-                                     dot_u8s8(unpack_nibbles(row + b * (QK / 2)), a), acc[0]);
-            min_acc[0] += mn[g] * xd[b] * (float)xs[b];
-        }
-        y[n] = hsum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]),
-                                   _mm256_add_ps(acc[2], acc[3])))
-               + (min_acc[0] + min_acc[1]) + (min_acc[2] + min_acc[3]);
-    }
-}
-
-/* int4_row1_avx2 for groups of one block (every GGUF): the per-block scalar work, the
- * scale times the activation step and the min term, is done eight blocks at a time
- * per row (the min term is then one dot product of mins with step * code sum), so the
- * inner loop is the unpack, the integer dot and one multiply-add by a loaded
- * broadcast. At batch 1 the kernel is bound by instructions, not memory, on this CPU
- * (its two vCPUs are one core's hyperthreads). */
-
-/* Eight scales (or mins) from p + i as floats, p float32 or float16 (half). */
-__attribute__((target("avx2,fma,f16c"), always_inline))
-static inline __m256 load8(const void *p, int64_t i, int half) {
-    return half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)p + i)))
-                : _mm256_loadu_ps((const float *)p + i);
-}
-
-__attribute__((target("avx2,fma,f16c"), always_inline))
-static inline float load1(const void *p, int64_t i, int half) {
-    return half ? _cvtsh_ss(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
-
-/* Scales and mins are read in place, float16 or float32: no widened copy. */
-__attribute__((target("avx2,fma,f16c")))
-void int4_row1_g32_avx2(int64_t n0, int64_t n1, const uint8_t *qs, const void *scale,
-                               const void *mins, int half, const int8_t *xq, const float *xd,
-                               const int32_t *xs, int64_t nb, float *y) {
     float xds[ROW1_MAX_BLOCKS], comb[ROW1_MAX_BLOCKS];
     for (int64_t b = 0; b < nb; b++) xds[b] = xd[b] * (float)xs[b];
     for (int64_t n = n0; n < n1; n++) {
         const uint8_t *row = qs + n * nb * (QK / 2);
-        const int64_t at = n * nb;                   /* this row's first scale */
+        const int64_t at = n * G;                    /* this row's first scale */
         __m256 mv = _mm256_setzero_ps();
         float mtail = 0.0f;
         int64_t b = 0;
-        for (; b + 8 <= nb; b += 8) {
-            _mm256_storeu_ps(comb + b, _mm256_mul_ps(load8(scale, at + b, half),
-                                                     _mm256_loadu_ps(xd + b)));
-            mv = _mm256_fmadd_ps(load8(mins, at + b, half), _mm256_loadu_ps(xds + b), mv);
-        }
+        if (per_group == 1)
+            for (; b + 8 <= nb; b += 8) {
+                _mm256_storeu_ps(comb + b, _mm256_mul_ps(load8(scale, at + b, half),
+                                                         _mm256_loadu_ps(xd + b)));
+                mv = _mm256_fmadd_ps(load8(mins, at + b, half), _mm256_loadu_ps(xds + b), mv);
+            }
         for (; b < nb; b++) {
-            comb[b] = load1(scale, at + b, half) * xd[b];
-            mtail += load1(mins, at + b, half) * xds[b];
+            comb[b] = load1(scale, at + b / per_group, half) * xd[b];
+            mtail += load1(mins, at + b / per_group, half) * xds[b];
         }
         __m256 acc[4] = {mv, _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
         for (b = 0; b + 4 <= nb; b += 4)
@@ -169,30 +135,25 @@ void int4_row1_g32_avx2(int64_t n0, int64_t n1, const uint8_t *qs, const void *s
     }
 }
 
-__attribute__((target("avx2,fma")))
-void int4_rows_avx2(int64_t n0, int64_t n1, const uint8_t *qs, const float *scale,
-                           const float *mins, int64_t G, int64_t group, const int8_t *xq,
-                           const float *xd, const int32_t *xs, int64_t M, int64_t K,
-                           float *y, int64_t N) {
-    const int64_t nb = K / QK, per_group = group / QK, row_bytes = K / 2;
-    if (M == 1 && per_group == 1 && nb <= ROW1_MAX_BLOCKS) {
-        int4_row1_g32_avx2(n0, n1, qs, scale, mins, 0, xq, xd, xs, nb, y);
-        return;
-    }
-    if (M == 1) {
-        int4_row1_avx2(n0, n1, qs, scale, mins, G, per_group, xq, xd, xs, nb, y);
+__attribute__((target("avx2,fma,f16c")))
+void int4_rows_avx2(INT4_BODY_ARGS) {
+    const int64_t nb = K / QK, per_group = group / QK, row_bytes = K / 2, G = K / group;
+    if (M == 1 && nb <= ROW1_MAX_BLOCKS) {
+        int4_row1_avx2(n0, n1, qs, scale, mins, half, G, per_group, xq, xd, xs, nb, y);
         return;
     }
     int64_t n = n0;
     for (; n + NR <= n1; n += NR) {
         int64_t m0 = 0;
         for (; m0 + MR <= M; m0 += MR)
-            int4_tile(n, m0, MR, qs, scale, mins, G, per_group, xq, xd, xs, nb, row_bytes, y, N);
+            int4_tile(n, m0, MR, qs, scale, mins, half, G, per_group, xq, xd, xs, nb,
+                      row_bytes, y, N);
         if (m0 < M)
-            int4_tile(n, m0, 1, qs, scale, mins, G, per_group, xq, xd, xs, nb, row_bytes, y, N);
+            int4_tile(n, m0, 1, qs, scale, mins, half, G, per_group, xq, xd, xs, nb,
+                      row_bytes, y, N);
     }
     if (n < n1)
-        int4_rows_c(n, n1, qs, scale, mins, G, group, xq, xd, xs, M, K, y, N);
+        int4_rows_c(n, n1, qs, scale, mins, half, group, xq, xd, xs, M, K, y, N);
 }
 
 __attribute__((target("avx2,fma"), always_inline))
@@ -226,7 +187,7 @@ static inline void int8_tile(int64_t n, int64_t m0, const int mr, const int8_t *
 }
 
 /* One activation row of int8 (the output head at batch 1): a row at a time, its scales
- * times the activation steps first, as int4_row1_g32_avx2 does. */
+ * times the activation steps first, as int4_row1_avx2 does. */
 __attribute__((target("avx2,fma")))
 static void int8_row1_avx2(int64_t n0, int64_t n1, const int8_t *q, const float *scale,
                            int64_t G, int64_t per_group, const int8_t *xq, const float *xd,
@@ -257,10 +218,8 @@ static void int8_row1_avx2(int64_t n0, int64_t n1, const int8_t *q, const float 
 }
 
 __attribute__((target("avx2,fma")))
-void int8_rows_avx2(int64_t n0, int64_t n1, const int8_t *q, const float *scale,
-                           int64_t G, int64_t group, const int8_t *xq, const float *xd,
-                           int64_t M, int64_t K, float *y, int64_t N) {
-    const int64_t nb = K / QK, per_group = group / QK;
+void int8_rows_avx2(INT8_BODY_ARGS) {
+    const int64_t nb = K / QK, per_group = group / QK, G = K / group;
     if (M == 1 && nb <= ROW1_MAX_BLOCKS) {
         int8_row1_avx2(n0, n1, q, scale, G, per_group, xq, xd, nb, y);
         return;
@@ -274,14 +233,28 @@ void int8_rows_avx2(int64_t n0, int64_t n1, const int8_t *q, const float *scale,
             int8_tile(n, m0, 1, q, scale, G, per_group, xq, xd, nb, K, y, N);
     }
     if (n < n1)
-        int8_rows_c(n, n1, q, scale, G, group, xq, xd, M, K, y, N);
+        int8_rows_c(n, n1, q, scale, group, xq, xd, M, K, y, N);
 }
 
-__attribute__((target("avx2,f16c")))
-void halves_avx2(const uint16_t *src, int64_t n, float *dst) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(src + i))));
-    for (; i < n; i++) dst[i] = half_to_float(src[i]);
+/* Float weights (decode_step.c's float linears): as f32_rows_c, four accumulators. */
+__attribute__((target("avx2,fma")))
+void f32_rows_avx2(F32_BODY_ARGS) {
+    for (int64_t n = n0; n < n1; n++) {
+        const float *row = w + n * K;
+        for (int64_t m = 0; m < M; m++) {
+            const float *a = x + m * K;
+            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
+                             _mm256_setzero_ps()};
+            int64_t k = 0;
+            for (; k + 32 <= K; k += 32)
+                for (int u = 0; u < 4; u++)
+                    acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(row + k + 8 * u),
+                                             _mm256_loadu_ps(a + k + 8 * u), acc[u]);
+            float tail = 0.0f;
+            for (; k < K; k++) tail += row[k] * a[k];
+            y[m * N + n] = hsum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]),
+                                               _mm256_add_ps(acc[2], acc[3]))) + tail;
+        }
+    }
 }
 #endif

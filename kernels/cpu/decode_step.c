@@ -55,74 +55,20 @@ typedef struct {
     int32_t *s;
 } QuantizedRows;
 
-/* Float weights: y (M, N) = x (M, K) @ w (N, K).T. Each weight row is read once from
- * memory and stays in L1 while the M activation rows pass over it, so a small batch
- * costs about what one row does (the weights are the traffic). */
-static void f32_rows_c(int64_t n0, int64_t n1, const float *w, int64_t K, const float *x,
-                       int64_t M, float *y, int64_t N) {
-    for (int64_t n = n0; n < n1; n++)
-        for (int64_t m = 0; m < M; m++) {
-            float acc = 0.0f;
-            for (int64_t k = 0; k < K; k++) acc += w[n * K + k] * x[m * K + k];
-            y[m * N + n] = acc;
-        }
-}
-
-#if HAVE_X86
-__attribute__((target("avx2,fma")))
-static void f32_rows_avx2(int64_t n0, int64_t n1, const float *w, int64_t K, const float *x,
-                          int64_t M, float *y, int64_t N) {
-    for (int64_t n = n0; n < n1; n++) {
-        const float *row = w + n * K;
-        for (int64_t m = 0; m < M; m++) {
-            const float *a = x + m * K;
-            __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                             _mm256_setzero_ps()};
-            int64_t k = 0;
-            for (; k + 32 <= K; k += 32)
-                for (int u = 0; u < 4; u++)
-                    acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(row + k + 8 * u),
-                                             _mm256_loadu_ps(a + k + 8 * u), acc[u]);
-            __m256 v = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-            __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-            h = _mm_add_ss(h, _mm_movehdup_ps(h));
-            float tail = 0.0f;
-            for (; k < K; k++) tail += row[k] * a[k];
-            y[m * N + n] = _mm_cvtss_f32(h) + tail;
-        }
-    }
-}
-#endif
-
-static void f32_linear(const float *w, int64_t N, int64_t K, const float *x, int64_t M,
-                       float *y, int simd, int threads) {
-    const int64_t step = ((N + threads - 1) / threads + 7) / 8 * 8;   /* whole cache lines of y */
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n0 = 0; n0 < N; n0 += step) {
-        const int64_t n1 = n0 + step < N ? n0 + step : N;
-#if HAVE_X86
-        if (simd) { f32_rows_avx2(n0, n1, w, K, x, M, y, N); continue; }
-#endif
-        f32_rows_c(n0, n1, w, K, x, M, y, N);
-    }
-}
-
-/* y (M, N) = x (M, K) through one linear; a quantized one first quantizes x into q.
- * Returns 0, or -1 when the int4 kernel could not allocate. */
-static int linear(const QLinear *w, const float *x, int64_t M, const QuantizedRows *q,
-                  float *y, int simd, int threads) {
+/* y (M, N) = x (M, K) through one linear; a quantized one first quantizes x into q. */
+static void linear(const QLinear *w, const float *x, int64_t M, const QuantizedRows *q,
+                   float *y, int simd, int threads) {
     if (w->bits == 32) {
-        f32_linear((const float *)w->q, w->N, w->K, x, M, y, simd, threads);
-        return 0;
+        f32_mm((const float *)w->q, w->N, w->K, x, M, y, simd, threads);
+        return;
     }
     quantize_rows(x, M, w->K, q->q, q->d, q->s);
     if (w->bits == 4)
-        return int4_block_mm((const uint8_t *)w->q, w->scale, w->mins, (int)w->half, w->N,
-                             w->K, w->group, q->q, q->d, q->s, M, y, simd, threads);
-    int8_block_mm((const int8_t *)w->q, (const float *)w->scale, w->N, w->K, w->group, q->q,
-                  q->d, M, y, simd, threads);
-    return 0;
+        int4_block_mm((const uint8_t *)w->q, w->scale, w->mins, (int)w->half, w->N, w->K,
+                      w->group, q->q, q->d, q->s, M, y, simd, threads);
+    else
+        int8_block_mm((const int8_t *)w->q, (const float *)w->scale, w->N, w->K, w->group,
+                      q->q, q->d, M, y, simd, threads);
 }
 
 /* HF's RMSNorm in float32: weight * (x * rsqrt(mean(x^2) + eps)). */
@@ -181,27 +127,61 @@ static void attend_head(const float *q, const DecodeModel *m, const DecoderLayer
 
 static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
-/* Returns 0, or -1 when a workspace allocation failed (nothing was written then). */
+/* The step's scratch, carved from one caller-owned buffer (no allocation per step): the
+ * plan keeps it and grows it when a batch is wider or a sequence longer than before. */
+typedef struct {
+    float *xn, *qkv, *attn, *tmp, *gu, *act, *scores, *rot;
+    QuantizedRows x;
+} Workspace;
+
+/* Carves ws from `base` (NULL: only counts); returns the bytes it takes. Every piece
+ * starts on a 64-byte line. */
+static int64_t carve(const DecodeModel *m, int64_t S, int64_t longest, char *base,
+                     Workspace *ws) {
+    const int64_t H = m->hidden, hd = m->head_dim, nh = m->heads, nkv = m->kv_heads;
+    const int64_t I = m->intermediate, widest = max64(max64(H, nh * hd), I);
+    const int64_t sizes[] = {4 * S * H, 4 * S * (nh + 2 * nkv) * hd, 4 * S * nh * hd,
+                             4 * S * H, 4 * S * 2 * I, 4 * S * I, 4 * S * nh * longest, 4 * hd,
+                             S * widest, 4 * S * widest / QK, 4 * S * widest / QK};
+    void **slots[] = {(void **)&ws->xn, (void **)&ws->qkv, (void **)&ws->attn,
+                      (void **)&ws->tmp, (void **)&ws->gu, (void **)&ws->act,
+                      (void **)&ws->scores, (void **)&ws->rot, (void **)&ws->x.q,
+                      (void **)&ws->x.d, (void **)&ws->x.s};
+    int64_t at = 0;
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++) {
+        if (base) *slots[i] = base + at;
+        at += (sizes[i] + 63) / 64 * 64;
+    }
+    return at;
+}
+
+/* The workspace bytes a step of S sequences, the longest attending to `longest`
+ * tokens, needs. */
+int64_t decode_step_workspace(const DecodeModel *m, int64_t S, int64_t longest) {
+    Workspace unused;
+    return carve(m, S, longest, NULL, &unused);
+}
+
+/* Returns 0, or -1 when `work` (work_bytes long) is smaller than the step needs
+ * (nothing was written then). */
 int decode_step(const DecodeModel *m, int64_t S, const int64_t *positions, const int64_t *slots,
-                const int64_t *tables, int64_t max_blocks, float *h, int simd, int threads) {
+                const int64_t *tables, int64_t max_blocks, float *h, void *work,
+                int64_t work_bytes, int simd, int threads) {
     const int64_t H = m->hidden, hd = m->head_dim, nh = m->heads, nkv = m->kv_heads;
     const int64_t I = m->intermediate, qkv_w = (nh + 2 * nkv) * hd, group = nh / nkv;
     int64_t longest = 0;
     for (int64_t s = 0; s < S; s++) longest = max64(longest, positions[s] + 1);
-    const int64_t widest = max64(max64(H, nh * hd), I);     /* any linear's input */
+    Workspace ws;
+    if (decode_step_workspace(m, S, longest) > work_bytes) return -1;
+    carve(m, S, longest, (char *)work, &ws);
+    float *xn = ws.xn, *qkv = ws.qkv, *attn = ws.attn, *tmp = ws.tmp, *gu = ws.gu;
+    float *act = ws.act, *scores = ws.scores, *rot = ws.rot;
+    const QuantizedRows x = ws.x;
 
-    float *xn = malloc(sizeof(float) * S * H), *qkv = malloc(sizeof(float) * S * qkv_w);
-    float *attn = malloc(sizeof(float) * S * nh * hd), *tmp = malloc(sizeof(float) * S * H);
-    float *gu = malloc(sizeof(float) * S * 2 * I), *act = malloc(sizeof(float) * S * I);
-    float *scores = malloc(sizeof(float) * S * nh * longest), *rot = malloc(sizeof(float) * hd);
-    QuantizedRows x = {malloc((size_t)S * widest), malloc(sizeof(float) * S * widest / QK),
-                       malloc(sizeof(int32_t) * S * widest / QK)};
-    int ok = xn && qkv && attn && tmp && gu && act && scores && rot && x.q && x.d && x.s;
-
-    for (int64_t l = 0; ok && l < m->num_layers; l++) {
+    for (int64_t l = 0; l < m->num_layers; l++) {
         const DecoderLayer *L = m->layers + l;
         rms_norm(h, L->attn_norm, S, H, m->eps, xn);
-        ok = ok && linear(&L->qkv, xn, S, &x, qkv, simd, threads) == 0;     /* (S, qkv_w) */
+        linear(&L->qkv, xn, S, &x, qkv, simd, threads);     /* (S, qkv_w) */
         for (int64_t s = 0; s < S; s++) {
             float *row = qkv + s * qkv_w;                             /* q | k | v heads */
             rope(row, nh + nkv, hd, m->cos_sin + positions[s] * 2 * hd, rot);
@@ -216,21 +196,19 @@ int decode_step(const DecodeModel *m, int64_t S, const int64_t *positions, const
                         positions[s] + 1, head / group, scores + task * longest,
                         attn + task * hd);
         }
-        ok = ok && linear(&L->o, attn, S, &x, tmp, simd, threads) == 0;  /* (S, H) */
+        linear(&L->o, attn, S, &x, tmp, simd, threads);  /* (S, H) */
         for (int64_t i = 0; i < S * H; i++) h[i] += tmp[i];
 
         rms_norm(h, L->mlp_norm, S, H, m->eps, xn);
         /* (S, 2I): gate | up */
-        ok = ok && linear(&L->gate_up, xn, S, &x, gu, simd, threads) == 0;
+        linear(&L->gate_up, xn, S, &x, gu, simd, threads);
         for (int64_t s = 0; s < S; s++)
             for (int64_t i = 0; i < I; i++) {
                 const float g = gu[s * 2 * I + i];
                 act[s * I + i] = g / (1.0f + expf(-g)) * gu[s * 2 * I + I + i];
             }
-        ok = ok && linear(&L->down, act, S, &x, tmp, simd, threads) == 0;  /* (S, H) */
+        linear(&L->down, act, S, &x, tmp, simd, threads);  /* (S, H) */
         for (int64_t i = 0; i < S * H; i++) h[i] += tmp[i];
     }
-    free(xn); free(qkv); free(attn); free(tmp); free(gu); free(act); free(scores); free(rot);
-    free(x.q); free(x.d); free(x.s);
-    return ok ? 0 : -1;
+    return 0;
 }

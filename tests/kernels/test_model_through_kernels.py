@@ -57,15 +57,26 @@ def test_kernel_path_matches_torch_path_int8_cache_one_layer(tiny_model_dir, mon
 
 
 def test_kernel_path_int8_cache_all_layers_within_one_code(tiny_model_dir, monkeypatch):
-    """Every layer: codes within one quantization step of the torch path's (see above)
-    and scales equal to float rounding."""
+    """Every layer: codes within one quantization step of the torch path's (see above).
+    Scales agree to float rounding until a code below them has jumped: layer l's K/V
+    come from layer l-1's output, which reads every lower layer's cache, so once some
+    code of layer j jumped (in this step or an earlier one), the inputs of every layer
+    above j differ by up to a step, and so may their scales (amax / 127): by at most
+    one step of the largest value, 1/127 relative. (A value scale of layer 2 failed the
+    float-rounding bound once in four runs of the capability pass on an AVX-512 Xeon and
+    never in reruns: the float sums' order is not fixed from run to run; MKL, outside
+    its reproducibility mode, may choose its code path by memory alignment.)"""
     _, _, want_caches, got_caches = _both_paths(load_model(tiny_model_dir), torch.int8,
                                                 monkeypatch)
+    lowest_jump = None                     # the lowest layer whose codes have differed
     for step, (w, g) in enumerate(zip(want_caches, got_caches)):
         for layer, (wl, gl) in enumerate(zip(w, g)):
+            rtol = 1e-5 if lowest_jump is None or layer <= lowest_jump else 1 / 127
+            for scale in ("key_scale", "value_scale"):
+                torch.testing.assert_close(getattr(gl, scale), getattr(wl, scale),
+                                           rtol=rtol, atol=0, msg=f"{step} {layer} {scale}")
             for codes in ("key", "value"):
                 diff = (getattr(gl, codes).int() - getattr(wl, codes).int()).abs()
                 assert diff.max() <= 1, (step, layer, codes)
-            for scale in ("key_scale", "value_scale"):
-                torch.testing.assert_close(getattr(gl, scale), getattr(wl, scale),
-                                           rtol=1e-5, atol=0, msg=f"{step} {layer} {scale}")
+                if diff.max() > 0 and (lowest_jump is None or layer < lowest_jump):
+                    lowest_jump = layer

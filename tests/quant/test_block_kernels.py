@@ -2,8 +2,9 @@
 
 The kernels quantize the activations to int8 per block of 32 and then compute integer
 dot products, so the reference is exact given those codes: it dequantizes the same
-codes in float64. Each body (AVX2 and portable C) is called explicitly, whatever the
-machine's own capability, and must agree with it to float32 accumulation order.
+codes in float64. Each body (portable C, AVX2, AVX-512 VNNI) is called explicitly,
+whatever torch's own capability, and must agree with it to float32 accumulation order;
+a body the CPU cannot execute is skipped, naming it.
 """
 from __future__ import annotations
 
@@ -16,7 +17,13 @@ from colocate.quant import block_kernels as bk
 from colocate.quant.int4_layouts import pack_blocks, unpack_blocks
 from colocate.quant.rtn import quantize_int4
 
-BODIES = [False, True]              # simd: portable C, AVX2 (the C body where no x86)
+BODIES = [bk.BODY_C, bk.BODY_AVX2, bk.BODY_AVX512]
+
+
+def runnable(simd: int) -> int:
+    if simd not in bk.runnable_bodies():
+        pytest.skip(f"this CPU cannot run the {bk.BODY_NAMES[simd]} body")
+    return simd
 
 
 def _activations(M: int, K: int, seed: int) -> torch.Tensor:
@@ -54,12 +61,14 @@ def _gguf_like(w):
 
 @pytest.mark.parametrize("simd", BODIES)
 @pytest.mark.parametrize("half", [False, True])
-# M = 1 takes its own loops (one weight row at a time, blocks four at a time; with groups
-# of one block, scales and mins eight blocks at a time): 320, 576 and 1536 inputs run
-# them with and without tails, with groups of 1, 2 and 4 blocks.
+# M = 1 takes its own loops (one weight row at a time, blocks four at a time, two per
+# register in AVX-512; with groups of one block, scales and mins 8 or 16 blocks at a
+# time): 320, 576, 800 and 1536 inputs run them with and without tails (an odd last
+# block included), with groups of 1, 2 and 4 blocks. Batches run tiles of 4 weight rows
+# by 2 (AVX2) or 4 (AVX-512) activation rows, with remainders of both.
 @pytest.mark.parametrize("M,N,K,group", [(1, 64, 64, 32), (3, 37, 128, 64), (8, 20, 256, 128),
                                          (5, 4, 32, 32), (1, 37, 320, 64), (1, 9, 1536, 128),
-                                         (1, 21, 576, 32)])
+                                         (1, 21, 576, 32), (6, 13, 96, 32), (1, 19, 800, 32)])
 def test_int4_blocks_match_the_dequantized_product(simd, half, M, N, K, group):
     gen = torch.Generator().manual_seed(M * N + K)
     w = quantize_int4(torch.randn(N, K, generator=gen), group)
@@ -70,7 +79,8 @@ def test_int4_blocks_match_the_dequantized_product(simd, half, M, N, K, group):
     q, scale, mins = unpack_blocks(buffers)
     assert torch.equal(q, w.q)                                # the packing round-trips
     x = _activations(M, K, seed=K)
-    y = bk.int4_mm(x, buffers["qweight"], buffers["scale"], buffers["min"], group, simd=simd)
+    y = bk.int4_mm(x, buffers["qweight"], buffers["scale"], buffers["min"], group,
+                   simd=runnable(simd))
     ref = _dequantized_activations(x) @ w.dequantize(torch.float64).T       # (M, N)
     # float32 sums of up to 48 blocks against float64: a few ulps of outputs up to ~10
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=3e-5)
@@ -82,29 +92,34 @@ def test_int4_blocks_match_the_dequantized_product(simd, half, M, N, K, group):
 
 @pytest.mark.parametrize("simd", BODIES)
 @pytest.mark.parametrize("M,N,K,group", [(1, 64, 64, 32), (3, 37, 128, 128), (8, 20, 96, 96),
-                                         (2, 4, 32, 32), (1, 21, 576, 32), (1, 5, 320, 64)])
+                                         (2, 4, 32, 32), (1, 21, 576, 32), (1, 5, 320, 64),
+                                         (6, 9, 96, 32), (1, 7, 800, 32)])
 def test_int8_blocks_match_the_dequantized_product(simd, M, N, K, group):
     gen = torch.Generator().manual_seed(M + N * K)
     q = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=gen)  # -128: GGUF Q8_0
     scale = torch.rand(N, K // group, generator=gen) * 0.01
     x = _activations(M, K, seed=N)
-    y = bk.int8_mm(x, q, scale, group, simd=simd)
+    y = bk.int8_mm(x, q, scale, group, simd=runnable(simd))
     w = q.double() * scale.double().repeat_interleave(group, dim=1)           # (N, K)
     ref = _dequantized_activations(x) @ w.T
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_the_two_bodies_agree_on_a_decode_sized_layer():
+@pytest.mark.parametrize("M", [1, 2, 3, 8])
+def test_every_body_agrees_on_a_decode_sized_layer(M):
     w = quantize_int4(torch.randn(96, 576, generator=torch.Generator().manual_seed(4)), 32)
     b = pack_blocks(w, torch.float32)
-    x = _activations(2, 576, seed=5)
-    outs = [bk.int4_mm(x, b["qweight"], b["scale"], b["min"], 32, simd=s) for s in BODIES]
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+    x = _activations(M, 576, seed=5)
+    outs = [bk.int4_mm(x, b["qweight"], b["scale"], b["min"], 32, simd=s)
+            for s in bk.runnable_bodies()]
+    for out in outs[1:]:      # float32 sums in other orders, as against the reference
+        torch.testing.assert_close(out, outs[0], rtol=1e-5, atol=3e-5)
 
 
 def test_the_default_body_follows_torchs_capability():
-    expected = torch.backends.cpu.get_cpu_capability() != "DEFAULT" and bk.has_avx2()
-    assert bk.default_simd() == expected
+    wanted = {"DEFAULT": bk.BODY_C, "AVX2": bk.BODY_AVX2,
+              "AVX512": bk.BODY_AVX512}[torch.backends.cpu.get_cpu_capability()]
+    assert bk.default_simd() == min(wanted, bk.best_body())
 
 
 def test_bad_shapes_are_refused_by_name():

@@ -1,7 +1,7 @@
 """The C decode step (kernels/cpu/decode_step.c, colocate/worker/cpu_decode.py) against
 the torch path it replaces: the same hidden states and the same K/V written to the
 cache, for a batch of sequences of different lengths that cross block boundaries,
-with both kernel bodies (AVX2 where the CPU has it, portable C)."""
+with every kernel body the CPU can run (portable C, AVX2, AVX-512 VNNI)."""
 from __future__ import annotations
 
 import functools
@@ -55,11 +55,12 @@ def _prefilled(model, gen):
 
 @pytest.mark.parametrize("method,group", [(None, None), ("int4", 32), ("int4", 64),
                                           ("int8", None)])
-@pytest.mark.parametrize("simd", [True, False])
+@pytest.mark.parametrize("simd", [block_kernels.BODY_C, block_kernels.BODY_AVX2,
+                                  block_kernels.BODY_AVX512])
 def test_decode_steps_match_the_torch_path(tiny_gqa_model_dir, method, group, simd,
                                            monkeypatch):
-    if simd and not block_kernels.has_avx2():
-        pytest.skip("this CPU has no AVX2")
+    if simd not in block_kernels.runnable_bodies():
+        pytest.skip(f"this CPU cannot run the {block_kernels.BODY_NAMES[simd]} body")
     monkeypatch.setattr(block_kernels, "default_simd", lambda: simd)
     model = _model(tiny_gqa_model_dir, method, group)
     plan = CpuDecodePlan.build(model)

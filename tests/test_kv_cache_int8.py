@@ -40,15 +40,18 @@ def test_int8_logits_stay_close_to_fp32(tiny):
 
 
 def test_int8_prefill_does_not_depend_on_chunking(tiny):
-    """Attention reads back what the cache holds, so one 14-token step and 9 + 5 agree:
-    exactly where the same keys are cached, and otherwise up to the odd int8 code that
-    matmul rounding (different row counts) tips across a rounding boundary, far below
-    the int8-vs-fp32 difference."""
+    """Attention reads back what the cache holds, so one 14-token step and 9 + 5 agree up
+    to the odd int8 code that float rounding tips across a rounding boundary, far below
+    the int8-vs-fp32 difference. Not to the bit even on the first 9 tokens, whose keys
+    are the same: torch's CPU flash attention splits its sums by the step's row and key
+    counts, so layer 0's outputs (and the codes of layer 1's keys) may differ in the
+    last bit (measured: 1.4e-3 under ATEN_CPU_CAPABILITY=default, 4e-6 natively, against
+    an int8 error of 0.045)."""
     whole = run_schedule(tiny, torch.int8, schedule=[(14, 6)])[0]
     chunks = run_schedule(tiny, torch.int8, schedule=[(9, 6), (5, 0)])
-    torch.testing.assert_close(chunks[0][:9], whole[:9], atol=1e-4, rtol=1e-4)
     fp32 = run_schedule(tiny, torch.float32, schedule=[(14, 6)])[0]
-    quant_err = (whole[9:14] - fp32[9:14]).abs().max()
+    quant_err = (whole - fp32).abs().max()
+    assert (chunks[0][:9] - whole[:9]).abs().max() < quant_err / 4
     assert (chunks[1] - whole[9:14]).abs().max() < quant_err / 4
 
 

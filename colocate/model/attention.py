@@ -177,10 +177,13 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
         else:
             ks, vs = _gather_kv(cache, s.block_ids, s.seq_len, q.dtype)
             ks, vs = ks[0], vs[0]                                         # (L, nkv, hd)
+        # 4-D (a batch of one), not 3-D: torch's CPU flash kernel takes only 4-D inputs
+        # and 3-D ones fall to the math path, 3.7x slower at 512 tokens here.
         o = F.scaled_dot_product_attention(
-            q[s.start:s.end].transpose(0, 1), ks.transpose(0, 1), vs.transpose(0, 1),
-            attn_mask=s.mask, is_causal=s.mask is None, scale=scale, enable_gqa=True,
-        )                                                                 # (nh, q, hd)
+            q[s.start:s.end].transpose(0, 1)[None], ks.transpose(0, 1)[None],
+            vs.transpose(0, 1)[None], attn_mask=s.mask, is_causal=s.mask is None, scale=scale,
+            enable_gqa=True,
+        )[0]                                                              # (nh, q, hd)
         out[s.start:s.end] = o.transpose(0, 1).reshape(s.end - s.start, -1)
     return out
 

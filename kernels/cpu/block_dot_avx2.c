@@ -70,7 +70,9 @@ static inline void int4_tile(int64_t n, int64_t m0, const int mr, const uint8_t 
             sd[j] = xd[r] * (float)xs[r];
         }
         for (int i = 0; i < NR; i++) {
-            const __m256i w = unpack_nibbles(qs + (n + i) * row_bytes + b * (QK / 2));
+            const uint8_t *p = qs + (n + i) * row_bytes + b * (QK / 2);
+            _mm_prefetch((const char *)p + PREFETCH_BYTES, _MM_HINT_T0);
+            const __m256i w = unpack_nibbles(p);
             const int64_t g = (n + i) * G + b / per_group;
             const float s = load1(scale, g, half), mn = load1(mins, g, half);
             for (int j = 0; j < mr; j++) {
@@ -118,13 +120,15 @@ static void int4_row1_avx2(int64_t n0, int64_t n1, const uint8_t *qs, const void
             mtail += load1(mins, at + b / per_group, half) * xds[b];
         }
         __m256 acc[4] = {mv, _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        for (b = 0; b + 4 <= nb; b += 4)
+        for (b = 0; b + 4 <= nb; b += 4) {
+            _mm_prefetch((const char *)row + b * (QK / 2) + PREFETCH_BYTES, _MM_HINT_T0);
             for (int u = 0; u < 4; u++) {
                 const __m256i a = _mm256_loadu_si256((const __m256i *)(xq + (b + u) * QK));
                 acc[u] = _mm256_fmadd_ps(_mm256_broadcast_ss(comb + b + u),
                                          dot_u8s8(unpack_nibbles(row + (b + u) * (QK / 2)), a),
                                          acc[u]);
             }
+        }
         for (; b < nb; b++) {
             const __m256i a = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
             acc[0] = _mm256_fmadd_ps(_mm256_broadcast_ss(comb + b),
@@ -173,7 +177,9 @@ static inline void int8_tile(int64_t n, int64_t m0, const int mr, const int8_t *
             d[j] = xd[r];
         }
         for (int i = 0; i < NR; i++) {
-            const __m256i w = _mm256_loadu_si256((const __m256i *)(q + (n + i) * K + b * QK));
+            const int8_t *p = q + (n + i) * K + b * QK;
+            _mm_prefetch((const char *)p + PREFETCH_BYTES, _MM_HINT_T0);
+            const __m256i w = _mm256_loadu_si256((const __m256i *)p);
             /* s8 x s8 through the u8 x s8 instruction: |w| times a with w's sign */
             const __m256i wabs = _mm256_sign_epi8(w, w);
             const float ws = scale[(n + i) * G + b / per_group];
@@ -205,6 +211,7 @@ static void int8_row1_avx2(int64_t n0, int64_t n1, const int8_t *q, const float 
         __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
                          _mm256_setzero_ps()};
         for (b = 0; b < nb; b++) {
+            _mm_prefetch((const char *)row + b * QK + PREFETCH_BYTES, _MM_HINT_T0);
             const __m256i w = _mm256_loadu_si256((const __m256i *)(row + b * QK));
             const __m256i a = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
             /* s8 x s8 through the u8 x s8 instruction: |w| times a with w's sign */
@@ -246,10 +253,14 @@ void f32_rows_avx2(F32_BODY_ARGS) {
             __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
                              _mm256_setzero_ps()};
             int64_t k = 0;
-            for (; k + 32 <= K; k += 32)
+            for (; k + 32 <= K; k += 32) {
+                if (m == 0)            /* the row's first pass reads it from memory */
+                    for (int l = 0; l < 32 * 4; l += 64)
+                        _mm_prefetch((const char *)(row + k) + PREFETCH_BYTES + l, _MM_HINT_T0);
                 for (int u = 0; u < 4; u++)
                     acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(row + k + 8 * u),
                                              _mm256_loadu_ps(a + k + 8 * u), acc[u]);
+            }
             float tail = 0.0f;
             for (; k < K; k++) tail += row[k] * a[k];
             y[m * N + n] = hsum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]),

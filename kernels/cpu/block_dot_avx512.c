@@ -122,13 +122,17 @@ ALWAYS void block_row1(const int bits, int64_t n0, int64_t n1, const void *w,
         __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
                          _mm512_setzero_ps()};
         int64_t b = 0;
-        for (; b + 8 <= nb; b += 8)
+        for (; b + 8 <= nb; b += 8) {
+            for (int64_t l = 0; l < 8 * block_bytes; l += 64)
+                _mm_prefetch((const char *)row + b * block_bytes + PREFETCH_BYTES + l,
+                             _MM_HINT_T0);
             for (int u = 0; u < 4; u++) {
                 const int64_t c = b + 2 * u;
                 acc[u] = _mm512_fmadd_ps(pair_of(comb[c], comb[c + 1]),
                                          weight_pair_dot(bits, row + c * block_bytes, xq + c * QK),
                                          acc[u]);
             }
+        }
         for (; b + 2 <= nb; b += 2)
             acc[0] = _mm512_fmadd_ps(pair_of(comb[b], comb[b + 1]),
                                      weight_pair_dot(bits, row + b * block_bytes, xq + b * QK),
@@ -179,6 +183,8 @@ ALWAYS void block_tile(const int bits, int64_t n, int64_t m0, const int mr, cons
         activation_pairs(a, d, m0, mr, b, one, xq, xd, nb);
         for (int i = 0; i < NR; i++) {
             const uint8_t *p = (const uint8_t *)w + (n + i) * row_bytes + b * block_bytes;
+            _mm_prefetch((const char *)p + PREFETCH_BYTES, _MM_HINT_T0);
+            if (bits == 8) _mm_prefetch((const char *)p + PREFETCH_BYTES + 32, _MM_HINT_T0);
             const int64_t at = (n + i) * G;
             const __m512 s = pair_of(load1(scale, at + b / per_group, half),
                                      one ? 0.0f : load1(scale, at + (b + 1) / per_group, half));
@@ -272,10 +278,14 @@ void f32_rows_avx512(F32_BODY_ARGS) {
             __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(),
                              _mm512_setzero_ps()};
             int64_t k = 0;
-            for (; k + 64 <= K; k += 64)
+            for (; k + 64 <= K; k += 64) {
+                if (m == 0)            /* the row's first pass reads it from memory */
+                    for (int l = 0; l < 64 * 4; l += 64)
+                        _mm_prefetch((const char *)(row + k) + PREFETCH_BYTES + l, _MM_HINT_T0);
                 for (int u = 0; u < 4; u++)
                     acc[u] = _mm512_fmadd_ps(_mm512_loadu_ps(row + k + 16 * u),
                                              _mm512_loadu_ps(a + k + 16 * u), acc[u]);
+            }
             for (; k + 16 <= K; k += 16)
                 acc[0] = _mm512_fmadd_ps(_mm512_loadu_ps(row + k), _mm512_loadu_ps(a + k), acc[0]);
             float tail = 0.0f;

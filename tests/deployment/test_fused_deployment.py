@@ -1,7 +1,8 @@
 """`batching: fused`: three services of the tiny checkpoint in ONE process, decoding
 as one batch, through the real supervisor, Ray and gRPC; each keeps its own doors
 (gRPC and OpenAI HTTP), tenants, pool and prefix cache, and the group is restarted as one.
-fu-c lends its idle blocks (`kv_cache: {lend: true}`) to the others."""
+fu-c lends its idle blocks (`kv_cache: {lend: true}`) to the others; fu-b sleeps alone
+when idle."""
 from __future__ import annotations
 
 import threading
@@ -20,6 +21,8 @@ from tests.deployment.service_contract import KV_TOKENS, ServiceContract, three_
 
 pytestmark = pytest.mark.slow
 NAMES = ["fu-a", "fu-b", "fu-c"]
+SLEEPER_TOKENS = 32768                   # tiny: 4 KiB of fp32 K+V per token, so 128 MiB
+MiB = 2**20
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +32,10 @@ def deployment(ray_session, tiny_model_dir, tmp_path_factory):
     http = {name: {"port": ports[i], "http_port": ports[len(NAMES) + i]}
             for i, name in enumerate(NAMES)}
     http["fu-c"]["kv_cache"] = {"dtype": "auto", "tokens": KV_TOKENS, "lend": True}
+    # fu-b sleeps alone after 2 s idle; its 128 MiB range makes the pages it gives back
+    # plain in the process's PSS.
+    http["fu-b"].update(sleep_after_idle="2s",
+                        kv_cache={"dtype": "auto", "tokens": SLEEPER_TOKENS})
     with three_services(tmp_path_factory.mktemp("fused"), tiny_model_dir, NAMES,
                         device_extra={"batching": "fused"}, per_service=http,
                         test_hooks=HOOKS) as dep:
@@ -123,6 +130,48 @@ def test_a_borrower_uses_the_lenders_idle_blocks_and_the_lender_gets_them_back(
     wait_service_pools_empty(deployment)
     assert {(n, r["stats"].kv_blocks_lent, r["stats"].kv_blocks_borrowed)
             for n, r in service_rows(deployment).items()} == {(n, 0, 0) for n in NAMES}
+
+
+def test_a_member_sleeps_alone_while_its_neighbour_streams_and_wakes_with_its_answer(
+        deployment, targets):
+    prompt, greedy = "The quick brown fox", dict(max_tokens=16, temperature=0.0)
+    neighbour_prompt = [1, 50, 60, 70, 80]
+    neighbour_alone = stream_tokens(targets["fu-a"], token_of("fu-a"), neighbour_prompt,
+                                    max_tokens=100, temperature=0.0)
+    answer = stream_tokens(targets["fu-b"], token_of("fu-b"), prompt, **greedy)
+    awake = service_rows(deployment)["fu-b"]["stats"]        # within its 2 s awake
+    metrics = deployment.metrics_urls()["cpu"]
+    wakes = scrape_by_service(metrics, "colocate_service_wake_seconds_count")
+    neighbour, stop = [], threading.Event()
+
+    def stream_on_the_neighbour():                           # until fu-b has slept
+        while not stop.is_set():
+            neighbour.append(stream_tokens(targets["fu-a"], token_of("fu-a"),
+                                           neighbour_prompt, max_tokens=100,
+                                           temperature=0.0))
+
+    thread = threading.Thread(target=stream_on_the_neighbour)
+    thread.start()
+    with Client(targets["fu-b"], token_of("fu-b")) as sleeper, \
+            Client(targets["fu-a"], token_of("fu-a")) as streamer:
+        deadline = time.monotonic() + 60
+        while not (sleeper.stats().sleeping and streamer.stats().num_running):
+            assert time.monotonic() < deadline, "fu-b never slept beside fu-a's stream"
+            time.sleep(0.05)
+    asleep = service_rows(deployment)["fu-b"]["stats"]
+    assert asleep.sleeping and not awake.sleeping and asleep.pid == awake.pid
+    print(f"\ngroup PSS fu-b awake {awake.pss_bytes / MiB:.0f} MiB, asleep "
+          f"{asleep.pss_bytes / MiB:.0f} MiB, its range {SLEEPER_TOKENS * 4096 / MiB:.0f} MiB")
+    assert awake.pss_bytes - asleep.pss_bytes > 0.9 * SLEEPER_TOKENS * 4096
+    assert scrape_by_service(metrics, "colocate_service_sleeping") == \
+        {"fu-a": 0, "fu-b": 1, "fu-c": 0}
+    stop.set()
+    thread.join(120)
+    assert stream_tokens(targets["fu-b"], token_of("fu-b"), prompt, **greedy) == answer
+    assert neighbour and all(tokens == neighbour_alone for tokens in neighbour)
+    after = scrape_by_service(metrics, "colocate_service_wake_seconds_count")
+    assert after["fu-b"] == wakes["fu-b"] + 1
+    assert (after["fu-a"], after["fu-c"]) == (wakes["fu-a"], wakes["fu-c"]) == (0, 0)
 
 
 def test_no_prefix_cache_hit_across_services(deployment, targets):

@@ -23,8 +23,8 @@ in flight while tenant 0 has one; its figure is tenant 0's latency over alone's)
 ports with the peers' client, so that every scenario is measured through one door.
 Writes colocation.json, colocation.md and PNG plots under --results and prints a
 table. With --bursty, instead: the services busy in turns, static budgets against
-sleep_after_idle (colocation_bursty.py), to bursty.json and bursty.md. Asserts nothing
-about speed: the machine may be shared.
+sleep_after_idle and against lending (colocation_bursty.py), to bursty.json and
+bursty.md. Asserts nothing about speed: the machine may be shared.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))    # run as a script, not a package
 from common import machine_info, write_json  # noqa: E402
 from colocation_bursty import markdown as bursty_markdown  # noqa: E402
+from colocation_bursty import SCENARIOS as BURSTY_SCENARIOS  # noqa: E402
 from colocation_bursty import run_bursty  # noqa: E402
 from colocation_load import LoadSpec, PromptMaker, run_load  # noqa: E402
 from colocation_report import (headline_ratios, markdown_report, scenario_result,  # noqa: E402
@@ -97,7 +98,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--request-timeout", type=float, default=300.0)
     p.add_argument("--results", default="results/colocation", help="output directory")
     bursty = p.add_argument_group("bursty load (colocation_bursty.py): static budgets "
-                                  "against sleep_after_idle")
+                                  "against sleep_after_idle and against lending")
     bursty.add_argument("--bursty", action="store_true", help="run the bursty load instead "
                         "of the scenarios above")
     bursty.add_argument("--burst", type=float, default=10.0,
@@ -107,7 +108,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="sleep_after_idle of every service in the sleep scenario")
     bursty.add_argument("--sample", type=float, default=1.0,
                         help="seconds between memory samples")
+    bursty.add_argument("--burst-concurrency", type=int, default=1,
+                        help="requests in flight during a service's burst")
+    bursty.add_argument("--bursty-scenarios", default=",".join(BURSTY_SCENARIOS),
+                        help=f"comma-separated, of {','.join(BURSTY_SCENARIOS)}")
     args = p.parse_args(argv)
+    unknown = set(args.bursty_scenarios.split(",")) - set(BURSTY_SCENARIOS)
+    if unknown:
+        p.error(f"--bursty-scenarios: unknown {', '.join(sorted(unknown))}")
+    if args.burst_concurrency < 1:
+        p.error("--burst-concurrency: must be >= 1")
     args.peer_url = [u for arg in args.peer_url for u in arg.split(",") if u]
     unknown = set(args.scenarios.split(",")) - set(SCENARIOS)
     if unknown:
@@ -294,7 +304,7 @@ def measure_loads(name: str, servers, prompts: PromptMaker, specs: list[LoadSpec
 
 
 def run_bursty_load(args: argparse.Namespace) -> dict:
-    """--bursty: the config's services in turns, static budgets against sleep."""
+    """--bursty: the config's services in turns, static budgets against sleep and lending."""
     from colocate.cluster.supervisor import checkpoint_dir
 
     results = Path(args.results)

@@ -1,19 +1,26 @@
 """The bursty load of bench/colocation.py (`--bursty`): services alternately busy and idle.
 
 The N services of the config's first device entry take turns: service i is busy for
-`--burst` seconds (one request in flight, back to back), then idle while the others
-take theirs, for `--cycles` rounds. The same turns run against two deployments:
+`--burst` seconds (`--burst-concurrency` requests in flight, back to back), then idle
+while the others take theirs, for `--cycles` rounds. The same turns run against each
+deployment of `--bursty-scenarios`:
 
-  static  the budgets as configured: every pool held for the whole run;
-  sleep   every service with `sleep_after_idle: --sleep-after`, so an idle one gives
-          its KV pool back and the first request of its next burst wakes it;
-  lend    (`kv_cache: {lend: true}`) is reported as not built.
+  static  the budgets as configured, isolated: every pool held for the whole run;
+  sleep   isolated, every service with `sleep_after_idle: --sleep-after`, so an idle
+          one gives its KV pool back and the first request of its next burst wakes it;
+  lend    `batching: fused`, the first service borrowing and every other one lending
+          (`kv_cache: {lend: true}`): while a lender idles, the first service's burst
+          may overflow its own pool into the lenders' free blocks, and a lender's
+          burst takes them back. A lender does not borrow (colocate/engine/
+          kv_lending.py), so only the first service's bursts can gain; and the
+          scenario differs from `static` in batching too (one process, one batch).
 
-Reported per scenario: TTFT p50/p99 of every request and of each burst's first request
-(the one that pays for a wake), memory sampled every `--sample` seconds (the services'
-and supervisor's PSS, and the machine's MemAvailable), and the wakes the services
-counted in `colocate_service_wake_seconds`: how many, their mean, and p50/p99
-interpolated within its buckets as Prometheus' histogram_quantile does. Asserts nothing.
+Reported per scenario: TTFT p50/p99 of every request, of each burst's first request
+(the one that pays for a wake) and per service, memory sampled every `--sample`
+seconds (the services' and supervisor's PSS, the machine's MemAvailable, and the KV
+blocks on loan, from GetStats), and the wakes the services counted in
+`colocate_service_wake_seconds`: how many, their mean, and p50/p99 interpolated within
+its buckets as Prometheus' histogram_quantile does. Asserts nothing.
 """
 from __future__ import annotations
 
@@ -27,16 +34,20 @@ import psutil
 from colocation_load import LoadSpec, RequestRecord, planned_request, send
 
 SCENARIOS = ("static", "sleep", "lend")
-NOT_BUILT = {"lend": "kv_cache lend: true is not built yet (see README, Sleep when idle)"}
 WAKE_SERIES = "colocate_service_wake_seconds"
 
 
 def scenario_config(config, name: str, sleep_after_s: float):
-    """static: the config's first entry as it is; sleep: every service sleeps when idle."""
+    """static: the config's first entry as it is; sleep: every service sleeps when idle;
+    lend: fused, the first service borrowing from all the others."""
     gpu = replace(config.gpus[0], metrics_port=None, batching="isolated")
     if name == "sleep":
         gpu = replace(gpu, services=tuple(replace(s, sleep_after_idle=sleep_after_s)
                                           for s in gpu.services))
+    elif name == "lend":
+        first, *others = gpu.services
+        gpu = replace(gpu, batching="fused", share_weights=True, services=(first, *(
+            replace(s, kv_cache=replace(s.kv_cache, lend=True)) for s in others)))
     return replace(config, gpus=(gpu,))
 
 
@@ -59,9 +70,13 @@ class MemorySampler:
     def _run(self) -> None:
         t0 = time.perf_counter()
         while not self._stop.wait(self.period_s):
+            (device,) = self.servers.deployment.status()
+            borrowed = sum(s["stats"].kv_blocks_borrowed for s in device["services"]
+                           if s.get("stats") is not None)
             self.samples.append({"t_s": time.perf_counter() - t0,
                                  "servers_bytes": self.servers.memory()["total_bytes"],
-                                 "available_bytes": psutil.virtual_memory().available})
+                                 "available_bytes": psutil.virtual_memory().available,
+                                 "borrowed_blocks": borrowed})
 
     def __enter__(self) -> "MemorySampler":
         self._thread.start()
@@ -78,7 +93,9 @@ class MemorySampler:
                 "servers_mean_bytes": sum(held) / len(held) if held else None,
                 "servers_min_bytes": min(held, default=None),
                 "servers_max_bytes": max(held, default=None),
-                "available_mean_bytes": sum(free) / len(free) if free else None}
+                "available_mean_bytes": sum(free) / len(free) if free else None,
+                "borrowed_blocks_max": max((s.get("borrowed_blocks", 0)
+                                            for s in self.samples), default=None)}
 
 
 def wake_histogram(metrics_url: str) -> dict:
@@ -116,19 +133,44 @@ def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float | 
 
 def run_turns(targets, spec: LoadSpec, prompts, burst_s: float, cycles: int,
               timeout_s: float) -> list[dict]:
-    """Each target busy for burst_s in turn, cycles times; one record per request."""
-    rows, index, t0 = [], 0, time.perf_counter()
-    for cycle in range(cycles):
-        for stream, target in enumerate(targets):
-            end, first = time.perf_counter() + burst_s, True
-            while time.perf_counter() < end:
-                planned = planned_request(spec, prompts, stream, index)
-                record = RequestRecord(target.name, index, 0.0, planned.target_prompt_tokens,
-                                       planned.max_tokens)
-                send(target, planned, record, t0, timeout_s)
+    """Each target busy for burst_s in turn, cycles times, with spec.concurrency
+    requests in flight; one record per request."""
+    rows, t0, lock = [], time.perf_counter(), threading.Lock()
+    counter = iter(range(10**9))
+
+    def stream(target, stream_index: int, end: float, cycle: int, first: bool) -> None:
+        while time.perf_counter() < end:
+            with lock:
+                index = next(counter)
+            planned = planned_request(spec, prompts, stream_index, index)
+            record = RequestRecord(target.name, index, 0.0, planned.target_prompt_tokens,
+                                   planned.max_tokens)
+            send(target, planned, record, t0, timeout_s)
+            with lock:
                 rows.append({**record.to_json(), "cycle": cycle, "first_in_burst": first})
-                first, index = False, index + 1
+            first = False
+
+    for cycle in range(cycles):
+        for i, target in enumerate(targets):
+            end = time.perf_counter() + burst_s
+            workers = [threading.Thread(target=stream, args=(target, i * spec.concurrency + k,
+                                                             end, cycle, k == 0))
+                       for k in range(spec.concurrency)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
     return rows
+
+
+def by_service(rows: list[dict]) -> dict[str, dict]:
+    """TTFT p50/p99 of each service's completed requests."""
+    out: dict[str, dict] = {}
+    for name in dict.fromkeys(r["service"] for r in rows):
+        ttft = [r["ttft_s"] for r in rows if r["service"] == name and r["error"] is None]
+        out[name] = {"completed": len(ttft), "ttft_p50_s": percentile(ttft, 0.5),
+                     "ttft_p99_s": percentile(ttft, 0.99)}
+    return out
 
 
 def summarize_scenario(rows: list[dict], memory: dict, wakes: dict) -> dict:
@@ -145,7 +187,7 @@ def summarize_scenario(rows: list[dict], memory: dict, wakes: dict) -> dict:
             "wake_mean_s": wakes["sum"] / count if count else None,
             "wake_p50_s": histogram_quantile(0.5, buckets),
             "wake_p99_s": histogram_quantile(0.99, buckets),
-            "requests": rows}
+            "by_service": by_service(rows), "requests": rows}
 
 
 def markdown(result: dict) -> str:
@@ -156,33 +198,36 @@ def markdown(result: dict) -> str:
         return "-" if v is None else f"{v / 2**20:.0f}"
 
     lines = ["| scenario | done | failed | TTFT p50/p99 ms | first-in-burst TTFT p50/p99 ms | "
-             "servers PSS mean / min / max MiB | MemAvailable mean MiB | wakes | "
-             "wake mean / p50 / p99 ms |", "|" + " --- |" * 9]
+             "TTFT p50/p99 ms per service | servers PSS mean / min / max MiB | "
+             "MemAvailable mean MiB | blocks borrowed max | wakes | "
+             "wake mean / p50 / p99 ms |", "|" + " --- |" * 11]
     for name, s in result["scenarios"].items():
         if s["status"] != "ok":
-            lines.append(f"| {name} | {s['status']}: {s['reason']} |" + " |" * 8)
+            lines.append(f"| {name} | {s['status']}: {s['reason']} |" + " |" * 10)
             continue
         m = s["memory"]
+        per = ", ".join(f"{n} {ms(v['ttft_p50_s'])}/{ms(v['ttft_p99_s'])}"
+                        for n, v in s.get("by_service", {}).items())
+        borrowed = m.get("borrowed_blocks_max")
         lines.append(
             f"| {name} | {s['completed']} | {s['failed']} | {ms(s['ttft_p50_s'])} / "
             f"{ms(s['ttft_p99_s'])} | {ms(s['first_in_burst_ttft_p50_s'])} / "
-            f"{ms(s['first_in_burst_ttft_p99_s'])} | {mib(m['servers_mean_bytes'])} / "
+            f"{ms(s['first_in_burst_ttft_p99_s'])} | {per or '-'} | "
+            f"{mib(m['servers_mean_bytes'])} / "
             f"{mib(m['servers_min_bytes'])} / {mib(m['servers_max_bytes'])} | "
-            f"{mib(m['available_mean_bytes'])} | {s['wakes']} | {ms(s['wake_mean_s'])} / "
+            f"{mib(m['available_mean_bytes'])} | {'-' if borrowed is None else borrowed} | "
+            f"{s['wakes']} | {ms(s['wake_mean_s'])} / "
             f"{ms(s['wake_p50_s'])} / {ms(s['wake_p99_s'])} |")
     return "\n".join(lines) + "\n"
 
 
 def run_bursty(args, config, prompts, start_servers) -> dict:
     """Every scenario in turn; start_servers(config) -> ColocateServers."""
-    spec = LoadSpec(concurrency=1, num_requests=10**9, prompt_tokens=args.prompt_range,
-                    output_tokens=args.output_range, seed=args.seed,
-                    request_timeout_s=args.request_timeout)
+    spec = LoadSpec(concurrency=args.burst_concurrency, num_requests=10**9,
+                    prompt_tokens=args.prompt_range, output_tokens=args.output_range,
+                    seed=args.seed, request_timeout_s=args.request_timeout)
     scenarios: dict[str, dict] = {}
-    for name in SCENARIOS:
-        if name in NOT_BUILT:
-            scenarios[name] = {"status": "skipped", "reason": NOT_BUILT[name]}
-            continue
+    for name in args.bursty_scenarios.split(","):
         print(f"== bursty {name}: starting", flush=True)
         with start_servers(scenario_config(config, name, args.sleep_after)) as servers:
             with MemorySampler(servers, args.sample) as sampler:
@@ -192,4 +237,5 @@ def run_bursty(args, config, prompts, start_servers) -> dict:
             scenarios[name] = summarize_scenario(rows, sampler.summary(), wake_histogram(url))
         print(f"   {scenarios[name]['completed']} done", flush=True)
     return {"burst_s": args.burst, "cycles": args.cycles, "sleep_after_s": args.sleep_after,
+            "burst_concurrency": args.burst_concurrency,
             "services": [s.name for s in config.gpus[0].services], "scenarios": scenarios}

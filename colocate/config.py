@@ -307,7 +307,7 @@ class _Reader(ValueReader):
                              f"expected a non-empty list, got {kind(raw_services)}")
         services = tuple(self.service(s, f"{key}.services[{i}]", models, tls)
                          for i, s in enumerate(raw_services))
-        check_batching(self.error, key, batching, share, services)
+        check_batching(self.error, key, batching, share, services, device)
         spec = DeviceSpec(device=device, services=services, memory=memory, headroom=headroom,
                           share_weights=share, metrics_port=metrics_port, tls=tls, name=name,
                           node=node, restart=restart, batching=batching)

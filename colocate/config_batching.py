@@ -6,9 +6,11 @@ process per service, each with a pool of its own. Some service keys only make se
 in one of them, and the reasons are the memory layouts:
 
 - `fused` needs `share_weights: true`: one forward runs over one copy.
-- In a `fused` group (the services of one model) every service gives the same
+- On CUDA, a `fused` group (the services of one model) gives every service the same
   `sleep_after_idle`, or none: a member's range lies inside the group's one cache
-  tensor, so it cannot be unmapped alone, and the group sleeps whole.
+  allocation, which CUDA frees only whole (freeing part of it needs virtual memory
+  mapping of its pages), so the group sleeps whole. On CPU each member sleeps after
+  its own: the pages of its range are given back alone (colocate/engine/cache_sleep.py).
 - `kv_cache.lend` needs `fused`: lending moves blocks between pools, which is free
   when every pool is a range of one tensor in one process, but isolated processes
   each map their own pool, and no block can move between them until the pools are
@@ -23,8 +25,8 @@ from colocate.config_values import ConfigError
 
 
 def check_batching(error: Callable[[str, str], ConfigError], key: str, batching: str,
-                   share_weights: bool, services: Sequence) -> None:
-    """Raise the first rule of `batching` that the entry at `key` breaks."""
+                   share_weights: bool, services: Sequence, device: str = "cpu") -> None:
+    """Raise the first rule of `batching` that the entry at `key` (on `device`) breaks."""
     if batching == "fused" and not share_weights:
         raise error(f"{key}.batching", "fused batching runs one forward over one copy "
                                        "of the weights; it needs share_weights: true")
@@ -32,11 +34,13 @@ def check_batching(error: Callable[[str, str], ConfigError], key: str, batching:
     for i, service in enumerate(services):
         first = first_of_model.setdefault(service.model, i)
         idle = services[first].sleep_after_idle
-        if batching == "fused" and service.sleep_after_idle != idle:
+        if (batching == "fused" and not device.startswith("cpu")
+                and service.sleep_after_idle != idle):
             raise error(f"{key}.services[{i}].sleep_after_idle",
-                        f"the services of model {service.model!r} share one KV cache in "
-                        f"batching: fused, so they sleep together: give each the same "
-                        f"sleep_after_idle as services[{first}] ({_seconds(idle)})")
+                        f"the services of model {service.model!r} share one KV cache "
+                        f"allocation in batching: fused, which {device} frees only whole, "
+                        f"so they sleep together: give each the same sleep_after_idle as "
+                        f"services[{first}] ({_seconds(idle)})")
         if batching == "isolated" and service.kv_cache.lend:
             raise error(f"{key}.services[{i}].kv_cache.lend", "needs batching: fused; "
                         "isolated services each map a pool of their own, so their blocks "

@@ -29,20 +29,32 @@ def test_bad_durations_name_the_key(tmp_path, raw, problem):
     assert f"{KEY}: " in message and problem in message, message
 
 
-def test_a_fused_group_sleeps_whole_so_its_services_agree(tmp_path):
+def test_fused_cpu_members_each_sleep_after_their_own(tmp_path):
     data = base_config()
     data["gpus"][0]["batching"] = "fused"
-    for service in data["gpus"][0]["services"]:
+    data["gpus"][0]["services"][0]["sleep_after_idle"] = "2s"
+    data["gpus"][0]["services"][1]["sleep_after_idle"] = "3s"
+    config = load_config(write(tmp_path, data), env=ENV)
+    assert [s.sleep_after_idle for s in config.gpus[0].services] == [2.0, 3.0]
+
+
+def test_a_fused_cuda_group_sleeps_whole_so_its_services_agree(tmp_path):
+    data = base_config()
+    cuda = data["gpus"][1]
+    cuda.update(batching="fused", share_weights=True)
+    cuda["services"].append({**cuda["services"][0], "name": "svc-d", "port": 50054})
+    for service in cuda["services"]:
         service["sleep_after_idle"] = "2s"
     config = load_config(write(tmp_path, data), env=ENV)
-    assert [s.sleep_after_idle for s in config.gpus[0].services] == [2.0, 2.0]
-    data["gpus"][0]["services"][1]["sleep_after_idle"] = "3s"
+    assert [s.sleep_after_idle for s in config.gpus[1].services] == [2.0, 2.0]
+    cuda["services"][1]["sleep_after_idle"] = "3s"
     message = load_error(tmp_path, data)
-    key = "gpus[0].services[1].sleep_after_idle"
-    assert f"{key}: the services of model 'm' share one KV cache" in message, message
+    key = "gpus[1].services[1].sleep_after_idle"
+    assert f"{key}: the services of model 'm' share one KV cache allocation" in message
+    assert "which cuda:0 frees only whole" in message, message
     assert "same sleep_after_idle as services[0] (2s)" in message, message
-    del data["gpus"][0]["services"][1]["sleep_after_idle"]
+    del cuda["services"][1]["sleep_after_idle"]
     assert "(2s)" in load_error(tmp_path, data)
-    del data["gpus"][0]["services"][0]["sleep_after_idle"]
-    data["gpus"][0]["services"][1]["sleep_after_idle"] = "3s"
+    del cuda["services"][0]["sleep_after_idle"]
+    cuda["services"][1]["sleep_after_idle"] = "3s"
     assert "services[0] (not set)" in load_error(tmp_path, data)

@@ -81,3 +81,45 @@ def test_borrowers_preempted_by_a_lender_finish_with_the_tokens_they_get_without
     assert scheduled_b == len(b_prompt)         # b's whole prompt ran in the step it came
     assert a_preempted == [0, 0, 1]             # ... taking back a's youngest's blocks
     assert group.members["b"].kv.num_lent_blocks == 0
+
+
+def test_a_member_sleeping_alone_gives_its_pages_back_while_the_others_decode(
+        tiny_model_dir):
+    """b's 32768-token range (128 MiB of the group's one cache) sleeps while a and c
+    decode: this process's own memory falls by about b's share; a and c answer what
+    the offline engine does; b's next request wakes it, zeroed, with its first answer."""
+    from tests.test_kv_memory import resident
+
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    model = load_model(tiny_model_dir)
+    sizes = {"a": 256, "b": 32768, "c": 256}
+    group = build_engine_group(
+        model, model.config, None,
+        [GroupMember(m, EngineConfig(max_model_len=256, kv_cache_tokens=n))
+         for m, n in sizes.items()],
+        dtype=torch.float32, device=torch.device("cpu"), max_num_batched_tokens=96)
+    b_bytes = sum(end - start for start, end in group.runner.kv_memory.block_spans(
+        group.members["b"].kv.pool.first_block_id, 32768 // 16))
+    b_first = group.members["b"].stream(PROMPTS["svc-b"][0], params)
+    b_first = [t for out in b_first for t in out.new_token_ids]
+    ids = {"a": group.add_request("a", PROMPTS["svc-a"][1], params)}
+    group.step()
+    held = resident()
+    group.members["b"].sleep()                              # a is mid-request
+    freed = held - resident()
+    assert freed > 0.95 * b_bytes, (freed / 2**20, b_bytes / 2**20)
+    ids["c"] = group.add_request("c", PROMPTS["svc-c"][0], params)
+    final = {}
+    while group.has_unfinished_requests():
+        for outs in group.step().values():
+            final.update({o.request_id: o.token_ids for o in outs if o.finished})
+    offline = LLM(str(tiny_model_dir), kv_cache_tokens=1024)
+    assert [final[ids["a"]], final[ids["c"]]] == [
+        o.token_ids for o in offline.generate([PROMPTS["svc-a"][1], PROMPTS["svc-c"][0]],
+                                              params)]
+    assert group.members["b"].sleeping and not group.members["a"].sleeping
+    asleep = resident()
+    again = [t for out in group.members["b"].stream(PROMPTS["svc-b"][0], params)
+             for t in out.new_token_ids]
+    assert again == b_first
+    assert resident() - asleep > 0.95 * b_bytes             # awake, its range is held again

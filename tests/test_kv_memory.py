@@ -46,3 +46,54 @@ def test_release_returns_the_pages_and_allocate_gives_a_zeroed_pool():
     assert bool((mem.caches[0].key == 0).all())
     mem.release()
     mem.release()                                              # idempotent
+
+
+def resident() -> int:
+    """This process's own pages, counted from its page tables (smaps): exact, where
+    RSS lags behind a multi-threaded fill by up to 64 pages per thread."""
+    return psutil.Process().memory_full_info().uss
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int8])
+def test_a_block_range_gives_its_pages_back_alone_and_comes_back_zeroed(dtype):
+    """Three ranges of 1024 blocks, as three members of a fused group: dropping the
+    middle one frees its pages (this process's USS falls by about its share) and leaves
+    the other two's values as they were; zero_blocks makes it resident and zero."""
+    mem = KVCacheMemory(4, 1 + 3 * 1024, 16, 4, 32, dtype)
+    tensors = [t for c in mem.caches for t in (c.key, c.value, c.key_scale, c.value_scale)
+               if t is not None]
+    for t in tensors:
+        t.fill_(7)
+    middle = sum(end - start for start, end in mem.block_spans(1025, 1024))
+    assert middle > 0.33 * mem.nbytes
+    held = resident()
+    dropped = mem.drop_blocks(1025, 1024)
+    freed = held - resident()
+    assert dropped > 0.99 * middle and freed > 0.95 * dropped, (freed / MiB, dropped / MiB)
+    for t in tensors:
+        assert bool((t[1:1025] == 7).all()) and bool((t[2049:] == 7).all())   # neighbours
+        # Its whole pages read zero now; a page at each end shared with a neighbour stays.
+        assert (t[1025:2049] == 0).float().mean() > 0.95
+    mem.zero_blocks(1025, 1024)
+    assert resident() - (held - freed) > 0.95 * dropped
+    for t in tensors:
+        assert bool((t[1025:2049] == 0).all())             # the fringes too
+        assert bool((t[1:1025] == 7).all()) and bool((t[2049:] == 7).all())
+    with pytest.raises(ValueError, match="outside the 3073 blocks"):
+        mem.drop_blocks(2049, 1025)
+    mem.release()
+    with pytest.raises(RuntimeError, match="released"):
+        mem.drop_blocks(1, 1)
+
+
+def test_a_map_that_is_not_resident_takes_memory_only_where_it_is_zeroed():
+    mem = KVCacheMemory(4, 1 + 2 * 1024, 16, 4, 32, torch.float32)
+    mem.release()
+    before = resident()
+    mem.allocate(resident=False)
+    mapped = resident()
+    assert mapped - before < 0.05 * mem.nbytes
+    mem.zero_blocks(1, 1024)                     # the first of two ranges
+    grew = resident() - mapped
+    assert 0.45 * mem.nbytes < grew < 0.55 * mem.nbytes, grew / MiB
+    mem.release()

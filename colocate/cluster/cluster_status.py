@@ -91,7 +91,7 @@ def _entry_lines(entry: dict, addresses: dict[str, list[str]]) -> list[str]:
             st = s["stats"]
             load = (f", {st.num_running} running, {st.num_waiting} waiting, "
                     f"KV {st.kv_blocks_used}/{st.kv_blocks_total} blocks"
-                    + (", sleeping" if st.sleeping else ""))
+                    + _lending(st) + (", sleeping" if st.sleeping else ""))
         health = s["state"] if status else f"{state} (unhealthy)"
         lines.append(f"    service {s['name']} at {target}: {health}, "
                      f"{s.get('restarts', 0)} restart(s){load}")
@@ -104,6 +104,13 @@ def _entry_lines(entry: dict, addresses: dict[str, list[str]]) -> list[str]:
         for item, nbytes, service in status["ledger"]:
             lines.append(f"      {format_size(nbytes):>12}  {item}")
     return lines
+
+
+def _lending(stats) -> str:
+    """A fused lending's figures for one service's row; nothing when none is out."""
+    parts = [f"{n} {what}" for n, what in ((stats.kv_blocks_lent, "lent"),
+                                           (stats.kv_blocks_borrowed, "borrowed")) if n]
+    return f" ({', '.join(parts)})" if parts else ""
 
 
 def metrics_urls(deployments: list[dict]) -> list[str]:

@@ -71,9 +71,11 @@ class LLMEngine:
         self._ids = itertools.count()
         self.num_steps = 0
         self.stats = EngineStatistics()
-        # Shared with the other members when this engine joins an engine group.
+        # Shared with the other members when this engine joins an engine group, which
+        # names its pool there (`pool_name`).
+        self.pool_name = request_id_prefix
         self.cache_sleep = CacheSleep()
-        self.cache_sleep.join(request_id_prefix, self.scheduler)
+        self.cache_sleep.join(self.pool_name, self.scheduler)
 
     # ---- requests ----------------------------------------------------------
     def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
@@ -146,19 +148,22 @@ class LLMEngine:
     # ---- sleep and wake ------------------------------------------------------
     @property
     def sleeping(self) -> bool:
-        return self.cache_sleep.sleeping
+        return self.cache_sleep.is_asleep(self.pool_name)
+
+    def can_sleep(self) -> bool:
+        return self.cache_sleep.why_not(self.runner, self.pool_name) is None
 
     def sleep(self) -> None:
-        """Give the KV pool's memory back (the runner frees its tensors); the next
-        add_request takes a fresh pool first. Only when idle, and for a member of an
-        engine group only with the whole group (colocate/engine/cache_sleep.py)."""
-        self.cache_sleep.sleep(self.runner)
+        """Give the KV pool's memory back; the next add_request takes it back, zeroed,
+        first. Only when idle; a member of an engine group sleeps alone where the
+        device can free its block range alone (colocate/engine/cache_sleep.py)."""
+        self.cache_sleep.sleep(self.runner, [self.pool_name])
 
     def wake(self) -> None:
         """Take the KV pool back (zeroed) if asleep; the time it took is recorded
         here, by the engine whose request waited for it."""
         start = time.monotonic()
-        if self.cache_sleep.wake(self.runner):
+        if self.cache_sleep.wake(self.runner, self.pool_name):
             self.stats.wake.observe(time.monotonic() - start)
 
     # ---- the step ----------------------------------------------------------

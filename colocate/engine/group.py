@@ -107,12 +107,12 @@ class EngineGroup:
             raise ValueError(f"weight of {bad[0]!r} must be > 0, got {self.weights[bad[0]]}")
         self.scheduled_tokens = dict.fromkeys(self.members, 0)   # per member, ever
         self.num_steps = 0
-        # One cache, one sleep: the group sleeps whole (colocate/engine/cache_sleep.py).
+        # One cache: which members' ranges sleep (colocate/engine/cache_sleep.py).
         self.cache_sleep = CacheSleep()
         for name, engine in self.members.items():
             if engine.sleeping:
                 raise ValueError(f"member {name!r} is asleep; wake it before grouping")
-            engine.cache_sleep = self.cache_sleep
+            engine.cache_sleep, engine.pool_name = self.cache_sleep, name
             self.cache_sleep.join(name, engine.scheduler)
         lenders = set(lenders)
         self.lending = self._lend(lenders)
@@ -144,15 +144,26 @@ class EngineGroup:
     def has_unfinished_requests(self) -> bool:
         return any(e.has_unfinished_requests() for e in self.members.values())
 
-    # ---- sleep: the group's one cache is given back whole (LLMEngine.sleep) ------
+    # ---- sleep: members' ranges, or the whole cache (colocate/engine/cache_sleep.py)
     @property
     def sleeping(self) -> bool:
+        """Every member asleep: the whole cache is given back."""
         return self.cache_sleep.sleeping
 
     def sleep(self) -> None:
-        """Give the whole cache back; only when every member is idle. Any member's
-        next request wakes the group (LLMEngine.add_request)."""
-        self.cache_sleep.sleep(self.runner)
+        """Give the whole cache back; only when every member is idle. A member's next
+        request wakes it (LLMEngine.add_request)."""
+        self.cache_sleep.sleep(self.runner, self.members)
+
+    def sleepable(self, members: Collection[str]) -> list[str]:
+        """The members of `members` that may sleep now, together (idle, nothing lent,
+        and where the device frees no range alone, only with every other member)."""
+        return self.cache_sleep.sleepable(self.runner, members)
+
+    def sleep_members(self, members: Collection[str]) -> None:
+        """Give back these members' ranges while the others go on stepping; raises,
+        changing nothing, unless sleepable(members) names them all."""
+        self.cache_sleep.sleep(self.runner, members)
 
     def prefill_caps(self, served: Mapping[str, float]) -> dict[str, int] | None:
         """Each member's prefill tokens this step when some member decodes in it (the

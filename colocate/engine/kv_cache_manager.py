@@ -166,10 +166,16 @@ class KVCacheManager:
                 self.pool.cache_block(blocks[i], request.block_hashes[i])
         self.num_cached_blocks[rid] = num_full
 
-    def forget_contents(self) -> None:
-        """The pool's tensors are gone: forget every cached prefix (no request may
-        hold a block)."""
+    def sleep(self) -> None:
+        """The pool's memory is given back: forget every cached prefix (no request may
+        hold a block), and lend nothing until wake()."""
         self.pool.forget_contents()
+        if self.lending is not None:
+            self.lending.set_asleep(self.member, True)
+
+    def wake(self) -> None:
+        if self.lending is not None:
+            self.lending.set_asleep(self.member, False)
 
     def free(self, request: Request) -> None:
         """Give back all the request's blocks. Tail blocks go first into the free

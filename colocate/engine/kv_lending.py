@@ -20,6 +20,10 @@ that lend (`kv_cache: {lend: true}`). The rules, and why:
 - A lender does not borrow. Two members borrowing from each other would preempt each
   other's requests back and forth; and with lenders scheduled first in a group step
   (EngineGroup), a reclaim never touches work already scheduled in that step.
+- A sleeping lender lends nothing: its free blocks' memory is given back, and its
+  wake zeroes its whole range. It falls asleep only once nothing of it is lent
+  (cache_sleep.py): reclaiming to sleep would stop borrowers' work to free memory
+  that is in use.
 
 Accounting is exact and kept as counters (the scheduler asks on every allocation):
 `lent[owner]` blocks of the owner's range out on loan, `borrowed[member]` blocks the
@@ -51,6 +55,8 @@ class _Party:
     # Weak: the scheduler's manager holds this lending, so a strong reference would
     # make a cycle, and a group dropped with requests in it would not be freed at once.
     holders: weakref.ReferenceType
+    # Its pool's memory is given back (cache_sleep.py): its free blocks are not lent.
+    asleep: bool = False
 
 
 class KVLending:
@@ -69,10 +75,16 @@ class KVLending:
     def lends(self, name: str) -> bool:
         return self.parties[name].lends
 
+    def set_asleep(self, name: str, asleep: bool) -> None:
+        """A party's pool sleeps or wakes; asleep, it must have nothing out on loan."""
+        if asleep and self.lent[name]:
+            raise RuntimeError(f"{name!r} cannot sleep with {self.lent[name]} block(s) lent")
+        self.parties[name].asleep = asleep
+
     def _lenders_to(self, borrower: str) -> list[_Party]:
         if self.parties[borrower].lends:
             return []
-        return [p for p in self.parties.values() if p.lends]
+        return [p for p in self.parties.values() if p.lends and not p.asleep]
 
     # ---- the borrower's side ---------------------------------------------------
     def lendable(self, borrower: str) -> int:

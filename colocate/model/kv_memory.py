@@ -15,6 +15,15 @@ why zeros): the budget the arbiter booked is held while awake, not merely promis
 On Linux the CPU mapping is populated by the kernel at mmap time (MAP_POPULATE), whose
 fresh anonymous pages are zeros: measured here 2-5x faster than touching every page
 with a memset, and a wake's latency is mostly this.
+
+A range of blocks can sleep alone (a member of a fused group: its pool is a block
+range of the group's one region). On CPU, drop_blocks() gives back the whole pages
+that range covers in every tensor (madvise MADV_DONTNEED: a private anonymous page so
+dropped is freed at once and reads as zeros when next touched); the few pages at each
+end that it shares with a neighbour's blocks stay. zero_blocks() then makes the range
+resident and zero again, fringes included, before its blocks are used. CUDA memory
+cannot be freed in part without virtual memory mapping (cuMemMap), which this does
+not do: there a range sleeps only with the whole region (can_drop_blocks is False).
 """
 from __future__ import annotations
 
@@ -31,7 +40,8 @@ log = logging.getLogger(__name__)
 # Every view starts on this boundary: enough for any dtype and for vector loads.
 _ALIGN = 256
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)          # Linux only
-_CPU_MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _POPULATE
+_CPU_MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+_MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)  # Linux, macOS
 
 
 def _aligned(n: int) -> int:
@@ -62,11 +72,30 @@ class KVCacheMemory:
             parts += [(self.shape[:3], KV_SCALE_DTYPE)] * 2
         return parts
 
+    def _layout(self):
+        """(offset, shape, dtype) of every tensor in the region, layer by layer."""
+        offset = 0
+        for _ in range(self.num_layers):
+            for shape, dtype in self._parts():
+                yield offset, shape, dtype
+                offset += _aligned(torch.Size(shape).numel() * dtype.itemsize)
+
     @property
     def nbytes(self) -> int:
         """Bytes of the region, alignment padding included: what release() frees."""
         per_layer = sum(_aligned(torch.Size(s).numel() * d.itemsize) for s, d in self._parts())
         return self.num_layers * per_layer
+
+    def block_spans(self, first: int, count: int) -> list[tuple[int, int]]:
+        """(start, end) bytes of blocks first .. first+count-1 in every tensor."""
+        if first < 0 or count < 0 or first + count > self.shape[0]:
+            raise ValueError(f"blocks {first}..{first + count - 1} are outside the "
+                             f"{self.shape[0]} blocks of this cache")
+        spans = []
+        for offset, shape, dtype in self._layout():
+            per_block = torch.Size(shape[1:]).numel() * dtype.itemsize    # tensors are block-major
+            spans.append((offset + first * per_block, offset + (first + count) * per_block))
+        return spans
 
     @property
     def allocated(self) -> bool:
@@ -74,31 +103,62 @@ class KVCacheMemory:
 
     @property
     def caches(self) -> list[LayerKVCache]:
-        if self._caches is None:
-            raise RuntimeError("the KV cache is released (the engine sleeps); allocate() first")
+        self._check_allocated()
         return self._caches
 
+    def _check_allocated(self) -> None:
+        if self._caches is None:
+            raise RuntimeError("the KV cache is released (the engine sleeps); allocate() first")
+
     # ---- allocate / release ----------------------------------------------------
-    def allocate(self) -> None:
+    def allocate(self, resident: bool = True) -> None:
+        """Map the region, zeroed. resident=False (CPU) leaves its pages untouched, so
+        they take memory only when first written: for a group whose members mostly
+        sleep, each waking member then makes its own range resident (zero_blocks)."""
         if self._caches is not None:
             return
         size = self.nbytes
         if self.device.type == "cpu":
-            self._region = mmap.mmap(-1, size, flags=_CPU_MAP_FLAGS)
+            populate = _POPULATE if resident else 0
+            self._region = mmap.mmap(-1, size, flags=_CPU_MAP_FLAGS | populate)
             base = torch.frombuffer(self._region, dtype=torch.uint8)          # (size,)
-            if not _POPULATE:
+            if resident and not _POPULATE:
                 base.zero_()         # make the pages resident (they are zeros already)
         else:
             base = torch.zeros(size, dtype=torch.uint8, device=self.device)
-        caches, offset = [], 0
-        for _ in range(self.num_layers):
-            views = []
-            for shape, dtype in self._parts():
-                n = torch.Size(shape).numel() * dtype.itemsize
-                views.append(base[offset:offset + n].view(dtype).view(shape))
-                offset += _aligned(n)
-            caches.append(LayerKVCache(*views))
-        self._base, self._caches = base, caches
+        views = [base[offset:offset + torch.Size(shape).numel() * dtype.itemsize]
+                 .view(dtype).view(shape) for offset, shape, dtype in self._layout()]
+        per_layer = len(self._parts())
+        self._caches = [LayerKVCache(*views[i:i + per_layer])
+                        for i in range(0, len(views), per_layer)]
+        self._base = base
+
+    # ---- one range of blocks sleeping alone --------------------------------------
+    @property
+    def can_drop_blocks(self) -> bool:
+        return self.device.type == "cpu" and _MADV_DONTNEED is not None
+
+    def drop_blocks(self, first: int, count: int) -> int:
+        """Give back the whole pages of blocks first .. first+count-1 (CPU); returns the
+        bytes given back. Their contents are gone: zero_blocks() before using them."""
+        if not self.can_drop_blocks:
+            raise RuntimeError(f"a block range of a {self.device.type} KV cache cannot be "
+                               "freed alone; release() the whole cache")
+        self._check_allocated()
+        page, dropped = mmap.PAGESIZE, 0
+        for start, end in self.block_spans(first, count):
+            lo, hi = -(-start // page) * page, end // page * page   # whole pages inside
+            if hi > lo:
+                self._region.madvise(_MADV_DONTNEED, lo, hi - lo)
+                dropped += hi - lo
+        return dropped
+
+    def zero_blocks(self, first: int, count: int) -> None:
+        """Zero blocks first .. first+count-1 in every tensor: a dropped range becomes
+        resident again, and what its pages shared with the neighbours is cleared."""
+        self._check_allocated()
+        for start, end in self.block_spans(first, count):
+            self._base[start:end].zero_()
 
     def release(self) -> None:
         """Free the region now. The caller must hold no view of it (the engine holds

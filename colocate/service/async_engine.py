@@ -336,4 +336,6 @@ class AsyncEngine:
         return EngineStats(num_running=running, num_waiting=waiting,
                            kv_blocks_used=kv.num_used_blocks,
                            kv_blocks_total=kv.num_usable_blocks,
-                           sleeping=self.engine.sleeping)
+                           sleeping=self.engine.sleeping,
+                           kv_blocks_lent=kv.num_lent_blocks,
+                           kv_blocks_borrowed=kv.num_borrowed_blocks)

@@ -17,13 +17,16 @@ step whose model run raises fails only the requests that step held; a run of
 failed steps in a row declares the loop dead, since then the fault is in the
 engine, not in one batch: every front's requests end and its health fails.
 
-Sleep (`sleep_after_idle`): once the engine has held no request and no inbox has
-had work for that long, the loop puts the engine to sleep (LLMEngine.sleep: the KV
-pool's memory is given back); a group sleeps whole, since its members' pools are
-ranges of one cache, and the first request of any member wakes it. Only this thread adds
-requests to the engine, and it sleeps only between steps with nothing queued, so a
-request is never caught by a sleep: one that arrives meanwhile waits in the inbox,
-and adding it wakes the engine first (LLMEngine.add_request).
+Sleep (`sleep_after_idle`, per member engine): once a member has held no request
+and its inbox has had no work for that long, the loop puts it to sleep (its KV
+pool's memory is given back: colocate/engine/cache_sleep.py), while the group's
+other members go on stepping; where a member cannot sleep yet (a lender with blocks
+lent, or a device that frees a group's cache only whole, so the member waits for
+the others), it is asked again after every step and when the next member falls due.
+Only this thread adds requests to an engine, and it sleeps a member only between
+steps with that member's inbox empty, so a request is never caught by a sleep: one
+that arrives meanwhile waits in the inbox, and adding it wakes the member first
+(LLMEngine.add_request).
 """
 from __future__ import annotations
 
@@ -61,8 +64,9 @@ class StepFailed(Exception):
 
 class _Stepper:
     """What the loop steps, `stepped`: an LLMEngine or an EngineGroup, which both count
-    their steps (num_steps), know whether work is left (has_unfinished_requests) and
-    sleep whole (sleeping, sleep); `members`: the engines whose requests it holds."""
+    their steps (num_steps) and know whether work is left (has_unfinished_requests);
+    `members`: the engines whose requests it holds, each of which sleeps (sleepable,
+    sleep)."""
 
     def __init__(self, stepped: LLMEngine | EngineGroup, members: tuple[LLMEngine, ...]) -> None:
         self.stepped = stepped
@@ -75,6 +79,13 @@ class SingleEngine(_Stepper):
     def __init__(self, engine: LLMEngine) -> None:
         super().__init__(engine, (engine,))
         self.engine = engine
+
+    def sleepable(self, engines: list[LLMEngine]) -> list[LLMEngine]:
+        return [e for e in engines if e.can_sleep()]
+
+    def sleep(self, engines: list[LLMEngine]) -> None:
+        for engine in engines:
+            engine.sleep()
 
     def step(self) -> dict[LLMEngine, list[RequestOutput]]:
         try:
@@ -89,6 +100,13 @@ class FusedEngines(_Stepper):
     def __init__(self, group: EngineGroup) -> None:
         super().__init__(group, tuple(group.members.values()))
         self.group = group
+
+    def sleepable(self, engines: list[LLMEngine]) -> list[LLMEngine]:
+        ok = set(self.group.sleepable([e.pool_name for e in engines]))
+        return [e for e in engines if e.pool_name in ok]
+
+    def sleep(self, engines: list[LLMEngine]) -> None:
+        self.group.sleep_members([e.pool_name for e in engines])
 
     def step(self) -> dict[LLMEngine, list[RequestOutput]]:
         try:
@@ -112,11 +130,20 @@ class Front(Protocol):
 
 class EngineLoop:
     def __init__(self, stepper: SingleEngine | FusedEngines,
-                 sleep_after_idle: float | None = None) -> None:
-        if sleep_after_idle is not None and not sleep_after_idle > 0:
-            raise ValueError(f"sleep_after_idle must be > 0 s, got {sleep_after_idle!r}")
+                 sleep_after_idle: float | Mapping[LLMEngine, float | None] | None = None
+                 ) -> None:
+        """sleep_after_idle: seconds, for every member, or per member engine; None: never."""
+        after = (dict(sleep_after_idle) if isinstance(sleep_after_idle, Mapping)
+                 else dict.fromkeys(stepper.members, sleep_after_idle))
+        if set(after) - set(stepper.members):
+            raise ValueError("sleep_after_idle names an engine this loop does not step")
+        for seconds in after.values():
+            if seconds is not None and not seconds > 0:
+                raise ValueError(f"sleep_after_idle must be > 0 s, got {seconds!r}")
         self.stepper = stepper
-        self.sleep_after_idle = sleep_after_idle
+        self.sleep_after_idle = {e: after.get(e) for e in stepper.members}
+        # Loop thread only: since when each member has had no request and no inbox work.
+        self.idle_since = dict.fromkeys(stepper.members, time.monotonic())
         self.cond = threading.Condition()
         # Guarded by cond.
         self.fronts: dict[LLMEngine, Front] = {}
@@ -170,52 +197,66 @@ class EngineLoop:
         return None
 
     # ---- the thread ----------------------------------------------------------
-    def _until_sleep(self, idle_since: float) -> float | None:
-        """Seconds until the idle engine should sleep; None: never (not configured,
-        or asleep already)."""
-        if self.sleep_after_idle is None or self.stepper.stepped.sleeping:
-            return None
-        return idle_since + self.sleep_after_idle - time.monotonic()
+    def _sleep_due(self) -> tuple[list[LLMEngine], float | None]:
+        """Under cond: the awake members idle past their sleep_after_idle with an empty
+        inbox, and seconds until the next other member falls due (None: none will)."""
+        now, due, left = time.monotonic(), [], None
+        for engine, after in self.sleep_after_idle.items():
+            front = self.fronts.get(engine)
+            if (after is None or engine.sleeping or engine.has_unfinished_requests()
+                    or (front is not None and front.has_inbox())):
+                continue
+            remaining = self.idle_since[engine] + after - now
+            if remaining <= 0:
+                due.append(engine)
+            else:
+                left = remaining if left is None else min(left, remaining)
+        return due, left
 
-    def _wait_for_work(self, wait: float | None, idle_since: float) -> bool:
-        """Under cond: block until there is work or a stop; True when instead the
-        idle time ran out, with nothing in any inbox and no request in the engine."""
+    def _wait_for_work(self, wait: float | None) -> None:
+        """Under cond: block until there is work, a stop, or a member that may sleep."""
         while not (self.stopping or wait is not None
                    or any(f.has_inbox() for f in self.fronts.values())):
-            left = self._until_sleep(idle_since)
-            if left is not None and left <= 0:
-                return True
+            due, left = self._sleep_due()
+            if due and self.stepper.sleepable(due):
+                return
             self.cond.wait(left)
-        return False
 
-    def _fall_asleep(self) -> None:
-        """Loop thread, idle: give the pool back; the fronts' stats say `sleeping`."""
-        self.stepper.stepped.sleep()
-        log.info("engine idle for %.1f s: KV pool released until the next request",
-                 self.sleep_after_idle)
+    def _fall_asleep(self, due: list[LLMEngine]) -> None:
+        """Loop thread: give back the pools of the due members that may sleep now;
+        their fronts' stats say `sleeping`."""
+        engines = self.stepper.sleepable(due)
+        if not engines:
+            return
+        self.stepper.sleep(engines)
+        log.info("%d engine(s) idle past sleep_after_idle: KV pool released until their "
+                 "next request", len(engines))
         with self.cond:
-            for front in self.fronts.values():
-                front.deliver([])
+            for engine in engines:
+                if engine in self.fronts:
+                    self.fronts[engine].deliver([])
 
     def _run(self) -> None:
         error: BaseException | None = None
         wait: float | None = None          # None: sleep until notified
         failed_in_a_row = 0
-        idle_since = time.monotonic()      # no request in the engine since then
         try:
             while True:
                 with self.cond:
-                    idle_too_long = self._wait_for_work(wait, idle_since)
+                    self._wait_for_work(wait)
                     if self.stopping:
                         break
-                if idle_too_long:
-                    self._fall_asleep()
-                    continue
+                    due, _ = self._sleep_due()
+                if due:
+                    self._fall_asleep(due)
                 with self.cond:
                     if wait:
                         self.cond.wait(wait)
                     inboxes = [(f, f.take_inbox()) for f in self.fronts.values()]
                 outputs = {f.engine: f.apply_inbox(*box) for f, box in inboxes}
+                # Members with work this round: their idle time starts again after it.
+                worked = {f.engine for f, (adds, aborts) in inboxes if adds or aborts}
+                worked.update(e for e in self.stepper.members if e.has_unfinished_requests())
                 steps_before = self.stepper.stepped.num_steps
                 if self.stepper.stepped.has_unfinished_requests():
                     try:
@@ -235,9 +276,11 @@ class EngineLoop:
                 with self.cond:
                     for engine, outs in outputs.items():
                         self.fronts[engine].deliver(outs)
+                now = time.monotonic()
+                for engine in worked:
+                    self.idle_since[engine] = now
                 if not self.stepper.stepped.has_unfinished_requests():
                     wait = None
-                    idle_since = time.monotonic()
                 else:
                     wait = 0.0 if self.stepper.stepped.num_steps > steps_before else _STALL_WAIT_S
         except Exception as exc:     # the engine is broken: fail every request

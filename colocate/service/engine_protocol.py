@@ -31,6 +31,8 @@ class EngineStats:
     kv_blocks_used: int = 0
     kv_blocks_total: int = 0
     sleeping: bool = False         # the KV pool is given back until the next request
+    kv_blocks_lent: int = 0        # of this pool, held by other members of a fused group
+    kv_blocks_borrowed: int = 0    # of other members' pools, held by this one's requests
 
 
 class RequestStream(Protocol):

@@ -61,8 +61,10 @@ class GroupRuntime:
             self.group.runner = faulty
             for engine in self.group.members.values():
                 engine.runner = faulty
-        # The group sleeps whole; the config gives its services one sleep_after_idle.
-        self.loop = EngineLoop(FusedEngines(self.group), first.spec.sleep_after_idle)
+        # Each member sleeps after its own idle time (alone on CPU; on CUDA, where the
+        # config gives a group one sleep_after_idle, only with the others).
+        self.loop = EngineLoop(FusedEngines(self.group),
+                               {self.group.members[s.name]: s.sleep_after_idle for s in specs})
         self.doors: dict[str, ServiceDoor] = {}
         try:
             for name, launch in self.launches.items():

@@ -84,7 +84,8 @@ def _response(out: RequestOutput, request_id: str, token_ids: list[int], text: s
 def stats_to_proto(stats: EngineStats) -> pb.Stats:
     return pb.Stats(num_running=stats.num_running, num_waiting=stats.num_waiting,
                     kv_blocks_used=stats.kv_blocks_used, kv_blocks_total=stats.kv_blocks_total,
-                    sleeping=stats.sleeping)
+                    sleeping=stats.sleeping, kv_blocks_lent=stats.kv_blocks_lent,
+                    kv_blocks_borrowed=stats.kv_blocks_borrowed)
 
 
 def model_info_from_engine(engine: LLMEngine, **fields) -> dict:

@@ -81,6 +81,8 @@ class ServiceStats:
     healthy: bool
     message: str = ""
     sleeping: bool = False         # sleep_after_idle: the KV pool is given back for now
+    kv_blocks_lent: int = 0        # fused lending: of this pool, held by other members
+    kv_blocks_borrowed: int = 0    # fused lending: of other pools, held by this service
 
 
 class ServiceDoor:
@@ -148,7 +150,8 @@ class ServiceDoor:
             name=self.name, pid=os.getpid(), port=self.port, num_running=s.num_running,
             num_waiting=s.num_waiting, kv_blocks_used=s.kv_blocks_used,
             kv_blocks_total=s.kv_blocks_total, pss_bytes=process_pss(),
-            healthy=not message, message=message, sleeping=s.sleeping)
+            healthy=not message, message=message, sleeping=s.sleeping,
+            kv_blocks_lent=s.kv_blocks_lent, kv_blocks_borrowed=s.kv_blocks_borrowed)
 
     def metrics(self) -> ServiceReport:
         """The engine's statistics and the refusals so far, for a metrics scrape."""

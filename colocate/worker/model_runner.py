@@ -54,8 +54,19 @@ class ModelRunner:
     def free_kv_cache(self) -> None:
         self.kv_memory.release()
 
-    def allocate_kv_cache(self) -> None:
-        self.kv_memory.allocate()
+    def allocate_kv_cache(self, resident: bool = True) -> None:
+        self.kv_memory.allocate(resident)
+
+    # A member of a fused group sleeps alone on a block range of the one cache.
+    @property
+    def can_drop_kv_blocks(self) -> bool:
+        return self.kv_memory.can_drop_blocks
+
+    def drop_kv_blocks(self, first: int, count: int) -> int:
+        return self.kv_memory.drop_blocks(first, count)
+
+    def zero_kv_blocks(self, first: int, count: int) -> None:
+        self.kv_memory.zero_blocks(first, count)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> dict[str, StepResult]:

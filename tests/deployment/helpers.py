@@ -131,23 +131,30 @@ def wait_for_line(proc: subprocess.Popen, text: str, timeout: float) -> list[str
     return lines
 
 
-def offline_and_concurrent(targets: dict[str, str], requests: dict, model_dir,
-                           kv_tokens: int) -> tuple[dict, dict]:
-    """(what the offline LLM gives each request, what each service streamed when all
-    were called at once). requests: service -> (prompt, sampling keywords)."""
+def offline_tokens(model_dir, kv_tokens: int, requests: dict) -> dict:
+    """What the offline LLM gives each request (key -> (prompt, sampling keywords)),
+    one at a time, on one torch thread as the services run (thread count moves float
+    sums, and so a near-tie of greedy tokens)."""
     import torch
 
     from colocate.llm import LLM
     from colocate.sampling_params import SamplingParams
 
     threads_before = torch.get_num_threads()
-    torch.set_num_threads(1)        # as the services run: thread count moves float sums
+    torch.set_num_threads(1)
     try:
         llm = LLM(model=str(model_dir), kv_cache_tokens=kv_tokens, max_model_len=256)
-        expected = {name: llm.generate([prompt], SamplingParams(**sampling))[0].token_ids
-                    for name, (prompt, sampling) in requests.items()}
+        return {key: llm.generate([prompt], SamplingParams(**sampling))[0].token_ids
+                for key, (prompt, sampling) in requests.items()}
     finally:
         torch.set_num_threads(threads_before)
+
+
+def offline_and_concurrent(targets: dict[str, str], requests: dict, model_dir,
+                           kv_tokens: int) -> tuple[dict, dict]:
+    """(what the offline LLM gives each request, what each service streamed when all
+    were called at once). requests: service -> (prompt, sampling keywords)."""
+    expected = offline_tokens(model_dir, kv_tokens, requests)
     got, errors = {}, []
 
     def call(name):

@@ -1,6 +1,8 @@
 """`batching: fused`: three services of the tiny checkpoint in ONE process, decoding
 as one batch, through the real supervisor, Ray and gRPC; each keeps its own doors
-(gRPC and OpenAI HTTP), tenants, pool and prefix cache, and the group is restarted as one."""
+(gRPC and OpenAI HTTP), tenants, pool and prefix cache, and the group is restarted as one.
+fu-c lends its idle blocks (`kv_cache: {lend: true}`) to the others; fu-b sleeps alone
+when idle."""
 from __future__ import annotations
 
 import threading
@@ -11,12 +13,16 @@ import pytest
 import ray
 
 from tests.faults import HOOKS
-from tests.deployment.helpers import (free_ports, scrape_by_service, service_rows,
-                                      stats_while_running, stream_tokens, token_of)
+from colocate.client import Client
+from tests.deployment.helpers import (free_ports, offline_tokens, scrape_by_service,
+                                      service_rows, stream_tokens, token_of,
+                                      wait_service_pools_empty)
 from tests.deployment.service_contract import KV_TOKENS, ServiceContract, three_services
 
 pytestmark = pytest.mark.slow
 NAMES = ["fu-a", "fu-b", "fu-c"]
+SLEEPER_TOKENS = 32768                   # tiny: 4 KiB of fp32 K+V per token, so 128 MiB
+MiB = 2**20
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +31,11 @@ def deployment(ray_session, tiny_model_dir, tmp_path_factory):
     ports = free_ports(2 * len(NAMES))
     http = {name: {"port": ports[i], "http_port": ports[len(NAMES) + i]}
             for i, name in enumerate(NAMES)}
+    http["fu-c"]["kv_cache"] = {"dtype": "auto", "tokens": KV_TOKENS, "lend": True}
+    # fu-b sleeps alone after 2 s idle; its 128 MiB range makes the pages it gives back
+    # plain in the process's PSS.
+    http["fu-b"].update(sleep_after_idle="2s",
+                        kv_cache={"dtype": "auto", "tokens": SLEEPER_TOKENS})
     with three_services(tmp_path_factory.mktemp("fused"), tiny_model_dir, NAMES,
                         device_extra={"batching": "fused"}, per_service=http,
                         test_hooks=HOOKS) as dep:
@@ -43,8 +54,6 @@ def test_one_process_serves_every_service(deployment):
 def test_each_member_serves_openai_http_on_its_own_port(deployment, targets):
     import openai
 
-    from colocate.client import Client
-
     urls = {e.service: e.http_url for e in deployment.endpoints()}
     assert len(set(urls.values())) == len(NAMES) and all(urls.values())
     for name in NAMES:
@@ -62,18 +71,107 @@ def test_each_member_serves_openai_http_on_its_own_port(deployment, targets):
         stranger.completions.create(model="m", prompt=[1, 2], max_tokens=2)
 
 
-def test_a_flood_fills_only_its_own_pool(deployment, targets):
-    prompts = [[1] + [10 + 7 * i + j for j in range(40)] for i in range(8)]
-    workers = [threading.Thread(target=stream_tokens, args=(targets["fu-a"], token_of("fu-a"),
-                                                             p), kwargs=dict(max_tokens=150,
-                                                                             ignore_eos=True))
-               for p in prompts]
-    samples = stats_while_running(deployment, workers)
-    loaded = [s["fu-a"] for s in samples if s["fu-a"] is not None]
-    assert max(s.kv_blocks_used for s in loaded) > KV_TOKENS // 16 // 2
-    for other in ("fu-b", "fu-c"):
-        seen = [s[other] for s in samples if s[other] is not None]
-        assert seen and all(s.kv_blocks_used == 0 and s.kv_blocks_total == 16 for s in seen)
+# fu-a floods: 8 x (41 + 60) tokens want 56 blocks, its own 16 and the lender's 16 hold 32.
+FLOOD = {i: ([1] + [10 + 7 * i + j for j in range(40)],
+             dict(max_tokens=60, temperature=0.0, ignore_eos=True)) for i in range(8)}
+# The lender's own request then needs 6 of its blocks back.
+LENDER_ASKS = ([1] + [(13 * i) % 2000 + 3 for i in range(79)],
+               dict(max_tokens=16, temperature=0.0, ignore_eos=True))
+
+
+def test_a_borrower_uses_the_lenders_idle_blocks_and_the_lender_gets_them_back(
+        deployment, targets, tiny_model_dir):
+    """fu-a's flood fills its own pool and borrows lending fu-c's idle blocks, never
+    fu-b's; fu-c's request, sent once every block of it is lent, takes them back;
+    every greedy answer is the offline one, and GetStats reports the loans."""
+    want = offline_tokens(tiny_model_dir, 4096, {**FLOOD, "lender": LENDER_ASKS})
+    got, samples, done = {}, [], threading.Event()
+
+    def flood(i):
+        prompt, sampling = FLOOD[i]
+        got[i] = stream_tokens(targets["fu-a"], token_of("fu-a"), prompt, **sampling)
+
+    def sample():                      # GetStats of every member, until the test is done
+        clients = {n: Client(targets[n], token_of(n)) for n in NAMES}
+        while not done.is_set():
+            samples.append({n: c.stats() for n, c in clients.items()})
+            time.sleep(0.01)           # two cores: leave the group most of them
+        for c in clients.values():
+            c.close()
+
+    workers = [threading.Thread(target=flood, args=(i,)) for i in FLOOD]
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    for w in workers:
+        w.start()
+    with Client(targets["fu-c"], token_of("fu-c")) as lender:
+        deadline = time.monotonic() + 60
+        while lender.stats().kv_blocks_lent < 16:        # all of fu-c's pool out on loan
+            assert time.monotonic() < deadline and any(w.is_alive() for w in workers)
+            time.sleep(0.005)
+        lent_when_asked = len(samples)
+    got["lender"] = stream_tokens(targets["fu-c"], token_of("fu-c"), LENDER_ASKS[0],
+                                  **LENDER_ASKS[1])
+    for w in workers:
+        w.join(120)
+    done.set()
+    sampler.join(30)
+    assert got == want
+    full = [s for s in samples if s["fu-c"].kv_blocks_lent == 16]
+    assert any(s["fu-a"].kv_blocks_used == 16 and s["fu-a"].kv_blocks_borrowed == 16
+               and s["fu-c"].kv_blocks_used == 16 for s in full)    # lent blocks count as used
+    # After it asked, the lender ran its request on blocks it took back from fu-a.
+    assert any(s["fu-c"].num_running == 1 and s["fu-c"].kv_blocks_lent <= 16 - 6
+               for s in samples[lent_when_asked:])
+    assert all(s["fu-a"].kv_blocks_lent == 0 and s["fu-c"].kv_blocks_borrowed == 0
+               for s in samples)                     # a borrower lends none, a lender borrows none
+    assert all((s["fu-b"].kv_blocks_used, s["fu-b"].kv_blocks_lent,
+                s["fu-b"].kv_blocks_borrowed) == (0, 0, 0) for s in samples)
+    wait_service_pools_empty(deployment)
+    assert {(n, r["stats"].kv_blocks_lent, r["stats"].kv_blocks_borrowed)
+            for n, r in service_rows(deployment).items()} == {(n, 0, 0) for n in NAMES}
+
+
+def test_a_member_sleeps_alone_while_its_neighbour_streams_and_wakes_with_its_answer(
+        deployment, targets):
+    prompt, greedy = "The quick brown fox", dict(max_tokens=16, temperature=0.0)
+    neighbour_prompt = [1, 50, 60, 70, 80]
+    neighbour_alone = stream_tokens(targets["fu-a"], token_of("fu-a"), neighbour_prompt,
+                                    max_tokens=100, temperature=0.0)
+    answer = stream_tokens(targets["fu-b"], token_of("fu-b"), prompt, **greedy)
+    awake = service_rows(deployment)["fu-b"]["stats"]        # within its 2 s awake
+    metrics = deployment.metrics_urls()["cpu"]
+    wakes = scrape_by_service(metrics, "colocate_service_wake_seconds_count")
+    neighbour, stop = [], threading.Event()
+
+    def stream_on_the_neighbour():                           # until fu-b has slept
+        while not stop.is_set():
+            neighbour.append(stream_tokens(targets["fu-a"], token_of("fu-a"),
+                                           neighbour_prompt, max_tokens=100,
+                                           temperature=0.0))
+
+    thread = threading.Thread(target=stream_on_the_neighbour)
+    thread.start()
+    with Client(targets["fu-b"], token_of("fu-b")) as sleeper, \
+            Client(targets["fu-a"], token_of("fu-a")) as streamer:
+        deadline = time.monotonic() + 60
+        while not (sleeper.stats().sleeping and streamer.stats().num_running):
+            assert time.monotonic() < deadline, "fu-b never slept beside fu-a's stream"
+            time.sleep(0.05)
+    asleep = service_rows(deployment)["fu-b"]["stats"]
+    assert asleep.sleeping and not awake.sleeping and asleep.pid == awake.pid
+    print(f"\ngroup PSS fu-b awake {awake.pss_bytes / MiB:.0f} MiB, asleep "
+          f"{asleep.pss_bytes / MiB:.0f} MiB, its range {SLEEPER_TOKENS * 4096 / MiB:.0f} MiB")
+    assert awake.pss_bytes - asleep.pss_bytes > 0.9 * SLEEPER_TOKENS * 4096
+    assert scrape_by_service(metrics, "colocate_service_sleeping") == \
+        {"fu-a": 0, "fu-b": 1, "fu-c": 0}
+    stop.set()
+    thread.join(120)
+    assert stream_tokens(targets["fu-b"], token_of("fu-b"), prompt, **greedy) == answer
+    assert neighbour and all(tokens == neighbour_alone for tokens in neighbour)
+    after = scrape_by_service(metrics, "colocate_service_wake_seconds_count")
+    assert after["fu-b"] == wakes["fu-b"] + 1
+    assert (after["fu-a"], after["fu-c"]) == (wakes["fu-a"], wakes["fu-c"]) == (0, 0)
 
 
 def test_no_prefix_cache_hit_across_services(deployment, targets):

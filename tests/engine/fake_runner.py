@@ -36,16 +36,44 @@ class FakeRunner:
         self.steps: list[list[tuple[str, int]]] = []   # per step: (request id, new tokens)
         self.released: list[str] = []
         self.kv_allocated = True
+        self.can_drop_kv_blocks = True   # as on CPU; False: as on CUDA
+        # Memory given back: blocks dropped, or all but those zeroed since a cache was
+        # mapped not resident (`untouched`). A step must use none of them.
+        self.dropped: set[int] = set()
+        self.untouched, self.zeroed = False, set()
 
     def free_kv_cache(self) -> None:
         self.slots.clear()           # like a freed pool: nothing it held survives
         self.kv_allocated = False
 
-    def allocate_kv_cache(self) -> None:
+    def allocate_kv_cache(self, resident: bool = True) -> None:
         self.kv_allocated = True
+        self.dropped, self.untouched, self.zeroed = set(), not resident, set()
+
+    def _clear(self, first: int, count: int) -> None:
+        """Nothing these blocks held survives (so a step reading it fails)."""
+        for p in range(first * self.block_size, (first + count) * self.block_size):
+            self.slots.pop(p, None)
+
+    def drop_kv_blocks(self, first: int, count: int) -> int:
+        assert self.kv_allocated and self.can_drop_kv_blocks
+        self._clear(first, count)
+        self.dropped.update(range(first, first + count))
+        return count * self.block_size
+
+    def zero_kv_blocks(self, first: int, count: int) -> None:
+        assert self.kv_allocated
+        self._clear(first, count)
+        self.dropped.difference_update(range(first, first + count))
+        self.zeroed.update(range(first, first + count))
+
+    def given_back(self, block_id: int) -> bool:
+        return block_id in self.dropped or (self.untouched and block_id not in self.zeroed)
 
     def execute(self, sched):
         assert self.kv_allocated, "a step ran while the KV cache was freed"
+        gone = {b for s in sched.scheduled for b in s.block_ids if self.given_back(b)}
+        assert not gone, f"a step used the given-back blocks {sorted(gone)}"
         bs = self.block_size
         results = {}
         self.steps.append([(s.request.request_id, s.num_new_tokens) for s in sched.scheduled])

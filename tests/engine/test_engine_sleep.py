@@ -57,22 +57,3 @@ def test_sleep_and_wake_are_idempotent():
     engine.wake()
     engine.wake()
     assert not engine.sleeping and engine.statistics().wake.count == 1
-
-
-def test_an_engine_group_sleeps_whole_and_any_member_wakes_it():
-    from tests.engine.test_engine_group import make_group, run as run_group
-
-    group, runner = make_group({"a": 8, "b": 8}, lenders=["b"])
-    group.add_request("a", PROMPT, PARAMS)
-    group.step()
-    with pytest.raises(RuntimeError, match=r"cannot sleep: 1 running .* in a$"):
-        group.members["b"].sleep()                      # b is idle, but its cache is a's too
-    assert not group.sleeping and runner.kv_allocated
-    run_group(group)
-    group.sleep()
-    assert runner.kv_allocated is False
-    assert all(e.sleeping and e.statistics().sleeping for e in group.members.values())
-    rid = group.add_request("b", PROMPT, PARAMS)        # one member's request wakes all
-    assert not group.sleeping and runner.kv_allocated
-    assert [e.statistics().wake.count for e in group.members.values()] == [0, 1]
-    assert run_group(group)[rid].token_ids == run(make_llm_engine())

@@ -1,10 +1,11 @@
-"""Property test: random sequences of requests, steps, aborts, sleeps and wakes in an
-engine group where "b" lends to "a" and "c", run in lockstep with the same group
-without lending.
+"""Property test: random sequences of requests, steps, aborts, sleeps (of the whole
+group, or of one member alone) and wakes in an engine group where "b" lends to "a"
+and "c", run in lockstep with the same group without lending.
 
 Checked after every operation: the lending books, and that every block is where one
-owner's pool, one loan or its holders say (the fake runner checks besides that each
-block table reads back its own tokens). Checked at every step, with prefix caching
+owner's pool, one loan or its holders say, and that a sleeping lender lends nothing
+(the fake runner checks besides that each block table reads back its own tokens and
+that no step uses a block whose memory is given back). Checked at every step, with prefix caching
 off and a group budget no member's demand can bind: the lender's schedule is exactly
 the one it has without lending, so a lent block is always back in time, within the
 step that needs it. At the end: every request's tokens as computed alone, every pool
@@ -28,10 +29,11 @@ SEEDS = range(60)
 
 def random_ops(rng: random.Random, n: int = 60) -> list[tuple[str, str, int, int]]:
     """(kind, member, x, y): add a prompt of about x tokens with max_tokens y; step
-    1 + x % 4 times; abort the member's x-th request; sleep (after draining); wake.
+    1 + x % 4 times; abort the member's x-th request; sleep the whole group (after
+    draining); nap: the member sleeps alone if it may (idle, nothing lent); wake.
     Weighted to adds and steps, so that pools run short and blocks are lent and
     taken back."""
-    kinds = ["add"] * 6 + ["step"] * 4 + ["abort", "sleep", "wake"]
+    kinds = ["add"] * 6 + ["step"] * 4 + ["abort", "sleep", "nap", "wake"]
     return [(rng.choice(kinds), rng.choice(sorted(POOLS)), rng.randint(1, 30),
              rng.randint(1, 12)) for _ in range(n)]
 
@@ -65,6 +67,7 @@ def check_books(group) -> None:
             assert pool.owns(block) and block.block_id not in lending.loans
             assert block.block_hash == block_hash
     assert not group.members["b"].kv.num_borrowed_blocks
+    assert not (group.members["b"].sleeping and lending.lent["b"])   # asleep, it lends none
     for engine in group.members.values():
         pool = engine.kv.pool
         for block in pool.blocks[1:]:
@@ -148,6 +151,14 @@ def run_sequence(ops, prefix: bool) -> tuple[int, int]:
                 group.sleep()
                 assert group.sleeping and not runner.kv_allocated
                 assert all(not e.kv.pool.cached for e in group.members.values())
+        elif kind == "nap":               # alone, while the others hold requests
+            for group, runner in groups:
+                engine = group.members[member]
+                if group.sleepable([member]):
+                    engine.sleep()
+                    assert engine.sleeping and not engine.kv.pool.cached
+                    assert group.sleeping or runner.dropped >= {
+                        b.block_id for b in engine.kv.pool.blocks[1:]}
         else:
             for group, runner in groups:
                 group.members[member].wake()

@@ -202,15 +202,19 @@ class GetStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class Stats(_message.Message):
-    __slots__ = ("num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total", "sleeping")
+    __slots__ = ("num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total", "sleeping", "kv_blocks_lent", "kv_blocks_borrowed")
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     SLEEPING_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_LENT_FIELD_NUMBER: _ClassVar[int]
+    KV_BLOCKS_BORROWED_FIELD_NUMBER: _ClassVar[int]
     num_running: int
     num_waiting: int
     kv_blocks_used: int
     kv_blocks_total: int
     sleeping: bool
-    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., sleeping: _Optional[bool] = ...) -> None: ...
+    kv_blocks_lent: int
+    kv_blocks_borrowed: int
+    def __init__(self, num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., sleeping: _Optional[bool] = ..., kv_blocks_lent: _Optional[int] = ..., kv_blocks_borrowed: _Optional[int] = ...) -> None: ...

@@ -134,7 +134,7 @@ def random_model(path: Path, device: torch.device, dtype: torch.dtype,
                  quantization: str | None, group: int):
     """A model with random weights made straight on `device` (no checkpoint read):
     the loader's own path from float tensors, quantized where asked."""
-    from colocate.memory.weight_store import model_over_state_dict
+    from colocate.quant.loading import model_over_state_dict
     from colocate.model.checkpoint import hf_tensor_shapes
     from colocate.model.model_config import LlamaConfig
     from colocate.quant.config import QuantConfig

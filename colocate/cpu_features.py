@@ -13,6 +13,8 @@ one, which `make test` runs the layout-sensitive tests under.
 from __future__ import annotations
 
 import argparse
+import functools
+import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +62,41 @@ def torch_capability() -> str:
     import torch
 
     return torch.backends.cpu.get_cpu_capability()
+
+
+def native_bf16_matmul(features: CpuFeatures | None = None) -> bool:
+    """Whether bf16 matrix products run in hardware here, as torch dispatches them: AMX
+    or AVX512_BF16 units, with torch at its AVX512 level (oneDNN then takes them; on
+    an AVX2 CPU bf16 is emulated, 5-7x slower than float32)."""
+    features = features or read()
+    return (torch_capability() == "AVX512"
+            and (features.has("amx_bf16") or features.has("avx512_bf16")))
+
+
+# The precision of a CPU prefill's dequantized products and attention: "float32"
+# (exact), or "bfloat16" (inputs rounded to bf16, float32 accumulation: what HF's bf16
+# mode computes), which "auto", the default, takes where bf16 products run in hardware.
+PREFILL_ENV = "COLOCATE_CPU_PREFILL"
+_PREFILL_CHOICES = ("auto", "float32", "bfloat16")
+
+
+def prefill_dtype():
+    """The dtype a quantized CPU model's prefill computes in, here and now (torch.dtype)."""
+    import torch
+
+    choice = os.environ.get(PREFILL_ENV, "auto")
+    if choice not in _PREFILL_CHOICES:
+        raise ValueError(f"{PREFILL_ENV}={choice!r}: expected 'auto', 'float32' or 'bfloat16'")
+    if choice == "auto":
+        choice = "bfloat16" if _native_bf16_here() else "float32"
+    return getattr(torch, choice)
+
+
+@functools.lru_cache(maxsize=1)
+def _native_bf16_here() -> bool:
+    """native_bf16_matmul() of this process, read once (the CPU and torch's level are
+    fixed for its life)."""
+    return native_bf16_matmul()
 
 
 def report(features: CpuFeatures) -> str:

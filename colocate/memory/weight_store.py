@@ -69,7 +69,8 @@ from colocate.model.llama import LlamaForCausalLM
 from colocate.model.checkpoint import parse_dtype, read_hf_tensors
 from colocate.model.model_config import LlamaConfig
 from colocate.quant.config import QuantConfig
-from colocate.quant.loading import build_model, checkpoint_quant_config, read_model_state
+from colocate.quant.loading import (checkpoint_quant_config, model_over_state_dict,
+                                     read_model_state)
 
 DIR_PREFIX = "colocate-weights-"
 
@@ -272,17 +273,6 @@ def detach(handle: WeightHandle) -> None:
 def mapped_bytes() -> int:
     """Bytes of published weights this process maps (for metrics)."""
     return sum(t.nbytes for state in _ATTACHED.values() for t in state.values())
-
-
-def model_over_state_dict(config: LlamaConfig, state: dict[str, torch.Tensor],
-                          dtype: torch.dtype, device: str | torch.device,
-                          qc: QuantConfig | None = None) -> LlamaForCausalLM:
-    """Build on the meta device (with the quantized linears `qc` asks for), then make
-    `state`'s tensors the parameters and buffers themselves."""
-    model = build_model(config, qc, dtype)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.rotary.rebuild(device, dtype)         # the rope table is per process and small
-    return model.eval()
 
 
 # ---- CUDA: one device buffer shared by IPC (bench/gpu_check.py runs it on a GPU) ------

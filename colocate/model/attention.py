@@ -108,16 +108,18 @@ class AttentionPlan:
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache,
-           plan: AttentionPlan, slot_mapping: torch.Tensor, scale: float) -> torch.Tensor:
+           plan: AttentionPlan, slot_mapping: torch.Tensor, scale: float,
+           prefill_dtype: torch.dtype | None = None) -> torch.Tensor:
     """q (T, nh, hd), this step's k / v (T, nkv, hd) -> attention output (T, nh * hd).
 
     Stores k / v at `slot_mapping` first: sequences with cached context read all their
-    keys back from the cache.
+    keys back from the cache. `prefill_dtype`: what the torch path's prefill products
+    compute in, when not q's dtype (a CPU with bf16 units, see LlamaAttention).
     """
     if plan.kernels is not None:
         return _kernel_attend(q, k, v, cache, plan.kernels, slot_mapping, scale)
     k, v = write_kv(k, v, cache, slot_mapping)
-    return paged_attention(q, k, v, cache, plan, scale)
+    return paged_attention(q, k, v, cache, plan, scale, prefill_dtype)
 
 
 def _kernel_attend(q, k, v, cache: LayerKVCache, args: KernelArgs, slot_mapping, scale):
@@ -163,10 +165,12 @@ def write_kv(key: torch.Tensor, value: torch.Tensor, cache: LayerKVCache,
 
 
 def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: LayerKVCache,
-                    plan: AttentionPlan, scale: float) -> torch.Tensor:
+                    plan: AttentionPlan, scale: float,
+                    prefill_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Torch ops: q (T, nh, hd), this step's k / v (T, nkv, hd) -> (T, nh * hd).
 
-    The new K/V must already be in the cache (write_kv).
+    The new K/V must already be in the cache (write_kv); prefills compute in
+    `prefill_dtype` (default: q's) and return q's dtype.
     """
     if plan.decode_blocks is not None:
         return _decode_attention(q, cache, plan, scale)
@@ -179,10 +183,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
             ks, vs = ks[0], vs[0]                                         # (L, nkv, hd)
         # 4-D (a batch of one), not 3-D: torch's CPU flash kernel takes only 4-D inputs
         # and 3-D ones fall to the math path, 3.7x slower at 512 tokens here.
+        dtype = prefill_dtype or q.dtype
         o = F.scaled_dot_product_attention(
-            q[s.start:s.end].transpose(0, 1)[None], ks.transpose(0, 1)[None],
-            vs.transpose(0, 1)[None], attn_mask=s.mask, is_causal=s.mask is None, scale=scale,
-            enable_gqa=True,
+            q[s.start:s.end].transpose(0, 1)[None].to(dtype), ks.transpose(0, 1)[None].to(dtype),
+            vs.transpose(0, 1)[None].to(dtype), attn_mask=s.mask, is_causal=s.mask is None,
+            scale=scale, enable_gqa=True,
         )[0]                                                              # (nh, q, hd)
         out[s.start:s.end] = o.transpose(0, 1).reshape(s.end - s.start, -1)
     return out

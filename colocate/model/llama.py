@@ -46,6 +46,10 @@ class LlamaAttention(nn.Module):
         self.qkv_proj = nn.Linear(config.hidden_size, self.q_size + 2 * self.kv_size,
                                   bias=config.attention_bias)
         self.o_proj = nn.Linear(self.q_size, config.hidden_size, bias=config.attention_bias)
+        # What prefill attention computes in when not the activations' dtype: the loader
+        # sets bfloat16 on a CPU model whose linears prefill in bf16 (colocate/quant/
+        # loading.py), so the whole prefill is what HF's bf16 mode computes.
+        self.prefill_dtype: torch.dtype | None = None
 
     def forward(self, x: torch.Tensor, cos_sin: torch.Tensor, kv_cache: KVCache,
                 plan: AttentionPlan, slot_mapping: torch.Tensor) -> torch.Tensor:
@@ -56,7 +60,8 @@ class LlamaAttention(nn.Module):
         qk = RotaryEmbedding.rotate(qk, cos_sin)                            # (T, nh + nkv, hd)
         q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
         v = qkv[:, self.q_size + self.kv_size:].view(T, self.num_kv_heads, self.head_dim)
-        o = attend(q, k, v, kv_cache, plan, slot_mapping, self.scale)      # (T, nh * hd)
+        o = attend(q, k, v, kv_cache, plan, slot_mapping, self.scale,
+                   self.prefill_dtype)                                     # (T, nh * hd)
         return self.o_proj(o)
 
 

@@ -100,8 +100,9 @@ def _library() -> ctypes.CDLL | None:
     lib.int4_block_mm.restype = None
     lib.int8_block_mm.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _INT,
                                   _INT]
-    lib.int4_block_dequantize.argtypes = [_PTR, _PTR, _PTR, _INT, _I64, _I64, _I64, _PTR, _INT]
-    lib.int8_block_dequantize.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _PTR, _INT]
+    lib.int4_block_dequantize.argtypes = [_PTR, _PTR, _PTR, _INT, _I64, _I64, _I64, _PTR, _INT,
+                                          _INT]
+    lib.int8_block_dequantize.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _PTR, _INT, _INT]
     lib.decode_step_workspace.argtypes = [_PTR, _I64, _I64]
     lib.decode_step_workspace.restype = _I64
     lib.decode_step.argtypes = [_PTR, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64, _INT,
@@ -204,23 +205,38 @@ def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group: int,
     return y
 
 
+DEQUANTIZED_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _dequantized(N: int, K: int, dtype: torch.dtype) -> torch.Tensor:
+    if dtype not in DEQUANTIZED_DTYPES:
+        raise ValueError(f"a dequantized weight is one of {DEQUANTIZED_DTYPES}, not {dtype}")
+    return torch.empty(N, K, dtype=dtype)
+
+
 def int4_dequantize(qs: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor,
-                    group: int) -> torch.Tensor:
-    """The (N, K) float32 weight of int4_mm's operands, exactly q * scale + min."""
+                    group: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The (N, K) weight of int4_mm's operands, q * scale + min: exactly in float32, or
+    that rounded to nearest bfloat16."""
     N, K = qs.shape[0], qs.shape[1] * 2
     half = half_scales(scale, mins)
-    w = torch.empty(N, K, dtype=torch.float32)
+    w = _dequantized(N, K, dtype)
     _library().int4_block_dequantize(_ptr(qs), _ptr(scale), _ptr(mins), int(half), N, K, group,
-                                     _ptr(w), torch.get_num_threads())
+                                     _ptr(w), int(dtype == torch.bfloat16),
+                                     torch.get_num_threads())
     return w
 
 
-def int8_dequantize(q: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
-    """The (N, K) float32 weight of int8_mm's operands, exactly q * scale."""
+def int8_dequantize(q: torch.Tensor, scale: torch.Tensor, group: int,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The (N, K) weight of int8_mm's operands, q * scale (float32 exactly, or bfloat16)."""
     N, K = q.shape
-    w = torch.empty(N, K, dtype=torch.float32)
+    if K % BLOCK or group % BLOCK or K % group:
+        raise ValueError(f"K={K} and group={group} must be multiples of {BLOCK}, group "
+                         f"dividing K")
+    w = _dequantized(N, K, dtype)
     _library().int8_block_dequantize(_ptr(q), _ptr(scale), N, K, group, _ptr(w),
-                                     torch.get_num_threads())
+                                     int(dtype == torch.bfloat16), torch.get_num_threads())
     return w
 
 

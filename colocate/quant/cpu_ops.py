@@ -51,6 +51,7 @@ from functools import lru_cache
 
 import torch
 
+from colocate import cpu_features
 from colocate.quant import block_kernels
 
 COMPUTE_DTYPE = torch.bfloat16
@@ -65,9 +66,19 @@ BACKEND_ENV = "COLOCATE_CPU_MATMUL"     # "blocks" (the default where it builds)
 PREFILL_ROWS = 16
 DEQUANTIZE_MAX_WEIGHTS = 8 * 2**20
 
+# The prefill product's precision follows cpu_features.prefill_dtype(): float32 (exact),
+# or bfloat16 where the CPU has bf16 units (AMX or AVX512_BF16). Measured on an AMX
+# Xeon, 2 threads, 512 x 576 -> 3072: float32 5.0 ms, bfloat16 0.79 ms. The weight is
+# dequantized straight to that dtype. The decode kernels are not affected: they
+# quantize activations to int8.
 
 def _prefill(M: int, N: int, K: int) -> bool:
     return M > PREFILL_ROWS and N * K <= DEQUANTIZE_MAX_WEIGHTS
+
+
+def _dequantized_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (M, K) @ w (N, K).T, w the weight dequantized in its compute dtype."""
+    return torch.nn.functional.linear(x.to(w.dtype), w).to(x.dtype)          # (M, N)
 
 
 def block_kernels_on() -> bool:
@@ -94,8 +105,9 @@ def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torc
     if block_kernels_on() and K % block_kernels.BLOCK == 0:
         s = scale.float().reshape(N, -1)                                        # (N, G)
         if _prefill(x.shape[0], N, K):
-            w = block_kernels.int8_dequantize(qweight, s, K // s.shape[1])          # (N, K)
-            return torch.nn.functional.linear(x.float(), w).to(x.dtype)
+            w = block_kernels.int8_dequantize(qweight, s, K // s.shape[1],
+                                              cpu_features.prefill_dtype())                   # (N, K)
+            return _dequantized_product(x, w)
         return block_kernels.int8_mm(x.float(), qweight, s, K // s.shape[1]).to(x.dtype)
     if scale.dim() == 2:                   # grouped (GGUF Q8_0): no torch op takes it
         scale = scale.float().repeat_interleave(K // scale.shape[1], dim=1)     # (N, K)
@@ -131,6 +143,7 @@ def int4_blocks_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                            f"with {BACKEND_ENV}=torch")
     N, K = qweight.shape[0], qweight.shape[1] * 2
     if _prefill(x.shape[0], N, K):
-        w = block_kernels.int4_dequantize(qweight, scale, mins, group_size)        # (N, K)
-        return torch.nn.functional.linear(x.float(), w).to(x.dtype)
+        w = block_kernels.int4_dequantize(qweight, scale, mins, group_size,
+                                          cpu_features.prefill_dtype())                       # (N, K)
+        return _dequantized_product(x, w)
     return block_kernels.int4_mm(x.float(), qweight, scale, mins, group_size).to(x.dtype)

@@ -17,7 +17,9 @@ from colocate.model.checkpoint import parse_dtype, read_hf_tensors, to_model_sta
 from colocate.model.model_config import LlamaConfig
 from colocate.quant.config import QuantConfig
 from colocate.quant.handler import quantize_state_dict, swap_linears
-from colocate.quant.linear import Int8Linear
+from colocate import cpu_features
+from colocate.quant import cpu_ops
+from colocate.quant.linear import Int4Linear, Int8Linear
 from colocate.quant.prequantized import checkpoint_quant_config, read_prequantized
 
 __all__ = ["build_model", "checkpoint_quant_config", "load_model", "read_model_state"]
@@ -74,7 +76,31 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32",
     torch_dtype = parse_dtype(dtype, config)
     qc = checkpoint_quant_config(config.raw, quantization, quant_group_size, str(device))
     state = read_model_state(path, config, torch_dtype, device, qc)
-    model = build_model(config, qc, torch_dtype)
+    return model_over_state_dict(config, state, torch_dtype, device, qc)
+
+
+def model_over_state_dict(config: LlamaConfig, state: dict[str, torch.Tensor],
+                          dtype: torch.dtype, device: str | torch.device,
+                          qc: QuantConfig | None = None) -> LlamaForCausalLM:
+    """Build on the meta device (with the quantized linears `qc` asks for), then make
+    `state`'s tensors the parameters and buffers themselves: every model is made here,
+    loaded from a file or attached to the weight store's shared copy."""
+    model = build_model(config, qc, dtype)
     model.load_state_dict(state, strict=True, assign=True)
-    model.rotary.rebuild(device, torch_dtype)
+    model.rotary.rebuild(device, dtype)         # the rope table is per process and small
+    _match_prefill_attention(model, device, dtype)
     return model.eval()
+
+
+def _match_prefill_attention(model: LlamaForCausalLM, device, dtype: torch.dtype) -> None:
+    """A CPU model whose linears prefill through the block kernels' dequantized products
+    (cpu_ops) computes its prefill attention in their dtype too: bfloat16 where the CPU
+    has bf16 units, so a prefill there is HF's bf16 computation throughout (attention was
+    40% of a 512-token SmolLM2 prefill in float32 on an AMX Xeon)."""
+    prefill = cpu_features.prefill_dtype()
+    first = model.model.layers[0].self_attn.qkv_proj
+    if (torch.device(device).type != "cpu" or prefill == dtype
+            or not cpu_ops.block_kernels_on() or not isinstance(first, (Int4Linear, Int8Linear))):
+        return
+    for layer in model.model.layers:
+        layer.self_attn.prefill_dtype = prefill

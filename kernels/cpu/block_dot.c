@@ -185,33 +185,83 @@ void f32_mm(const float *w, int64_t N, int64_t K, const float *x, int64_t M, flo
 /* ---- dequantization, for prefill ------------------------------------------------
  * At many activation rows the products are compute bound, where the BLAS's float
  * GEMM is several times faster than integer dot products on AVX2; the caller then
- * dequantizes the weight once per call (w: (N, K) float, overwritten) and multiplies
- * in float. Plain loops: the compiler vectorizes them. */
+ * dequantizes the weight once per call (w: (N, K) float32, or bfloat16 where the CPU
+ * multiplies bf16 in hardware; overwritten) and multiplies in that dtype. Plain loops:
+ * the compiler vectorizes them. */
 
+/* float -> bfloat16, round to nearest even (NaN kept a NaN). Branch-free, so the loop
+ * over a block vectorizes. */
+static inline uint16_t float_to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, sizeof bits);
+    const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1)) >> 16;
+    return (uint16_t)((bits & 0x7fffffffu) > 0x7f800000u ? (bits >> 16) | 0x40 : rounded);
+}
+
+/* A dequantized weight is written in runs of CHUNK values: computed in float32 straight
+ * into w, or (bf16) into a float run on the stack and then rounded into w. Two plain
+ * loops the compiler vectorizes (a per-element choice of the two stores did not: 3x
+ * slower). */
+#define CHUNK 256
+
+static inline float *run_out(void *w, int64_t at, float *tmp, int bf16) {
+    return bf16 ? tmp : (float *)w + at;
+}
+
+static inline void run_done(void *w, int64_t at, int64_t len, const float *tmp, int bf16) {
+    if (!bf16) return;
+    uint16_t *out = (uint16_t *)w + at;
+    for (int64_t k = 0; k < len; k++) out[k] = float_to_bf16(tmp[k]);
+}
+
+/* Compiled three times and picked by the loader from the CPU (ifunc): plain loops, so
+ * each clone is only the compiler's vectorization of them at that width, and every
+ * clone computes the same values (no contraction into FMAs under -std=c11). */
+#if HAVE_X86
+#define WIDEST_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define WIDEST_CLONES
+#endif
+
+WIDEST_CLONES
 void int4_block_dequantize(const uint8_t *qs, const void *scale, const void *mins, int half,
-                           int64_t N, int64_t K, int64_t group, float *w, int threads) {
+                           int64_t N, int64_t K, int64_t group, void *w, int bf16,
+                           int threads) {
     const int64_t G = K / group;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = qs + n * (K / 2);
-        float *out = w + n * K;
-        for (int64_t b = 0; b < K / QK; b++) {
-            const int64_t g = n * G + b * QK / group;
-            const float s = scale_at(scale, g, half), m = scale_at(mins, g, half);
-            for (int j = 0; j < QK / 2; j++) {
-                const uint8_t byte = row[b * (QK / 2) + j];
-                out[b * QK + j] = (float)(byte & 15) * s + m;
-                out[b * QK + j + QK / 2] = (float)(byte >> 4) * s + m;
+        float tmp[CHUNK];
+        for (int64_t k0 = 0; k0 < K; k0 += CHUNK) {
+            const int64_t len = K - k0 < CHUNK ? K - k0 : CHUNK;   /* whole blocks */
+            float *out = run_out(w, n * K + k0, tmp, bf16);
+            for (int64_t b = 0; b < len / QK; b++) {
+                const int64_t g = n * G + (k0 / QK + b) * QK / group;
+                const float s = scale_at(scale, g, half), m = scale_at(mins, g, half);
+                const uint8_t *p = row + (k0 / QK + b) * (QK / 2);
+                for (int j = 0; j < QK / 2; j++) {
+                    out[b * QK + j] = (float)(p[j] & 15) * s + m;
+                    out[b * QK + j + QK / 2] = (float)(p[j] >> 4) * s + m;
+                }
             }
+            run_done(w, n * K + k0, len, tmp, bf16);
         }
     }
 }
 
+WIDEST_CLONES
 void int8_block_dequantize(const int8_t *q, const float *scale, int64_t N, int64_t K,
-                           int64_t group, float *w, int threads) {
+                           int64_t group, void *w, int bf16, int threads) {
     const int64_t G = K / group;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t k = 0; k < K; k++)
-            w[n * K + k] = (float)q[n * K + k] * scale[n * G + k / group];
+    for (int64_t n = 0; n < N; n++) {
+        float tmp[CHUNK];
+        for (int64_t k0 = 0; k0 < K; k0 += CHUNK) {
+            const int64_t len = K - k0 < CHUNK ? K - k0 : CHUNK;
+            float *out = run_out(w, n * K + k0, tmp, bf16);
+            for (int64_t k = 0; k < len; k++)
+                out[k] = (float)q[n * K + k0 + k] * scale[n * G + (k0 + k) / group];
+            run_done(w, n * K + k0, len, tmp, bf16);
+        }
+    }
 }

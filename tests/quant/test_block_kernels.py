@@ -148,3 +148,19 @@ def test_dequantization_is_exact():
     scale = torch.rand(12, 3)
     assert torch.equal(bk.int8_dequantize(q, scale, 32),
                        q.float() * scale.repeat_interleave(32, 1))
+
+
+def test_bf16_dequantization_is_the_exact_weight_rounded_to_nearest():
+    """The bf16 prefill's weights: torch's own float32 -> bfloat16 rounding of the exact
+    dequantization, bit for bit (ties to even included)."""
+    w = quantize_int4(torch.randn(24, 96, generator=torch.Generator().manual_seed(7)), 32)
+    b = pack_blocks(w, torch.float32)
+    exact = bk.int4_dequantize(b["qweight"], b["scale"], b["min"], 32)
+    assert torch.equal(bk.int4_dequantize(b["qweight"], b["scale"], b["min"], 32,
+                                          torch.bfloat16), exact.bfloat16())
+    q = torch.randint(-128, 128, (12, 96), dtype=torch.int8)
+    scale = torch.rand(12, 3)
+    assert torch.equal(bk.int8_dequantize(q, scale, 32, torch.bfloat16),
+                       bk.int8_dequantize(q, scale, 32).bfloat16())
+    with pytest.raises(ValueError, match="dequantized weight is one of"):
+        bk.int8_dequantize(q, scale, 32, torch.float16)

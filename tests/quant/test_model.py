@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from colocate import LLM, SamplingParams
+from colocate import LLM, SamplingParams, cpu_features
 from colocate.memory.weight_store import WeightStore, attach, detach
 from colocate.model.attention_metadata import AttentionMetadata
 from colocate.model.llama import allocate_kv_caches
@@ -96,10 +96,39 @@ def test_a_block_kernel_prefill_is_its_dequantized_weights_exactly(tiny_model_di
     """Past cpu_ops.PREFILL_ROWS rows the block layouts dequantize (exactly, in C) and
     multiply in float32: the twin's own computation, to float summation order."""
     monkeypatch.setenv(cpu_ops.BACKEND_ENV, "blocks")
+    monkeypatch.setenv(cpu_features.PREFILL_ENV, "float32")
     model = load_model(tiny_model_dir, quantization=method, quant_group_size=group)
     want = _logits(_dequantized_twin(model, tiny_model_dir), IDS)
     got = _logits(model, IDS)                                 # 48 rows > PREFILL_ROWS
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+# bf16 prefill products round weights and activations to bf16 (2^-9 relative each) and
+# accumulate in float32, as torch's own bf16 ops do: the "torch" twin bound above,
+# which measures the same roundings on the decode ops.
+@pytest.mark.parametrize("method,group", [("int8", None), ("int4", 32)])
+def test_a_bf16_prefill_is_its_dequantized_weights_within_bf16_rounding(tiny_model_dir,
+                                                                          method, group,
+                                                                          monkeypatch):
+    monkeypatch.setenv(cpu_ops.BACKEND_ENV, "blocks")
+    monkeypatch.setenv(cpu_features.PREFILL_ENV, "bfloat16")
+    model = load_model(tiny_model_dir, quantization=method, quant_group_size=group)
+    want = _logits(_dequantized_twin(model, tiny_model_dir), IDS)
+    got = _logits(model, IDS)                                 # 48 rows > PREFILL_ROWS
+    rel = ((got - want).norm() / want.norm()).item()
+    max_rel, max_abs = TWIN_BOUNDS["torch"]
+    assert rel < max_rel and (got - want).abs().max() < max_abs, rel
+
+
+def test_the_prefill_dtype_follows_the_cpu_and_the_variable(monkeypatch):
+    monkeypatch.delenv(cpu_features.PREFILL_ENV, raising=False)
+    native = cpu_features.native_bf16_matmul()
+    assert cpu_features.prefill_dtype() == (torch.bfloat16 if native else torch.float32)
+    monkeypatch.setenv(cpu_features.PREFILL_ENV, "float32")
+    assert cpu_features.prefill_dtype() == torch.float32
+    monkeypatch.setenv(cpu_features.PREFILL_ENV, "fp16")
+    with pytest.raises(ValueError, match="COLOCATE_CPU_PREFILL='fp16'"):
+        cpu_features.prefill_dtype()
 
 
 @pytest.mark.parametrize("method,group", [("int8", None), ("int4", 128), ("int4", 32)])

@@ -223,11 +223,35 @@ static inline void run_done(void *w, int64_t at, int64_t len, const float *tmp, 
 #define WIDEST_CLONES
 #endif
 
+/* Whether this CPU converts to bfloat16 in hardware (AVX512_BF16; with the AVX-512
+ * body's own needs). */
+static int has_avx512_bf16(void) {
+#if HAVE_X86
+    static int known = -1;
+    if (known < 0) {
+        __builtin_cpu_init();
+        known = block_dot_best_body() == BODY_AVX512 && __builtin_cpu_supports("avx512bf16");
+    }
+    return known;
+#else
+    return 0;
+#endif
+}
+
 WIDEST_CLONES
 void int4_block_dequantize(const uint8_t *qs, const void *scale, const void *mins, int half,
                            int64_t N, int64_t K, int64_t group, void *w, int bf16,
                            int threads) {
     const int64_t G = K / group;
+#if HAVE_X86
+    if (bf16 && has_avx512_bf16()) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+        for (int64_t n = 0; n < N; n++)
+            int4_row_to_bf16_avx512(qs + n * (K / 2), scale, mins, half, n * G, group / QK,
+                                    K / QK, (uint16_t *)w + n * K);
+        return;
+    }
+#endif
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *row = qs + n * (K / 2);

@@ -68,6 +68,9 @@ void f32_rows_avx2(F32_BODY_ARGS);
 void int4_rows_avx512(INT4_BODY_ARGS);
 void int8_rows_avx512(INT8_BODY_ARGS);
 void f32_rows_avx512(F32_BODY_ARGS);
+void int4_row_to_bf16_avx512(const uint8_t *row, const void *scale, const void *mins,
+                             int half, int64_t at, int64_t per_group, int64_t nb,
+                             uint16_t *out);
 #endif
 
 #endif

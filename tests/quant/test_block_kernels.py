@@ -150,13 +150,18 @@ def test_dequantization_is_exact():
                        q.float() * scale.repeat_interleave(32, 1))
 
 
-def test_bf16_dequantization_is_the_exact_weight_rounded_to_nearest():
-    """The bf16 prefill's weights: torch's own float32 -> bfloat16 rounding of the exact
-    dequantization, bit for bit (ties to even included)."""
-    w = quantize_int4(torch.randn(24, 96, generator=torch.Generator().manual_seed(7)), 32)
-    b = pack_blocks(w, torch.float32)
-    exact = bk.int4_dequantize(b["qweight"], b["scale"], b["min"], 32)
-    assert torch.equal(bk.int4_dequantize(b["qweight"], b["scale"], b["min"], 32,
+@pytest.mark.parametrize("half,group", [(False, 32), (True, 32), (False, 64)])
+def test_bf16_dequantization_is_the_exact_weight_rounded_to_nearest(half, group):
+    """The bf16 prefill's weights (on an AVX512_BF16 CPU, the hardware's conversion):
+    torch's own float32 -> bfloat16 rounding of the exact dequantization, bit for bit
+    (ties to even included), with float32 or a GGUF's float16 scales."""
+    w = quantize_int4(torch.randn(24, 96 if group == 32 else 128,
+                                  generator=torch.Generator().manual_seed(7)), group)
+    if half:
+        w = _gguf_like(w)
+    b = pack_blocks(w, torch.float32, exact_scales=half)
+    exact = bk.int4_dequantize(b["qweight"], b["scale"], b["min"], group)
+    assert torch.equal(bk.int4_dequantize(b["qweight"], b["scale"], b["min"], group,
                                           torch.bfloat16), exact.bfloat16())
     q = torch.randint(-128, 128, (12, 96), dtype=torch.int8)
     scale = torch.rand(12, 3)

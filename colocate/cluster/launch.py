@@ -87,15 +87,18 @@ def prepare_launches(gpu: DeviceSpec, config: DeploymentConfig, store: WeightSto
     demands: what the arbiter admitted per service; the KV pool is sized from it.
     Raises DeploymentError naming the service whose model cannot be loaded."""
     launches = []
+    # A model some service may sleep away from is kept on disk, so that its pages can
+    # be given back (memory/weight_pages.py); CUDA copies are device memory either way.
+    sleepers = {s.model for s in gpu.services if s.sleep_after_idle is not None}
     for service in gpu.services:
         model = config.models[service.model]
         name = model.name if gpu.share_weights else f"{model.name}@{service.name}"
         try:
             path = checkpoint_dir(model, preset_dir)
             with progress.labelled(name):     # its loading stages say which model
-                handle = store.publish(name, path, model.dtype,
-                                       quantization=model.quantization,
-                                       quant_group_size=model.quant_group_arg)
+                store.publish(name, path, model.dtype, quantization=model.quantization,
+                              quant_group_size=model.quant_group_arg,
+                              on_disk=service.model in sleepers and device == "cpu")
         except (OSError, ValueError) as exc:    # missing files, bad shapes or dtype
             raise DeploymentError(f"service {service.name}: cannot load model "
                                   f"{model.name} from {model.path}: {exc}") from None

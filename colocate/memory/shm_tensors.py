@@ -76,8 +76,10 @@ def pack(tensors: dict[str, torch.Tensor], specs: tuple[TensorSpec, ...],
 
 
 def write_file(path: Path, tensors: dict[str, torch.Tensor],
-               specs: tuple[TensorSpec, ...], size: int) -> None:
-    """Create `path` holding the packed tensors; it must not exist (stores never share files)."""
+               specs: tuple[TensorSpec, ...], size: int, durable: bool = False) -> None:
+    """Create `path` holding the packed tensors; it must not exist (stores never share files).
+    durable: written back to disk before returning, so that its page-cache pages are
+    clean and the kernel can drop them when no process maps them (weight_pages.py)."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.ftruncate(fd, size)                 # padding between slots reads as zeros
@@ -86,6 +88,10 @@ def write_file(path: Path, tensors: dict[str, torch.Tensor],
             pack(tensors, specs, flat)
             # The mmap cannot close while a tensor still exports its buffer.
             del flat
+            if durable:
+                mm.flush()
+        if durable:
+            os.fsync(fd)
     except BaseException:
         os.unlink(path)
         raise

@@ -68,6 +68,7 @@ from colocate.memory.shm_tensors import (TensorSpec, map_file_read_only, pack, p
 from colocate.model.llama import LlamaForCausalLM
 from colocate.model.checkpoint import parse_dtype, read_hf_tensors
 from colocate.model.model_config import LlamaConfig
+from colocate.memory.weight_pages import WeightPages
 from colocate.quant.config import QuantConfig
 from colocate.quant.loading import (checkpoint_quant_config, model_over_state_dict,
                                      read_model_state)
@@ -109,6 +110,7 @@ class WeightStore:
         self._sources: dict[str, tuple[Path, torch.dtype, QuantConfig | None]] = {}
         self.cuda = IpcExports(reduce)          # CUDA buffers, held while consumers live
         self.dir: Path | None = None
+        self.disk_dir: Path | None = None         # on_disk models' files (_disk_dir)
         if not _is_cuda(self.device):
             root = Path(root) if root is not None else default_root()
             remove_stale_stores(root)
@@ -118,13 +120,16 @@ class WeightStore:
 
     def publish(self, model_name: str, model_path: str | Path,
                 dtype: str | torch.dtype = "float32", quantization: str | None = None,
-                quant_group_size: int | None = None, read_float=None) -> WeightHandle:
+                quant_group_size: int | None = None, read_float=None,
+                on_disk: bool = False) -> WeightHandle:
         """Load `model_path` once and share it as `model_name`; a repeat returns the same handle.
 
         quantization / quant_group_size as for LLM: the weights are quantized here, once
         per device, in the layout this device's kernels read, and services map the
         quantized buffers. An AWQ / GPTQ checkpoint is published as int4. read_float
         replaces the safetensors reader (bench/gpu_check.py makes random weights with it).
+        on_disk (CPU): keep the file on disk (under disk_root()), not in /dev/shm, so
+        that sleeping services can give its pages back (weight_pages.py).
         """
         model_path = Path(model_path).resolve()
         config = LlamaConfig.from_pretrained(model_path)
@@ -150,12 +155,24 @@ class WeightStore:
             handle = WeightHandle(**common)     # no IPC arguments: share() makes them
             _ATTACHED[handle.token] = unpack(flat, specs)   # IPC cannot reopen in this process
         else:
-            path = self.dir / f"{_safe_name(model_name)}.bin"
-            write_file(path, state, specs, size)
+            path = (self._disk_dir() if on_disk else self.dir) / f"{_safe_name(model_name)}.bin"
+            write_file(path, state, specs, size, durable=on_disk)
             handle = WeightHandle(**common, path=str(path))
         self._handles[model_name] = handle
         self._sources[model_name] = (model_path, torch_dtype, qc)
         return handle
+
+    def _disk_dir(self) -> Path:
+        """This store's directory on disk, made on first use and removed with the store."""
+        if self.disk_dir is None:
+            root = disk_root()
+            root.mkdir(parents=True, exist_ok=True)
+            remove_stale_stores(root)
+            self.disk_dir = Path(tempfile.mkdtemp(prefix=f"{DIR_PREFIX}{os.getpid()}-",
+                                                  dir=root))
+            self._disk_finalizer = weakref.finalize(self, shutil.rmtree, self.disk_dir,
+                                                    ignore_errors=True)
+        return self.disk_dir
 
     def handle(self, model_name: str) -> WeightHandle:
         """The published handle; attach() it in this process. Other processes: share()."""
@@ -199,12 +216,21 @@ class WeightStore:
             self.release(name)
         if self.dir is not None:
             self._finalizer()                   # removes the directory, at most once
+        if self.disk_dir is not None:
+            self._disk_finalizer()
 
     def __enter__(self) -> "WeightStore":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def disk_root() -> Path:
+    """Where on_disk weight files live: colocate's cache directory (the block kernels'
+    too), which sits on a disk where /tmp may be tmpfs."""
+    return Path(os.environ.get("COLOCATE_CACHE_DIR") or Path.home() / ".cache" / "colocate") \
+        / "weights"
 
 
 def default_root() -> Path:
@@ -241,6 +267,7 @@ def _is_cuda(device: str) -> bool:
 # handle.token -> the state dict mapped in this process. Attaching the same handle again
 # reuses it, so N models in one process still map one copy.
 _ATTACHED: dict[str, dict[str, torch.Tensor]] = {}
+_PAGES: dict[str, WeightPages] = {}          # handle.token -> its file's mapping (CPU)
 
 
 def attach(handle: WeightHandle) -> LlamaForCausalLM:
@@ -259,15 +286,21 @@ def attach(handle: WeightHandle) -> LlamaForCausalLM:
         flat = (_cuda_attach(handle) if handle.cuda_ipc is not None
                 else map_file_read_only(handle.path, handle.nbytes))
         state = _ATTACHED[handle.token] = unpack(flat, handle.specs)
+        if handle.path is not None:
+            _PAGES[handle.token] = WeightPages(flat, handle.path)
     device = handle.device if _is_cuda(handle.device) else "cpu"
     qc = None if handle.quantization is None else QuantConfig.from_dict(handle.quantization)
-    return model_over_state_dict(LlamaConfig.from_dict(handle.config), state,
-                                 getattr(torch, handle.dtype), device, qc)
+    model = model_over_state_dict(LlamaConfig.from_dict(handle.config), state,
+                                  getattr(torch, handle.dtype), device, qc)
+    # What a sleeping engine gives back besides its KV cache (ModelRunner.free_kv_cache).
+    model.weight_pages = _PAGES.get(handle.token)
+    return model
 
 
 def detach(handle: WeightHandle) -> None:
     """Drop this process's cached mapping; it is unmapped once no model uses it."""
     _ATTACHED.pop(handle.token, None)
+    _PAGES.pop(handle.token, None)
 
 
 def mapped_bytes() -> int:

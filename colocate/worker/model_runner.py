@@ -52,9 +52,18 @@ class ModelRunner:
 
     # A sleeping engine gives its pool back and takes a fresh, zeroed one to wake.
     def free_kv_cache(self) -> None:
+        """Every pool of the cache sleeps: unmap it, and give back the weights' pages
+        where the model's copy allows it (`weight_pages`, set by the weight store for a
+        CPU service's disk-backed copy: colocate/memory/weight_pages.py)."""
         self.kv_memory.release()
+        pages = getattr(self.model, "weight_pages", None)
+        if pages is not None:
+            pages.release()
 
     def allocate_kv_cache(self, resident: bool = True) -> None:
+        pages = getattr(self.model, "weight_pages", None)
+        if pages is not None and not self.kv_memory.allocated:
+            pages.prefetch()                  # waking: read the weights back ahead
         self.kv_memory.allocate(resident)
 
     # A member of a fused group sleeps alone on a block range of the one cache.

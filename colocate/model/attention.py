@@ -182,7 +182,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: La
             ks, vs = _gather_kv(cache, s.block_ids, s.seq_len, q.dtype)
             ks, vs = ks[0], vs[0]                                         # (L, nkv, hd)
         # 4-D (a batch of one), not 3-D: torch's CPU flash kernel takes only 4-D inputs
-        # and 3-D ones fall to the math path, 3.7x slower at 512 tokens here.
+        # and 3-D ones fall to the math path (measured on the Zen 3: 440 against 204 ms
+        # of a 512-token fp32 prefill's attention).
         dtype = prefill_dtype or q.dtype
         o = F.scaled_dot_product_attention(
             q[s.start:s.end].transpose(0, 1)[None].to(dtype), ks.transpose(0, 1)[None].to(dtype),

@@ -106,7 +106,7 @@ def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torc
         s = scale.float().reshape(N, -1)                                        # (N, G)
         if _prefill(x.shape[0], N, K):
             w = block_kernels.int8_dequantize(qweight, s, K // s.shape[1],
-                                              cpu_features.prefill_dtype())                   # (N, K)
+                                              cpu_features.prefill_dtype())      # (N, K)
             return _dequantized_product(x, w)
         return block_kernels.int8_mm(x.float(), qweight, s, K // s.shape[1]).to(x.dtype)
     if scale.dim() == 2:                   # grouped (GGUF Q8_0): no torch op takes it
@@ -144,6 +144,6 @@ def int4_blocks_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
     N, K = qweight.shape[0], qweight.shape[1] * 2
     if _prefill(x.shape[0], N, K):
         w = block_kernels.int4_dequantize(qweight, scale, mins, group_size,
-                                          cpu_features.prefill_dtype())                       # (N, K)
+                                          cpu_features.prefill_dtype())          # (N, K)
         return _dequantized_product(x, w)
     return block_kernels.int4_mm(x.float(), qweight, scale, mins, group_size).to(x.dtype)

@@ -143,13 +143,14 @@ class CpuDecodePlan:
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[LayerKVCache], meta: AttentionMetadata) -> torch.Tensor:
         """The model's forward for an all-decode batch: (S,) ids -> (S, hidden), normed."""
-        if int(positions.max()) >= self.cos_sin.shape[0]:
+        longest = int(positions.max()) + 1              # the longest sequence's length
+        if longest > self.cos_sin.shape[0]:
             raise ValueError("a position is past the model's max_position_embeddings")
         self._bind(kv_caches, meta.block_size)
         inner = self.model.model
         h = inner.embed_tokens(input_ids).float().contiguous()               # (S, H)
         model = ctypes.addressof(self.struct)
-        need = block_kernels.decode_step_workspace(model, h.shape[0], int(positions.max()) + 1)
+        need = block_kernels.decode_step_workspace(model, h.shape[0], longest)
         if need > self.work.numel():
             self.work = torch.empty(need, dtype=torch.uint8)
         rc = block_kernels.decode_step(

@@ -162,6 +162,15 @@ def _check(x: torch.Tensor, K: int, group: int) -> None:
                          f"dividing K")
 
 
+TILE = 16   # int4 output rows per tile of the x16 layout (int4_layouts.pack_blocks)
+
+
+def _check_tiles(N: int) -> None:
+    if N % TILE:
+        raise ValueError(f"int4 weights in the blocks layout come in tiles of {TILE} rows, "
+                         f"got {N}")
+
+
 SCALE_DTYPES = (torch.float32, torch.float16)
 
 
@@ -179,10 +188,12 @@ def _body(simd: int | None) -> int:
 
 def int4_mm(x: torch.Tensor, qs: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor,
             group: int, simd: int | None = None) -> torch.Tensor:
-    """x (M, K) float32; qs (N, K/2) uint8 (see block_dot.c for the nibble order); scale,
-    mins (N, K/group) float32 or float16 -> (M, N) float32, W = q * scale + min."""
+    """x (M, K) float32; qs (N, K/2) uint8, scale and mins (N, K/group) float32 or float16,
+    in the x16 tile order (block_dot.c, int4_layouts.pack_blocks) -> (M, N) float32,
+    W = q * scale + min."""
     N, K = qs.shape[0], qs.shape[1] * 2
     _check(x, K, group)
+    _check_tiles(N)
     half = half_scales(scale, mins)
     xq, xd, xs = quantize_activations(x)
     y = torch.empty(x.shape[0], N, dtype=torch.float32)
@@ -219,6 +230,7 @@ def int4_dequantize(qs: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor,
     """The (N, K) weight of int4_mm's operands, q * scale + min: exactly in float32, or
     that rounded to nearest bfloat16."""
     N, K = qs.shape[0], qs.shape[1] * 2
+    _check_tiles(N)
     half = half_scales(scale, mins)
     w = _dequantized(N, K, dtype)
     _library().int4_block_dequantize(_ptr(qs), _ptr(scale), _ptr(mins), int(half), N, K, group,

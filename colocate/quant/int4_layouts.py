@@ -15,11 +15,14 @@ per process). Both layouts hold the integers of Int4Weight, two per byte.
     bf16) to bf16 moves a weight by at most 16 * 2^-9 (3%) of its group's scale, the
     quantization step, whose own rounding error is up to 50% of it; our RTN keeps
     scales in bf16 for this layout, which halves that to 1.6%.
-"blocks" (CPU, kernels/cpu/block_dot.c through quant/block_kernels.py): qweight (N, K/2)
-    uint8, each block of 32 inputs in 16 bytes, byte j holding input j (low nibble) and
-    j + 16 (high nibble) as GGUF's Q4_0/Q4_1 store them; scale and min (N, G) float32,
-    W = q * scale + min; a zero point becomes min = -zero * scale (exact in float32 for
-    fp16/bf16 scales). A GGUF's scales and mins (exact_scales) stay float16, as stored.
+"blocks" (CPU, kernels/cpu/block_dot.c through quant/block_kernels.py): blocks of 32
+    inputs in tiles of 16 output rows (N a multiple of 16), the "x16" order block_dot.c
+    documents: qweight (N, K/2) uint8 bytes, tile t's block b in 256 bytes, 4 chunks of
+    4 inputs x 16 rows, each byte holding inputs i (low nibble) and i + 16 (high) of a
+    block as GGUF's Q4_0/Q4_1 pair them; scale and min (N, G) float32 elements in the
+    same tile order, W = q * scale + min; a zero point becomes min = -zero * scale
+    (exact in float32 for fp16/bf16 scales). A GGUF's scales and mins (exact_scales)
+    stay float16, as stored.
 """
 from __future__ import annotations
 
@@ -137,21 +140,43 @@ def empty_tinygemm(N: int, K: int, group_size: int, dtype: torch.dtype,
 BLOCK = 32
 
 
+TILE = 16
+
+
+def _check_blocks(N: int, K: int, group_size: int) -> None:
+    if K % BLOCK or group_size % BLOCK:
+        raise ValueError(f"the blocks layout needs K and the group size in multiples of "
+                         f"{BLOCK}, got K={K}, group {group_size}")
+    if N % TILE:
+        raise ValueError(f"int4 on CPU needs out_features divisible by {TILE}, got {N}")
+
+
+def _tiled(t: torch.Tensor) -> torch.Tensor:
+    """(N, G) per-row values -> (N, G) in the x16 order: (N/16, G, 16) flattened."""
+    N, G = t.shape
+    return t.view(N // TILE, TILE, G).transpose(1, 2).reshape(N, G)
+
+
+def _untiled(t: torch.Tensor) -> torch.Tensor:
+    N, G = t.shape
+    return t.view(N // TILE, G, TILE).transpose(1, 2).reshape(N, G)
+
+
 def pack_blocks(w: Int4Weight, dtype: torch.dtype, exact_scales: bool = False) -> Buffers:
     """`dtype` is unused: scale and min are float32, or with exact_scales (a GGUF's fp16
     scales and mins) float16, exactly as stored and half the bytes."""
     N, K = w.q.shape
-    if K % BLOCK or w.group_size % BLOCK:
-        raise ValueError(f"the blocks layout needs K and the group size in multiples of "
-                         f"{BLOCK}, got K={K}, group {w.group_size}")
-    halves = w.q.view(N, K // BLOCK, 2, BLOCK // 2)                          # (N, B, 2, 16)
-    qweight = (halves[:, :, 0] | (halves[:, :, 1] << 4)).reshape(N, K // 2)  # (N, K/2)
+    _check_blocks(N, K, w.group_size)
+    # q[16t + r, 32b + 16h + 4c + j] -> byte (t, b, c, r, j), nibble h
+    codes = w.q.view(N // TILE, TILE, K // BLOCK, 2, 4, 4)                   # (T, r, b, h, c, j)
+    packed = codes[:, :, :, 0] | (codes[:, :, :, 1] << 4)                    # (T, r, b, c, j)
+    qweight = packed.permute(0, 2, 3, 1, 4).reshape(N, K // 2)               # (T, b, c, r, j)
     scale = w.scale.float()
     mins = w.min.float() if w.min is not None else -w.zero.float() * scale   # (N, G)
     if exact_scales:
         scale, mins = _exact_half(scale, "scale"), _exact_half(mins, "min")
-    return {"qweight": qweight.contiguous(), "scale": scale.contiguous(),
-            "min": mins.contiguous()}
+    return {"qweight": qweight.contiguous(), "scale": _tiled(scale).contiguous(),
+            "min": _tiled(mins).contiguous()}
 
 
 def _exact_half(t: torch.Tensor, what: str) -> torch.Tensor:
@@ -162,16 +187,18 @@ def _exact_half(t: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def unpack_blocks(buffers: Buffers) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> q (N, K) uint8, scale (N, G) float32, min (N, G) float32."""
+    """-> q (N, K) uint8, scale (N, G) float32, min (N, G) float32, in row order."""
     p = buffers["qweight"]                                                   # (N, K/2)
     N, half = p.shape
-    blocks = p.view(N, half // (BLOCK // 2), BLOCK // 2)                     # (N, B, 16)
-    q = torch.stack([blocks & 15, blocks >> 4], dim=2).view(N, half * 2)     # (N, K)
-    return q, buffers["scale"].float(), buffers["min"].float()
+    tiles = p.view(N // TILE, half * 2 // BLOCK, 4, TILE, 4)                 # (T, b, c, r, j)
+    nibbles = torch.stack([tiles & 15, tiles >> 4], dim=3)                   # (T, b, c, h, r, j)
+    q = nibbles.permute(0, 4, 1, 3, 2, 5).reshape(N, half * 2)               # (T, r, b, h, c, j)
+    return q, _untiled(buffers["scale"].float()), _untiled(buffers["min"].float())
 
 
 def empty_blocks(N: int, K: int, group_size: int, dtype: torch.dtype,
                  exact_scales: bool = False) -> Buffers:
+    _check_blocks(N, K, group_size)
     G = K // group_size
     scale_dtype = torch.float16 if exact_scales else torch.float32
     return {"qweight": torch.empty(N, K // 2, dtype=torch.uint8),
@@ -196,3 +223,5 @@ def dequantize(layout: str, buffers: Buffers, group_size: int) -> torch.Tensor:
 
 PACK = {"kn": pack_kn, "tinygemm": pack_tinygemm, "blocks": pack_blocks}
 EMPTY = {"kn": empty_kn, "tinygemm": empty_tinygemm, "blocks": empty_blocks}
+BUFFER_NAMES = {"kn": ("qweight", "scale", "zero"), "tinygemm": ("qweight", "scale_zero"),
+                "blocks": ("qweight", "scale", "min")}

@@ -115,8 +115,7 @@ class Int4Linear(_WeightOnlyLinear):
         return out
 
     def _packed(self) -> dict[str, torch.Tensor]:
-        names = int4_layouts.EMPTY[self.layout](0, 0, 1, self.dtype)
-        return {n: getattr(self, n) for n in names}
+        return {n: getattr(self, n) for n in int4_layouts.BUFFER_NAMES[self.layout]}
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.perm is not None:

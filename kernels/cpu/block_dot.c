@@ -4,10 +4,18 @@
  * lanes and each weight byte is read once per call whatever the number of rows M.
  *
  * Weights (N output rows, K inputs, K a multiple of 32, G = K / group groups):
- *   int4: qs (N, K/2) uint8, byte j of block b holding inputs 32b+j (low nibble) and
- *         32b+j+16 (high nibble), as GGUF's Q4_0/Q4_1 do; scale and min (N, G) float,
- *         or float16 (`half`: a GGUF's own, 2 bytes each instead of 4, which at batch 1
- *         is an eighth of what a step reads), W[n,k] = q * scale[n,g] + min[n,g].
+ *   int4, in tiles of 16 output rows ("x16"; N a multiple of 16): W[n,k] = q * scale + min.
+ *         qs holds tile t = n / 16, block b = k / 32 in 256 bytes at (t * K/32 + b) * 256,
+ *         as 4 chunks of 64: byte 4r + j of chunk c holds inputs 32b + 4c + j (low nibble)
+ *         and 32b + 16 + 4c + j (high nibble) of row 16t + r. So one 64-byte load is 4
+ *         inputs of 16 rows, each row's 4 codes in one 32-bit lane: an integer dot
+ *         instruction against 4 activation codes broadcast to every lane computes 16
+ *         rows' partial sums at once, and the outputs come out in vector lanes with no
+ *         horizontal sums (what makes a batch of a few activation rows cost little more
+ *         than one; the interleaving is the idea of llama.cpp's repacked Q4 layouts).
+ *         scale and min (N, G) float, or float16 (`half`: a GGUF's own, 2 bytes each
+ *         instead of 4, which at batch 1 is an eighth of what a step reads), tiled the
+ *         same way: the value of (n, g) at (t * G + g) * 16 + n % 16.
  *   int8: q (N, K) int8 in [-127, 127]; scale (N, G) float, W[n,k] = q * scale[n,g].
  * Activations: x (M, K) float; quantize_rows writes xq (M, K) int8, xd (M, K/32) float
  * (the step of each block) and xs (M, K/32) int32 (each block's sum of codes, for min).
@@ -83,23 +91,34 @@ void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *xd,
 
 /* ---- portable bodies ----------------------------------------------------------- */
 
+/* One tile's block b of int4 codes against one block of activation codes a: the 16
+ * rows' integer dots. */
+static inline void tile_block_dots(const uint8_t *p, const int8_t *a, int32_t dot[TILE]) {
+    for (int r = 0; r < TILE; r++) dot[r] = 0;
+    for (int c = 0; c < 4; c++)
+        for (int r = 0; r < TILE; r++)
+            for (int j = 0; j < 4; j++) {
+                const uint8_t v = p[c * 64 + 4 * r + j];
+                dot[r] += (v & 15) * a[4 * c + j] + (v >> 4) * a[QK / 2 + 4 * c + j];
+            }
+}
+
 void int4_rows_c(INT4_BODY_ARGS) {
     const int64_t nb = K / QK, per_group = group / QK, G = K / group;
-    for (int64_t n = n0; n < n1; n++) {
-        const uint8_t *wrow = qs + n * (K / 2);
+    for (int64_t t = n0 / TILE; t < n1 / TILE; t++) {
+        const uint8_t *tile = qs + t * nb * TILE_BYTES;
         for (int64_t m = 0; m < M; m++) {
-            float acc = 0.0f;
+            float acc[TILE] = {0};
             for (int64_t b = 0; b < nb; b++) {
-                const uint8_t *w = wrow + b * (QK / 2);
-                const int8_t *a = xq + m * K + b * QK;
-                int32_t dot = 0;
-                for (int j = 0; j < QK / 2; j++)
-                    dot += (w[j] & 15) * a[j] + (w[j] >> 4) * a[j + QK / 2];
-                const int64_t g = n * G + b / per_group;
-                acc += scale_at(scale, g, half) * xd[m * nb + b] * (float)dot
-                     + scale_at(mins, g, half) * xd[m * nb + b] * (float)xs[m * nb + b];
+                int32_t dot[TILE];
+                tile_block_dots(tile + b * TILE_BYTES, xq + m * K + b * QK, dot);
+                const float d = xd[m * nb + b], ds = d * (float)xs[m * nb + b];
+                const int64_t at = (t * G + b / per_group) * TILE;
+                for (int r = 0; r < TILE; r++)
+                    acc[r] += scale_at(scale, at + r, half) * d * (float)dot[r]
+                            + scale_at(mins, at + r, half) * ds;
             }
-            y[m * N + n] = acc;
+            for (int r = 0; r < TILE; r++) y[m * N + t * TILE + r] = acc[r];
         }
     }
 }
@@ -134,11 +153,11 @@ void f32_rows_c(F32_BODY_ARGS) {
 
 /* ---- entry points: split the output rows across threads ------------------------ */
 
-/* Rows per task: a multiple of 8 (a cache line of float outputs) so threads never
- * write the same line. */
+/* Rows per task: whole int4 tiles, and a multiple of 8 (a cache line of float outputs)
+ * so threads never write the same line. */
 static int64_t chunk_rows(int64_t N, int threads) {
     int64_t c = (N + threads - 1) / threads;
-    return (c + 7) / 8 * 8;
+    return (c + TILE - 1) / TILE * TILE;
 }
 
 /* Every task of an entry point runs body(n0, n1, args...) over its rows, the body of
@@ -238,37 +257,54 @@ static int has_avx512_bf16(void) {
 #endif
 }
 
+/* Row n of an x16 int4 weight in the plain order of GGUF's blocks (16 bytes a block,
+ * byte j holding inputs j and j + 16) and its G scales and mins as floats. */
+static void int4_row_view(const uint8_t *qs, const void *scale, const void *mins, int half,
+                          int64_t n, int64_t K, int64_t G, uint8_t *row, float *s, float *m) {
+    const int64_t nb = K / QK, r = n % TILE;
+    const uint8_t *tile = qs + (n / TILE) * nb * TILE_BYTES;
+    for (int64_t b = 0; b < nb; b++)
+        for (int c = 0; c < 4; c++)
+            memcpy(row + b * (QK / 2) + 4 * c, tile + b * TILE_BYTES + c * 64 + 4 * r, 4);
+    for (int64_t g = 0; g < G; g++) {
+        s[g] = scale_at(scale, tiled_at(n, g, G), half);
+        m[g] = scale_at(mins, tiled_at(n, g, G), half);
+    }
+}
+
 WIDEST_CLONES
 void int4_block_dequantize(const uint8_t *qs, const void *scale, const void *mins, int half,
                            int64_t N, int64_t K, int64_t group, void *w, int bf16,
                            int threads) {
-    const int64_t G = K / group;
+    const int64_t G = K / group, per_group = group / QK;
+#pragma omp parallel num_threads(threads)
+    {
+        uint8_t row[K / 2];          /* one row's view per thread (K / 2 + 8 G bytes) */
+        float s[G], m[G];
+#pragma omp for schedule(static)
+        for (int64_t n = 0; n < N; n++) {
+            int4_row_view(qs, scale, mins, half, n, K, G, row, s, m);
 #if HAVE_X86
-    if (bf16 && has_avx512_bf16()) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t n = 0; n < N; n++)
-            int4_row_to_bf16_avx512(qs + n * (K / 2), scale, mins, half, n * G, group / QK,
-                                    K / QK, (uint16_t *)w + n * K);
-        return;
-    }
-#endif
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t n = 0; n < N; n++) {
-        const uint8_t *row = qs + n * (K / 2);
-        float tmp[CHUNK];
-        for (int64_t k0 = 0; k0 < K; k0 += CHUNK) {
-            const int64_t len = K - k0 < CHUNK ? K - k0 : CHUNK;   /* whole blocks */
-            float *out = run_out(w, n * K + k0, tmp, bf16);
-            for (int64_t b = 0; b < len / QK; b++) {
-                const int64_t g = n * G + (k0 / QK + b) * QK / group;
-                const float s = scale_at(scale, g, half), m = scale_at(mins, g, half);
-                const uint8_t *p = row + (k0 / QK + b) * (QK / 2);
-                for (int j = 0; j < QK / 2; j++) {
-                    out[b * QK + j] = (float)(p[j] & 15) * s + m;
-                    out[b * QK + j + QK / 2] = (float)(p[j] >> 4) * s + m;
-                }
+            if (bf16 && has_avx512_bf16()) {
+                int4_row_to_bf16_avx512(row, s, m, 0, 0, per_group, K / QK,
+                                        (uint16_t *)w + n * K);
+                continue;
             }
-            run_done(w, n * K + k0, len, tmp, bf16);
+#endif
+            float tmp[CHUNK];
+            for (int64_t k0 = 0; k0 < K; k0 += CHUNK) {
+                const int64_t len = K - k0 < CHUNK ? K - k0 : CHUNK;   /* whole blocks */
+                float *out = run_out(w, n * K + k0, tmp, bf16);
+                for (int64_t b = 0; b < len / QK; b++) {
+                    const int64_t g = (k0 / QK + b) / per_group;
+                    const uint8_t *p = row + (k0 / QK + b) * (QK / 2);
+                    for (int j = 0; j < QK / 2; j++) {
+                        out[b * QK + j] = (float)(p[j] & 15) * s[g] + m[g];
+                        out[b * QK + j + QK / 2] = (float)(p[j] >> 4) * s[g] + m[g];
+                    }
+                }
+                run_done(w, n * K + k0, len, tmp, bf16);
+            }
         }
     }
 }

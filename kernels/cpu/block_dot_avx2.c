@@ -20,21 +20,13 @@ static inline __m256 dot_u8s8(__m256i w, __m256i a) {
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
 
-/* Four weight rows by two activation rows at a time: eight independent accumulator
- * chains hide the latency of the multiply-adds (8 of the 16 ymm registers), each
- * weight block is unpacked once for two activation rows and each activation block
- * loaded once for four weight rows. The four weight rows (4 x K/2 bytes) stay in L1
- * while the M activation rows pass over them. */
+/* int8 tiles: four weight rows by two activation rows at a time. Eight independent
+ * accumulator chains hide the latency of the multiply-adds (8 of the 16 ymm
+ * registers), each weight block is loaded once for two activation rows and each
+ * activation block once for four weight rows. The four weight rows (4 x K bytes) stay
+ * in L1 while the M activation rows pass over them. */
 #define NR 4
 #define MR 2   /* activation rows per pass over the four weight rows */
-
-__attribute__((target("avx2,fma")))
-static inline __m256i unpack_nibbles(const uint8_t *p) {
-    const __m128i packed = _mm_loadu_si128((const __m128i *)p);
-    /* inputs 0..15 from the low nibbles, 16..31 from the high ones */
-    const __m256i both = _mm256_set_m128i(_mm_srli_epi16(packed, 4), packed);
-    return _mm256_and_si256(both, _mm256_set1_epi8(15));
-}
 
 /* Eight scales (or mins) from p + i as floats, p float32 or float16 (half). */
 __attribute__((target("avx2,fma,f16c"), always_inline))
@@ -43,121 +35,69 @@ static inline __m256 load8(const void *p, int64_t i, int half) {
                 : _mm256_loadu_ps((const float *)p + i);
 }
 
-__attribute__((target("avx2,fma,f16c"), always_inline))
-static inline float load1(const void *p, int64_t i, int half) {
-    return half ? _cvtsh_ss(((const uint16_t *)p)[i]) : ((const float *)p)[i];
-}
+/* ---- int4, x16 layout (block_dot.c) ----------------------------------------------
+ * A 64-byte chunk is 4 inputs of 16 rows: two registers of 8 rows, each row's 4 codes
+ * in one 32-bit lane. maddubs against 4 activation codes broadcast to every lane gives
+ * each row two int16 partial sums; the eight of a block (4 chunks, low and high
+ * nibbles) add up in int16 without overflow (at most 8 * 2 * 15 * 127 = 30,480), and one
+ * madd by ones turns them into the row's int32 dot. Then one multiply-add by the rows'
+ * scales times the step and one by their mins times step * code sum, per 8 rows. */
+#define X16_MR 2
 
-/* One tile: weight rows n..n+NR-1 against activation rows m0..m0+mr-1. Always inlined
- * with a constant `mr`, so the accumulators live in registers. */
 __attribute__((target("avx2,fma,f16c"), always_inline))
-static inline void int4_tile(int64_t n, int64_t m0, const int mr, const uint8_t *qs,
-                             const void *scale, const void *mins, int half, int64_t G,
-                             int64_t per_group, const int8_t *xq, const float *xd,
-                             const int32_t *xs, int64_t nb, int64_t row_bytes, float *y,
-                             int64_t N) {
-    __m256 acc[NR][MR];
-    float mins_acc[NR][MR];
-    for (int i = 0; i < NR; i++)
-        for (int j = 0; j < mr; j++) { acc[i][j] = _mm256_setzero_ps(); mins_acc[i][j] = 0.0f; }
+static inline void x16_tile(const int mr, int64_t t, int64_t m0, const uint8_t *qs,
+                            const void *scale, const void *mins, int half, int64_t G,
+                            int64_t per_group, const int8_t *xq, const float *xd,
+                            const int32_t *xs, int64_t nb, float *y, int64_t N) {
+    __m256 acc[X16_MR][2];
+    for (int j = 0; j < mr; j++) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+    const __m256i low4 = _mm256_set1_epi8(15), ones = _mm256_set1_epi16(1);
+    const uint8_t *tile = qs + t * nb * TILE_BYTES;
     for (int64_t b = 0; b < nb; b++) {
-        __m256i a[MR];
-        float d[MR], sd[MR];
-        for (int j = 0; j < mr; j++) {
-            const int64_t r = (m0 + j) * nb + b;
-            a[j] = _mm256_loadu_si256((const __m256i *)(xq + r * QK));
-            d[j] = xd[r];
-            sd[j] = xd[r] * (float)xs[r];
-        }
-        for (int i = 0; i < NR; i++) {
-            const uint8_t *p = qs + (n + i) * row_bytes + b * (QK / 2);
-            _mm_prefetch((const char *)p + PREFETCH_BYTES, _MM_HINT_T0);
-            const __m256i w = unpack_nibbles(p);
-            const int64_t g = (n + i) * G + b / per_group;
-            const float s = load1(scale, g, half), mn = load1(mins, g, half);
+        const uint8_t *p = tile + b * TILE_BYTES;
+        for (int l = 0; l < TILE_BYTES; l += 64)
+            _mm_prefetch((const char *)p + PREFETCH_BYTES + l, _MM_HINT_T0);
+        __m256i sum[X16_MR][2];
+        for (int j = 0; j < mr; j++) sum[j][0] = sum[j][1] = _mm256_setzero_si256();
+        for (int c = 0; c < 4; c++)
+            for (int h = 0; h < 2; h++) {        /* rows 0-7, then 8-15 */
+                const __m256i v = _mm256_loadu_si256((const __m256i *)(p + 64 * c + 32 * h));
+                const __m256i lo = _mm256_and_si256(v, low4);
+                const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+                for (int j = 0; j < mr; j++) {
+                    const int32_t *a = (const int32_t *)(xq + ((m0 + j) * nb + b) * QK);
+                    sum[j][h] = _mm256_add_epi16(sum[j][h], _mm256_add_epi16(
+                        _mm256_maddubs_epi16(lo, _mm256_set1_epi32(a[c])),
+                        _mm256_maddubs_epi16(hi, _mm256_set1_epi32(a[4 + c]))));
+                }
+            }
+        const int64_t at = (t * G + b / per_group) * TILE;
+        for (int h = 0; h < 2; h++) {
+            const __m256 s = load8(scale, at + 8 * h, half), mn = load8(mins, at + 8 * h, half);
             for (int j = 0; j < mr; j++) {
-                acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(s * d[j]), dot_u8s8(w, a[j]),
-                                            acc[i][j]);
-                mins_acc[i][j] += mn * sd[j];
+                const int64_t r = (m0 + j) * nb + b;
+                const __m256 dot = _mm256_cvtepi32_ps(_mm256_madd_epi16(sum[j][h], ones));
+                acc[j][h] = _mm256_fmadd_ps(dot, _mm256_mul_ps(s, _mm256_set1_ps(xd[r])),
+                                            acc[j][h]);
+                acc[j][h] = _mm256_fmadd_ps(mn, _mm256_set1_ps(xd[r] * (float)xs[r]), acc[j][h]);
             }
         }
     }
-    for (int i = 0; i < NR; i++)
-        for (int j = 0; j < mr; j++)
-            y[(m0 + j) * N + n + i] = hsum8(acc[i][j]) + mins_acc[i][j];
-}
-
-/* One activation row (batch-1 decode): one weight row at a time, so the whole matrix
- * is read front to back as one stream. Four tiles of rows read four streams at the
- * row stride, which the hardware prefetcher follows poorly once a row is longer than
- * a few cache lines (measured at K = 1536: half the bandwidth of K = 576). Per row, the
- * per-block scalar work (scale times activation step; the min term, one dot product of
- * mins with step * code sum) is done first, eight blocks at a time where each block is
- * its own group (every GGUF), so the inner loop is the unpack, the integer dot and one
- * multiply-add by a loaded broadcast, over four accumulators that hide its latency. At
- * batch 1 the kernel is bound by instructions, not memory, on an AVX2 CPU. */
-__attribute__((target("avx2,fma,f16c")))
-static void int4_row1_avx2(int64_t n0, int64_t n1, const uint8_t *qs, const void *scale,
-                           const void *mins, int half, int64_t G, int64_t per_group,
-                           const int8_t *xq, const float *xd, const int32_t *xs, int64_t nb,
-                           float *y) {
-    float xds[ROW1_MAX_BLOCKS], comb[ROW1_MAX_BLOCKS];
-    for (int64_t b = 0; b < nb; b++) xds[b] = xd[b] * (float)xs[b];
-    for (int64_t n = n0; n < n1; n++) {
-        const uint8_t *row = qs + n * nb * (QK / 2);
-        const int64_t at = n * G;                    /* this row's first scale */
-        __m256 mv = _mm256_setzero_ps();
-        float mtail = 0.0f;
-        int64_t b = 0;
-        if (per_group == 1)
-            for (; b + 8 <= nb; b += 8) {
-                _mm256_storeu_ps(comb + b, _mm256_mul_ps(load8(scale, at + b, half),
-                                                         _mm256_loadu_ps(xd + b)));
-                mv = _mm256_fmadd_ps(load8(mins, at + b, half), _mm256_loadu_ps(xds + b), mv);
-            }
-        for (; b < nb; b++) {
-            comb[b] = load1(scale, at + b / per_group, half) * xd[b];
-            mtail += load1(mins, at + b / per_group, half) * xds[b];
-        }
-        __m256 acc[4] = {mv, _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-        for (b = 0; b + 4 <= nb; b += 4) {
-            _mm_prefetch((const char *)row + b * (QK / 2) + PREFETCH_BYTES, _MM_HINT_T0);
-            for (int u = 0; u < 4; u++) {
-                const __m256i a = _mm256_loadu_si256((const __m256i *)(xq + (b + u) * QK));
-                acc[u] = _mm256_fmadd_ps(_mm256_broadcast_ss(comb + b + u),
-                                         dot_u8s8(unpack_nibbles(row + (b + u) * (QK / 2)), a),
-                                         acc[u]);
-            }
-        }
-        for (; b < nb; b++) {
-            const __m256i a = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
-            acc[0] = _mm256_fmadd_ps(_mm256_broadcast_ss(comb + b),
-                                     dot_u8s8(unpack_nibbles(row + b * (QK / 2)), a), acc[0]);
-        }
-        y[n] = hsum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]),
-                                   _mm256_add_ps(acc[2], acc[3]))) + mtail;
-    }
+    for (int j = 0; j < mr; j++)
+        for (int h = 0; h < 2; h++)
+            _mm256_storeu_ps(y + (m0 + j) * N + t * TILE + 8 * h, acc[j][h]);
 }
 
 __attribute__((target("avx2,fma,f16c")))
 void int4_rows_avx2(INT4_BODY_ARGS) {
-    const int64_t nb = K / QK, per_group = group / QK, row_bytes = K / 2, G = K / group;
-    if (M == 1 && nb <= ROW1_MAX_BLOCKS) {
-        int4_row1_avx2(n0, n1, qs, scale, mins, half, G, per_group, xq, xd, xs, nb, y);
-        return;
-    }
-    int64_t n = n0;
-    for (; n + NR <= n1; n += NR) {
+    const int64_t nb = K / QK, per_group = group / QK, G = K / group;
+    for (int64_t t = n0 / TILE; t < n1 / TILE; t++) {
         int64_t m0 = 0;
-        for (; m0 + MR <= M; m0 += MR)
-            int4_tile(n, m0, MR, qs, scale, mins, half, G, per_group, xq, xd, xs, nb,
-                      row_bytes, y, N);
+        for (; m0 + X16_MR <= M; m0 += X16_MR)
+            x16_tile(X16_MR, t, m0, qs, scale, mins, half, G, per_group, xq, xd, xs, nb, y, N);
         if (m0 < M)
-            int4_tile(n, m0, 1, qs, scale, mins, half, G, per_group, xq, xd, xs, nb,
-                      row_bytes, y, N);
+            x16_tile(1, t, m0, qs, scale, mins, half, G, per_group, xq, xd, xs, nb, y, N);
     }
-    if (n < n1)
-        int4_rows_c(n, n1, qs, scale, mins, half, group, xq, xd, xs, M, K, y, N);
 }
 
 __attribute__((target("avx2,fma"), always_inline))

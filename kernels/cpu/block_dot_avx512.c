@@ -216,13 +216,6 @@ ALWAYS void block_tile(const int bits, int64_t n, int64_t m0, const int mr, cons
         }
 }
 
-ALWAYS void int4_tile(int64_t n, int64_t m0, const int mr, const uint8_t *qs,
-                      const void *scale, const void *mins, int half, int64_t G,
-                      int64_t per_group, const int8_t *xq, const float *xd,
-                      const int32_t *xs, int64_t nb, float *y, int64_t N) {
-    block_tile(4, n, m0, mr, qs, scale, mins, half, G, per_group, xq, xd, xs, nb, y, N);
-}
-
 ALWAYS void int8_tile(int64_t n, int64_t m0, const int mr, const int8_t *q,
                       const float *scale, int64_t G, int64_t per_group, const int8_t *xq,
                       const float *xd, int64_t nb, float *y, int64_t N) {
@@ -246,15 +239,65 @@ ALWAYS void int8_tile(int64_t n, int64_t m0, const int mr, const int8_t *q,
     if (n < n1) rest;                                                                 \
 } while (0)
 
+/* ---- int4, x16 layout (block_dot.c): 16 output rows in the lanes ------------------
+ * Per tile block: four 64-byte loads give 4 inputs of 16 rows each, low and high
+ * nibbles; per activation row, eight vpdpbusd against 4 codes broadcast from memory
+ * make the 16 rows' int32 dots, then one multiply-add by the rows' scales times the
+ * activation's step and one by the rows' mins times step * code sum. The weights are
+ * unpacked once for up to X16_MR activation rows; two dot chains per row (low, high)
+ * hide vpdpbusd's latency at batch 1. */
+#define X16_MR 4
+
+ALWAYS void x16_tile(const int mr, int64_t t, int64_t m0, const uint8_t *qs,
+                     const void *scale, const void *mins, int half, int64_t G,
+                     int64_t per_group, const int8_t *xq, const float *xd, const int32_t *xs,
+                     int64_t nb, int64_t K, float *y, int64_t N) {
+    __m512 acc[X16_MR];
+    for (int j = 0; j < mr; j++) acc[j] = _mm512_setzero_ps();
+    const __m512i low4 = _mm512_set1_epi8(15);
+    const uint8_t *tile = qs + t * nb * TILE_BYTES;
+    for (int64_t b = 0; b < nb; b++) {
+        const uint8_t *p = tile + b * TILE_BYTES;
+        for (int l = 0; l < TILE_BYTES; l += 64)
+            _mm_prefetch((const char *)p + PREFETCH_BYTES + l, _MM_HINT_T0);
+        __m512i lo[4], hi[4];
+        for (int c = 0; c < 4; c++) {
+            const __m512i v = _mm512_loadu_si512(p + 64 * c);
+            lo[c] = _mm512_and_si512(v, low4);
+            hi[c] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        }
+        const int64_t at = (t * G + b / per_group) * TILE;
+        const __m512 s = load16(scale, at, half), mn = load16(mins, at, half);
+        for (int j = 0; j < mr; j++) {
+            const int64_t r = (m0 + j) * nb + b;
+            const int32_t *a = (const int32_t *)(xq + r * QK);   /* 4 codes per int32 */
+            __m512i d0 = _mm512_setzero_si512(), d1 = _mm512_setzero_si512();
+            for (int c = 0; c < 4; c++) {
+                d0 = _mm512_dpbusd_epi32(d0, lo[c], _mm512_set1_epi32(a[c]));
+                d1 = _mm512_dpbusd_epi32(d1, hi[c], _mm512_set1_epi32(a[4 + c]));
+            }
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1)),
+                                     _mm512_mul_ps(s, _mm512_set1_ps(xd[r])), acc[j]);
+            acc[j] = _mm512_fmadd_ps(mn, _mm512_set1_ps(xd[r] * (float)xs[r]), acc[j]);
+        }
+    }
+    for (int j = 0; j < mr; j++) _mm512_storeu_ps(y + (m0 + j) * N + t * TILE, acc[j]);
+}
+
 __attribute__((target(AVX512)))
 void int4_rows_avx512(INT4_BODY_ARGS) {
     const int64_t nb = K / QK, per_group = group / QK, G = K / group;
-    if (M == 1 && nb <= ROW1_MAX_BLOCKS) {
-        block_row1(4, n0, n1, qs, scale, mins, half, G, per_group, xq, xd, xs, nb, y);
-        return;
+    for (int64_t t = n0 / TILE; t < n1 / TILE; t++) {
+        int64_t m0 = 0;
+        for (; m0 + X16_MR <= M; m0 += X16_MR)
+            x16_tile(X16_MR, t, m0, qs, scale, mins, half, G, per_group, xq, xd, xs, nb, K, y, N);
+        switch (M - m0) {
+        case 3: x16_tile(3, t, m0, qs, scale, mins, half, G, per_group, xq, xd, xs, nb, K, y, N); break;
+        case 2: x16_tile(2, t, m0, qs, scale, mins, half, G, per_group, xq, xd, xs, nb, K, y, N); break;
+        case 1: x16_tile(1, t, m0, qs, scale, mins, half, G, per_group, xq, xd, xs, nb, K, y, N); break;
+        default: break;
+        }
     }
-    OVER_TILES(int4_tile, int4_rows_c(n, n1, qs, scale, mins, half, group, xq, xd, xs, M, K, y, N),
-               qs, scale, mins, half, G, per_group, xq, xd, xs, nb, y, N);
 }
 
 __attribute__((target(AVX512)))

@@ -61,14 +61,12 @@ def _gguf_like(w):
 
 @pytest.mark.parametrize("simd", BODIES)
 @pytest.mark.parametrize("half", [False, True])
-# M = 1 takes its own loops (one weight row at a time, blocks four at a time, two per
-# register in AVX-512; with groups of one block, scales and mins 8 or 16 blocks at a
-# time): 320, 576, 800 and 1536 inputs run them with and without tails (an odd last
-# block included), with groups of 1, 2 and 4 blocks. Batches run tiles of 4 weight rows
-# by 2 (AVX2) or 4 (AVX-512) activation rows, with remainders of both.
-@pytest.mark.parametrize("M,N,K,group", [(1, 64, 64, 32), (3, 37, 128, 64), (8, 20, 256, 128),
-                                         (5, 4, 32, 32), (1, 37, 320, 64), (1, 9, 1536, 128),
-                                         (1, 21, 576, 32), (6, 13, 96, 32), (1, 19, 800, 32)])
+# Tiles of 16 weight rows (the x16 layout) by up to 2 (AVX2) or 4 (AVX-512) activation
+# rows, with remainders of both; 320, 576, 800 and 1536 inputs, with groups of 1, 2 and 4
+# blocks; several tiles per thread and one.
+@pytest.mark.parametrize("M,N,K,group", [(1, 64, 64, 32), (3, 48, 128, 64), (8, 32, 256, 128),
+                                         (5, 16, 32, 32), (1, 48, 320, 64), (1, 16, 1536, 128),
+                                         (1, 32, 576, 32), (6, 16, 96, 32), (2, 32, 800, 32)])
 def test_int4_blocks_match_the_dequantized_product(simd, half, M, N, K, group):
     gen = torch.Generator().manual_seed(M * N + K)
     w = quantize_int4(torch.randn(N, K, generator=gen), group)
@@ -130,6 +128,28 @@ def test_bad_shapes_are_refused_by_name():
         bk.int8_mm(torch.zeros(1, 64), q, torch.ones(8, 3), 48)
 
 
+def test_the_x16_layout_puts_each_code_where_block_dot_c_says():
+    """block_dot.c's layout, element by element: code (n, k) is nibble k // 16 % 2 of
+    byte (t * K/32 + b) * 256 + c * 64 + 4 r + j, for n = 16 t + r, k = 32 b + 16 h + 4 c + j;
+    scale (n, g) at (t * G + g) * 16 + r."""
+    N, K, group = 32, 128, 64
+    w = quantize_int4(torch.randn(N, K, generator=torch.Generator().manual_seed(8)), group)
+    b = pack_blocks(w, torch.float32)
+    flat, scales = b["qweight"].reshape(-1), b["scale"].reshape(-1)
+    G = K // group
+    for n, k in [(0, 0), (0, 17), (5, 3), (15, 31), (16, 32), (21, 70), (31, 127)]:
+        t, r, blk, h, c, j = n // 16, n % 16, k // 32, k % 32 // 16, k % 16 // 4, k % 4
+        byte = int(flat[(t * (K // 32) + blk) * 256 + c * 64 + 4 * r + j])
+        assert (byte >> (4 * h)) & 15 == int(w.q[n, k]), (n, k)
+        assert scales[(t * G + k // group) * 16 + r] == w.scale[n, k // group].float()
+
+
+def test_int4_rows_must_fill_whole_tiles():
+    w = quantize_int4(torch.randn(24, 64, generator=torch.Generator().manual_seed(9)), 32)
+    with pytest.raises(ValueError, match="out_features divisible by 16, got 24"):
+        pack_blocks(w, torch.float32)
+
+
 def test_the_kernels_build_here():
     """Every machine the suite runs on has a C compiler; without one the CPU models fall
     back to torch's ops, which is correct but slow, so a missing build must not pass
@@ -139,11 +159,12 @@ def test_the_kernels_build_here():
 
 def test_dequantization_is_exact():
     """The prefill path's weights: the C dequantization equals torch's, bit for bit."""
-    w = quantize_int4(torch.randn(40, 128, generator=torch.Generator().manual_seed(6)), 64)
+    w = quantize_int4(torch.randn(48, 128, generator=torch.Generator().manual_seed(6)), 64)
     b = pack_blocks(w, torch.float32)
+    _, scale, mins = unpack_blocks(b)                                       # row order
     assert torch.equal(bk.int4_dequantize(b["qweight"], b["scale"], b["min"], 64),
-                       w.q.float() * b["scale"].repeat_interleave(64, 1)
-                       + b["min"].repeat_interleave(64, 1))
+                       w.q.float() * scale.repeat_interleave(64, 1)
+                       + mins.repeat_interleave(64, 1))
     q = torch.randint(-128, 128, (12, 96), dtype=torch.int8)
     scale = torch.rand(12, 3)
     assert torch.equal(bk.int8_dequantize(q, scale, 32),
@@ -155,7 +176,7 @@ def test_bf16_dequantization_is_the_exact_weight_rounded_to_nearest(half, group)
     """The bf16 prefill's weights (on an AVX512_BF16 CPU, the hardware's conversion):
     torch's own float32 -> bfloat16 rounding of the exact dequantization, bit for bit
     (ties to even included), with float32 or a GGUF's float16 scales."""
-    w = quantize_int4(torch.randn(24, 96 if group == 32 else 128,
+    w = quantize_int4(torch.randn(32, 96 if group == 32 else 128,
                                   generator=torch.Generator().manual_seed(7)), group)
     if half:
         w = _gguf_like(w)

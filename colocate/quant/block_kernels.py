@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from colocate.quant.row_tiles import check_tiles
+
 log = logging.getLogger(__name__)
 
 BLOCK = 32
@@ -98,8 +100,8 @@ def _library() -> ctypes.CDLL | None:
     lib.int4_block_mm.argtypes = [_PTR, _PTR, _PTR, _INT, _I64, _I64, _I64, _PTR, _PTR, _PTR,
                                   _I64, _PTR, _INT, _INT]
     lib.int4_block_mm.restype = None
-    lib.int8_block_mm.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _I64, _PTR, _INT,
-                                  _INT]
+    lib.int8_block_mm.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR,
+                                  _INT, _INT]
     lib.int4_block_dequantize.argtypes = [_PTR, _PTR, _PTR, _INT, _I64, _I64, _I64, _PTR, _INT,
                                           _INT]
     lib.int8_block_dequantize.argtypes = [_PTR, _PTR, _I64, _I64, _I64, _PTR, _INT, _INT]
@@ -162,15 +164,6 @@ def _check(x: torch.Tensor, K: int, group: int) -> None:
                          f"dividing K")
 
 
-TILE = 16   # int4 output rows per tile of the x16 layout (int4_layouts.pack_blocks)
-
-
-def _check_tiles(N: int) -> None:
-    if N % TILE:
-        raise ValueError(f"int4 weights in the blocks layout come in tiles of {TILE} rows, "
-                         f"got {N}")
-
-
 SCALE_DTYPES = (torch.float32, torch.float16)
 
 
@@ -193,7 +186,7 @@ def int4_mm(x: torch.Tensor, qs: torch.Tensor, scale: torch.Tensor, mins: torch.
     W = q * scale + min."""
     N, K = qs.shape[0], qs.shape[1] * 2
     _check(x, K, group)
-    _check_tiles(N)
+    check_tiles(N, K, "int4")
     half = half_scales(scale, mins)
     xq, xd, xs = quantize_activations(x)
     y = torch.empty(x.shape[0], N, dtype=torch.float32)
@@ -205,14 +198,17 @@ def int4_mm(x: torch.Tensor, qs: torch.Tensor, scale: torch.Tensor, mins: torch.
 
 def int8_mm(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, group: int,
             simd: int | None = None) -> torch.Tensor:
-    """x (M, K) float32; q (N, K) int8 in [-127, 127]; scale (N, K/group) float32
-    (group = K: one scale per row) -> (M, N) float32."""
+    """x (M, K) float32; q (N, K) int8 in [-127, 127] (GGUF's -128 too) and scale
+    (N, K/group) float32 (group = K: one scale per row), both in the x16 tile order
+    (row_tiles.pack_int8, row_tiles.tiled) -> (M, N) float32."""
     N, K = q.shape
     _check(x, K, group)
-    xq, xd, _ = quantize_activations(x)
+    check_tiles(N, K, "int8")
+    xq, xd, xs = quantize_activations(x)
     y = torch.empty(x.shape[0], N, dtype=torch.float32)
     _library().int8_block_mm(_ptr(q), _ptr(scale), N, K, group, _ptr(xq), _ptr(xd),
-                             x.shape[0], _ptr(y), _body(simd), torch.get_num_threads())
+                             _ptr(xs), x.shape[0], _ptr(y), _body(simd),
+                             torch.get_num_threads())
     return y
 
 
@@ -230,7 +226,7 @@ def int4_dequantize(qs: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor,
     """The (N, K) weight of int4_mm's operands, q * scale + min: exactly in float32, or
     that rounded to nearest bfloat16."""
     N, K = qs.shape[0], qs.shape[1] * 2
-    _check_tiles(N)
+    check_tiles(N, K, "int4")
     half = half_scales(scale, mins)
     w = _dequantized(N, K, dtype)
     _library().int4_block_dequantize(_ptr(qs), _ptr(scale), _ptr(mins), int(half), N, K, group,
@@ -241,11 +237,13 @@ def int4_dequantize(qs: torch.Tensor, scale: torch.Tensor, mins: torch.Tensor,
 
 def int8_dequantize(q: torch.Tensor, scale: torch.Tensor, group: int,
                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """The (N, K) weight of int8_mm's operands, q * scale (float32 exactly, or bfloat16)."""
+    """The (N, K) weight of int8_mm's operands (x16 order in, row order out), q * scale:
+    float32 exactly, or bfloat16."""
     N, K = q.shape
     if K % BLOCK or group % BLOCK or K % group:
         raise ValueError(f"K={K} and group={group} must be multiples of {BLOCK}, group "
                          f"dividing K")
+    check_tiles(N, K, "int8")
     w = _dequantized(N, K, dtype)
     _library().int8_block_dequantize(_ptr(q), _ptr(scale), N, K, group, _ptr(w),
                                      int(dtype == torch.bfloat16), torch.get_num_threads())

@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from colocate.quant import cpu_ops
+from colocate.quant.row_tiles import INT8_LAYOUTS
 
 METHODS = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128)
@@ -38,10 +39,14 @@ class QuantConfig:
     # embedding kept as stored (CPU), which a decode step then reads at 1.1 bytes per
     # weight instead of the model dtype's (quant/gguf_loading.py).
     q8_lm_head: bool = False
+    # Every int8 linear's layout (row_tiles.INT8_LAYOUTS), the output head's included:
+    # "x16" for the CPU block-dot kernels, chosen per device like the int4 layout.
+    int8_layout: str = "rows"
 
     def __post_init__(self) -> None:
         _check_choice("quantization", self.method, METHODS, "None or one of ")
         _check_choice("quantization source", self.source, SOURCES)
+        _check_choice("int8 layout", self.int8_layout, INT8_LAYOUTS)
         if self.method == "int4":
             _check_choice("int4 quant_group_size", self.group_size, GROUP_SIZES)
             _check_choice("int4 layout", self.layout, INT4_LAYOUTS)
@@ -66,13 +71,16 @@ class QuantConfig:
         """
         if method is None:
             return None
+        cuda = str(device).startswith("cuda")
+        int8_layout = "rows" if cuda else cpu_ops.int8_layout()
         if method != "int4":
-            return (cls(method=method) if source != "gguf" else
-                    cls(method=method, group_size=group_size, source=source, exact_scales=True))
-        layout = "kn" if str(device).startswith("cuda") else cpu_ops.int4_layout()
+            return (cls(method=method, int8_layout=int8_layout) if source != "gguf" else
+                    cls(method=method, group_size=group_size, source=source, exact_scales=True,
+                        int8_layout=int8_layout))
         return cls(method="int4", group_size=128 if group_size is None else group_size,
-                   source=source, layout=layout, act_order=act_order,
-                   exact_scales=source == "gguf")
+                   source=source, layout="kn" if cuda else cpu_ops.int4_layout(),
+                   act_order=act_order, exact_scales=source == "gguf",
+                   int8_layout=int8_layout)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

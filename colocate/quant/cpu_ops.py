@@ -1,7 +1,8 @@
 """int8 / int4 matmuls on CPU: the block-dot kernels where they build, else torch's ops.
 
-Where a C compiler is present (block_kernels.available()), every CPU int8 linear and
-every int4 linear in the "blocks" layout runs kernels/cpu/block_dot.c: activations are
+Where a C compiler is present (block_kernels.available()), every CPU int8 linear in
+the "x16" layout and every int4 linear in the "blocks" layout runs
+kernels/cpu/block_dot.c (both tile 16 output rows, row_tiles.py): activations are
 quantized to int8 per block of 32 inputs and multiplied by integer dot products, as
 llama.cpp does (a prefill chunk of more than PREFILL_ROWS rows instead dequantizes the
 weight exactly and multiplies in float32). Measured on the AVX2 box (1 thread, minimum
@@ -99,16 +100,32 @@ def _ones(n: int) -> torch.Tensor:
         return torch.ones(n, dtype=COMPUTE_DTYPE)
 
 
-def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x (M, K), qweight (N, K) int8, scale (N,) or (N, K/g) -> (M, N) in x's dtype."""
+def int8_layout() -> str:
+    """The int8 layout a CPU model is packed in, here and now (Int8Linear.layout_for
+    keeps rows for a shape the tiles do not fit)."""
+    return "x16" if block_kernels_on() else "rows"
+
+
+def int8_x16_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (M, K); qweight (N, K) int8 and scale (N,) or (N, K/g), in the x16 tile order
+    (the block-dot kernels') -> (M, N) in x's dtype."""
+    if not block_kernels.available():
+        raise RuntimeError("an int8 model packed in the x16 layout needs the CPU block "
+                           "kernels, which did not build here (see the log); reload it "
+                           f"with {BACKEND_ENV}=torch")
     N, K = qweight.shape
-    if block_kernels_on() and K % block_kernels.BLOCK == 0:
-        s = scale.float().reshape(N, -1)                                        # (N, G)
-        if _prefill(x.shape[0], N, K):
-            w = block_kernels.int8_dequantize(qweight, s, K // s.shape[1],
-                                              cpu_features.prefill_dtype())      # (N, K)
-            return _dequantized_product(x, w)
-        return block_kernels.int8_mm(x.float(), qweight, s, K // s.shape[1]).to(x.dtype)
+    s = scale.float().reshape(N, -1)                                            # (N, G)
+    if _prefill(x.shape[0], N, K):
+        w = block_kernels.int8_dequantize(qweight, s, K // s.shape[1],
+                                          cpu_features.prefill_dtype())          # (N, K)
+        return _dequantized_product(x, w)
+    return block_kernels.int8_mm(x.float(), qweight, s, K // s.shape[1]).to(x.dtype)
+
+
+def int8_mm(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x (M, K), qweight (N, K) int8 in row order, scale (N,) or (N, K/g) -> (M, N) in
+    x's dtype: torch's ops (the x16 layout takes int8_x16_mm)."""
+    N, K = qweight.shape
     if scale.dim() == 2:                   # grouped (GGUF Q8_0): no torch op takes it
         scale = scale.float().repeat_interleave(K // scale.shape[1], dim=1)     # (N, K)
         return torch.nn.functional.linear(x, (qweight.float() * scale).to(x.dtype))

@@ -123,7 +123,8 @@ def read_gguf_state(config: LlamaConfig, dtype: torch.dtype,
             _add_native_linears(state, tensors, config, dtype, qc, bar)
     if native and qc.q8_lm_head:
         head = gguf.int8_weight(tensors["model.embed_tokens.weight"])
-        state.update({f"lm_head.{k}": v for k, v in Int8Linear.buffers_for(head, dtype).items()})
+        buffers = Int8Linear.buffers_for(head, dtype, qc.int8_layout)
+        state.update({f"lm_head.{k}": v for k, v in buffers.items()})
     if qc is None or native:
         return state
     from colocate.quant.handler import quantize_state_dict
@@ -144,7 +145,7 @@ def _add_native_linears(state: dict[str, torch.Tensor], tensors: dict, config: L
                 buffers = Int4Linear.buffers_for(concat_int4(weights), dtype, qc.layout,
                                                  act_order=False, exact_scales=True)
             else:
-                buffers = Int8Linear.buffers_for(concat_int8(weights), dtype)
+                buffers = Int8Linear.buffers_for(concat_int8(weights), dtype, qc.int8_layout)
             state.update({f"{base}{fused}.{k}": v for k, v in buffers.items()})
             bar.advance(len(parts), nbytes=sum(info.data.nbytes for info in infos))
 

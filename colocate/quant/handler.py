@@ -30,7 +30,8 @@ def is_quantized_linear(module_name: str) -> bool:
 def make_linear(qc: QuantConfig, in_features: int, out_features: int, bias: bool,
                 dtype: torch.dtype) -> nn.Module:
     if qc.method == "int8":
-        return Int8Linear(in_features, out_features, bias, dtype, qc.group_size)
+        return Int8Linear(in_features, out_features, bias, dtype, qc.group_size,
+                          qc.int8_layout)
     return Int4Linear(in_features, out_features, bias, dtype, qc.group_size, qc.layout,
                       qc.act_order, qc.exact_scales)
 
@@ -50,7 +51,8 @@ def quantize_weight(qc: QuantConfig, w: torch.Tensor,
                     dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """One (N, K) float weight -> the buffers of its quantized module (round to nearest)."""
     if qc.method == "int8":
-        return Int8Linear.buffers_for(quantize_int8(w, scale_dtype=dtype), dtype)
+        return Int8Linear.buffers_for(quantize_int8(w, scale_dtype=dtype), dtype,
+                                      qc.int8_layout)
     # The CPU op keeps scales in bf16: quantize against the bf16 scale it will use.
     scale_dtype = TINYGEMM_DTYPE if qc.layout == "tinygemm" else dtype
     return Int4Linear.buffers_for(quantize_int4(w, qc.group_size, scale_dtype), dtype,

@@ -31,6 +31,7 @@ import functools
 import torch
 
 from colocate.quant.qtensors import Int4Weight
+from colocate.quant.row_tiles import TILE, check_tiles, tiled, untiled
 
 Buffers = dict[str, torch.Tensor]
 
@@ -140,26 +141,11 @@ def empty_tinygemm(N: int, K: int, group_size: int, dtype: torch.dtype,
 BLOCK = 32
 
 
-TILE = 16
-
-
 def _check_blocks(N: int, K: int, group_size: int) -> None:
     if K % BLOCK or group_size % BLOCK:
         raise ValueError(f"the blocks layout needs K and the group size in multiples of "
                          f"{BLOCK}, got K={K}, group {group_size}")
-    if N % TILE:
-        raise ValueError(f"int4 on CPU needs out_features divisible by {TILE}, got {N}")
-
-
-def _tiled(t: torch.Tensor) -> torch.Tensor:
-    """(N, G) per-row values -> (N, G) in the x16 order: (N/16, G, 16) flattened."""
-    N, G = t.shape
-    return t.view(N // TILE, TILE, G).transpose(1, 2).reshape(N, G)
-
-
-def _untiled(t: torch.Tensor) -> torch.Tensor:
-    N, G = t.shape
-    return t.view(N // TILE, G, TILE).transpose(1, 2).reshape(N, G)
+    check_tiles(N, K, "int4")
 
 
 def pack_blocks(w: Int4Weight, dtype: torch.dtype, exact_scales: bool = False) -> Buffers:
@@ -175,8 +161,8 @@ def pack_blocks(w: Int4Weight, dtype: torch.dtype, exact_scales: bool = False) -
     mins = w.min.float() if w.min is not None else -w.zero.float() * scale   # (N, G)
     if exact_scales:
         scale, mins = _exact_half(scale, "scale"), _exact_half(mins, "min")
-    return {"qweight": qweight.contiguous(), "scale": _tiled(scale).contiguous(),
-            "min": _tiled(mins).contiguous()}
+    return {"qweight": qweight.contiguous(), "scale": tiled(scale).contiguous(),
+            "min": tiled(mins).contiguous()}
 
 
 def _exact_half(t: torch.Tensor, what: str) -> torch.Tensor:
@@ -193,7 +179,7 @@ def unpack_blocks(buffers: Buffers) -> tuple[torch.Tensor, torch.Tensor, torch.T
     tiles = p.view(N // TILE, half * 2 // BLOCK, 4, TILE, 4)                 # (T, b, c, r, j)
     nibbles = torch.stack([tiles & 15, tiles >> 4], dim=3)                   # (T, b, c, h, r, j)
     q = nibbles.permute(0, 4, 1, 3, 2, 5).reshape(N, half * 2)               # (T, r, b, h, c, j)
-    return q, _untiled(buffers["scale"].float()), _untiled(buffers["min"].float())
+    return q, untiled(buffers["scale"].float()), untiled(buffers["min"].float())
 
 
 def empty_blocks(N: int, K: int, group_size: int, dtype: torch.dtype,

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from colocate.quant import cpu_ops, int4_layouts
+from colocate.quant import cpu_ops, int4_layouts, row_tiles
 from colocate.quant.qtensors import Int4Weight, Int8Weight
 
 
@@ -51,25 +51,51 @@ class _WeightOnlyLinear(nn.Module):
 class Int8Linear(_WeightOnlyLinear):
     """qweight (N, K) int8 and scale (N,) in the model dtype; with group_size (GGUF Q8_0,
     32) scale is (N, K / g) in float32, so fp16 scales stay exact (on CPU the block-dot
-    kernel takes them as they are; elsewhere the matmul runs on the dequantized weight)."""
+    kernel takes them as they are; elsewhere the matmul runs on the dequantized weight).
+
+    layout (row_tiles.INT8_LAYOUTS): "rows", qweight as torch's ops and CUDA read it, or
+    "x16", qweight and scale in the CPU block-dot kernels' tile order; a shape the tiles
+    do not fit (out_features not a multiple of 16, in_features of 32) stays in rows."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = False,
-                 dtype: torch.dtype = torch.float32, group_size: int | None = None):
+                 dtype: torch.dtype = torch.float32, group_size: int | None = None,
+                 layout: str = "rows"):
         super().__init__(in_features, out_features, bias, dtype)
         if group_size is not None and in_features % group_size:
             raise ValueError(f"int8 group size {group_size} does not divide the layer's "
                              f"input size {in_features}")
         self.group_size = group_size
+        self.layout = self.layout_for(layout, out_features, in_features)
         self.register_buffer("qweight", torch.empty(out_features, in_features, dtype=torch.int8))
         self.register_buffer("scale", torch.empty(out_features, dtype=dtype) if group_size is None
                              else torch.empty(out_features, in_features // group_size))
 
     @staticmethod
-    def buffers_for(w: Int8Weight, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    def layout_for(wanted: str, N: int, K: int) -> str:
+        if wanted not in row_tiles.INT8_LAYOUTS:
+            raise ValueError(f"int8 layout {wanted!r}: expected one of "
+                             f"{list(row_tiles.INT8_LAYOUTS)}")
+        return "x16" if wanted == "x16" and row_tiles.fits(N, K) else "rows"
+
+    @classmethod
+    def buffers_for(cls, w: Int8Weight, dtype: torch.dtype,
+                    layout: str = "rows") -> dict[str, torch.Tensor]:
         scale = w.scale.to(dtype) if w.group_size is None else w.scale.float().contiguous()
-        return {"qweight": w.q.contiguous(), "scale": scale}
+        q = w.q.contiguous()
+        if cls.layout_for(layout, *q.shape) == "x16":
+            q = row_tiles.pack_int8(q)
+            scale = row_tiles.tiled(scale.reshape(q.shape[0], -1)).reshape(scale.shape)
+        return {"qweight": q, "scale": scale.contiguous()}
+
+    def _row_order(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.layout == "rows":
+            return self.qweight, self.scale
+        scale = row_tiles.untiled(self.scale.reshape(self.out_features, -1))
+        return row_tiles.unpack_int8(self.qweight), scale.reshape(self.scale.shape)
 
     def _matmul(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "x16":
+            return cpu_ops.int8_x16_mm(x, self.qweight, self.scale)
         if not x.is_cuda:
             return cpu_ops.int8_mm(x, self.qweight, self.scale)
         if self.group_size is not None:
@@ -79,7 +105,7 @@ class Int8Linear(_WeightOnlyLinear):
         return w8a16_matmul(x.contiguous(), self.qweight, self.scale)
 
     def dequantize(self) -> torch.Tensor:
-        return Int8Weight(self.qweight, self.scale).dequantize()
+        return Int8Weight(*self._row_order()).dequantize()
 
 
 class Int4Linear(_WeightOnlyLinear):

@@ -50,7 +50,7 @@ def build_model(config: LlamaConfig, qc: QuantConfig | None,
             swap_linears(model, qc, dtype)
             if qc.q8_lm_head:
                 model.lm_head = Int8Linear(config.hidden_size, config.vocab_size, False, dtype,
-                                           group_size=32)
+                                           group_size=32, layout=qc.int8_layout)
     return model
 
 

@@ -67,7 +67,8 @@ def _qlinear(module) -> tuple[_QLinear, list[torch.Tensor]] | None:
         return None
     elif isinstance(module, Int4Linear) and module.layout == "blocks" and module.perm is None:
         held, bits = [module.qweight, module.scale, module.min], 4
-    elif isinstance(module, Int8Linear) and module.scale.dtype == torch.float32:
+    elif (isinstance(module, Int8Linear) and module.layout == "x16"
+          and module.scale.dtype == torch.float32):
         held, bits = [module.qweight, module.scale], 8
     else:
         return None

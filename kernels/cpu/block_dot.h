@@ -17,9 +17,9 @@
 #endif
 
 #define QK 32                  /* inputs per block: one activation step, one weight scale */
-#define TILE 16                /* output rows per tile of the int4 x16 layout */
+#define TILE 16                /* output rows per tile of the x16 layouts */
 #define TILE_BYTES (TILE * QK / 2)   /* one tile's block of int4 codes */
-#define ROW1_MAX_BLOCKS 512    /* batch-1 loops keep per-row values of this many blocks */
+#define TILE8_BYTES (TILE * QK)      /* one tile's block of int8 codes */
 /* How far ahead of its reads a weight stream prefetches, in bytes. A decode step
  * streams every weight once from memory, and at batch 1 the hardware prefetcher alone
  * left the SmolLM2 step (1 thread, AVX-512 Xeon) at about half the read bandwidth a
@@ -37,7 +37,7 @@ static inline float scale_at(const void *p, int64_t i, int half) {
     return half ? half_to_float(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-/* Where an int4 scale (or min) of row n, group g sits in the x16 layout (G groups). */
+/* Where a scale (or int4 min) of row n, group g sits in the x16 layout (G groups). */
 static inline int64_t tiled_at(int64_t n, int64_t g, int64_t G) {
     return ((n / TILE) * G + g) * TILE + n % TILE;
 }
@@ -48,20 +48,21 @@ void int4_block_mm(const uint8_t *qs, const void *scale, const void *mins, int h
                    int64_t K, int64_t group, const int8_t *xq, const float *xd,
                    const int32_t *xs, int64_t M, float *y, int simd, int threads);
 void int8_block_mm(const int8_t *q, const float *scale, int64_t N, int64_t K, int64_t group,
-                   const int8_t *xq, const float *xd, int64_t M, float *y, int simd,
+                   const int8_t *xq, const float *xd, const int32_t *xs, int64_t M, float *y,
+                   int simd,
                    int threads);
 void f32_mm(const float *w, int64_t N, int64_t K, const float *x, int64_t M, float *y,
             int simd, int threads);
 
-/* Bodies over output rows [n0, n1) of y (M, N), for int4 whole tiles of TILE rows: portable C (block_dot.c), AVX2 + FMA +
+/* Bodies over output rows [n0, n1) of y (M, N), whole tiles of TILE rows: portable C (block_dot.c), AVX2 + FMA +
  * F16C (block_dot_avx2.c) and AVX-512 with VNNI (block_dot_avx512.c). One signature per
  * kernel, so the entry points pick a body with one switch. */
 #define INT4_BODY_ARGS int64_t n0, int64_t n1, const uint8_t *qs, const void *scale, \
     const void *mins, int half, int64_t group, const int8_t *xq, const float *xd,   \
     const int32_t *xs, int64_t M, int64_t K, float *y, int64_t N
 #define INT8_BODY_ARGS int64_t n0, int64_t n1, const int8_t *q, const float *scale, \
-    int64_t group, const int8_t *xq, const float *xd, int64_t M, int64_t K, float *y, \
-    int64_t N
+    int64_t group, const int8_t *xq, const float *xd, const int32_t *xs, int64_t M,    \
+    int64_t K, float *y, int64_t N
 #define F32_BODY_ARGS int64_t n0, int64_t n1, const float *w, int64_t K, const float *x, \
     int64_t M, float *y, int64_t N
 

@@ -13,21 +13,6 @@ static inline float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* 32 unsigned weight codes (u8) times 32 signed activation codes -> 8 int32 as floats. */
-__attribute__((target("avx2,fma")))
-static inline __m256 dot_u8s8(__m256i w, __m256i a) {
-    const __m256i pairs = _mm256_maddubs_epi16(w, a);        /* 16 x int16, no overflow: 15*127*2 or 127*127*2 */
-    return _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-}
-
-/* int8 tiles: four weight rows by two activation rows at a time. Eight independent
- * accumulator chains hide the latency of the multiply-adds (8 of the 16 ymm
- * registers), each weight block is loaded once for two activation rows and each
- * activation block once for four weight rows. The four weight rows (4 x K bytes) stay
- * in L1 while the M activation rows pass over them. */
-#define NR 4
-#define MR 2   /* activation rows per pass over the four weight rows */
-
 /* Eight scales (or mins) from p + i as floats, p float32 or float16 (half). */
 __attribute__((target("avx2,fma,f16c"), always_inline))
 static inline __m256 load8(const void *p, int64_t i, int half) {
@@ -100,87 +85,62 @@ void int4_rows_avx2(INT4_BODY_ARGS) {
     }
 }
 
+/* ---- int8, x16 layout ------------------------------------------------------------
+ * Eight chunks of 4 inputs a block, 8 rows a register. maddubs wants one unsigned
+ * operand and sums pairs in int16: |q| times the activation codes with q's sign (at most
+ * 2 * 127 * 127 = 32,258, so one chunk's pair sums fit, two would not), widened to int32
+ * by madd per chunk. */
 __attribute__((target("avx2,fma"), always_inline))
-static inline void int8_tile(int64_t n, int64_t m0, const int mr, const int8_t *q,
+static inline void x16_tile8(const int mr, int64_t t, int64_t m0, const int8_t *q,
                              const float *scale, int64_t G, int64_t per_group,
-                             const int8_t *xq, const float *xd, int64_t nb, int64_t K,
-                             float *y, int64_t N) {
-    __m256 acc[NR][MR];
-    for (int i = 0; i < NR; i++)
-        for (int j = 0; j < mr; j++) acc[i][j] = _mm256_setzero_ps();
+                             const int8_t *xq, const float *xd, int64_t nb, float *y,
+                             int64_t N) {
+    __m256 acc[X16_MR][2];
+    for (int j = 0; j < mr; j++) acc[j][0] = acc[j][1] = _mm256_setzero_ps();
+    const __m256i ones = _mm256_set1_epi16(1);
+    const int8_t *tile = q + t * nb * TILE8_BYTES;
     for (int64_t b = 0; b < nb; b++) {
-        __m256i a[MR];
-        float d[MR];
-        for (int j = 0; j < mr; j++) {
-            const int64_t r = (m0 + j) * nb + b;
-            a[j] = _mm256_loadu_si256((const __m256i *)(xq + r * QK));
-            d[j] = xd[r];
-        }
-        for (int i = 0; i < NR; i++) {
-            const int8_t *p = q + (n + i) * K + b * QK;
-            _mm_prefetch((const char *)p + PREFETCH_BYTES, _MM_HINT_T0);
-            const __m256i w = _mm256_loadu_si256((const __m256i *)p);
-            /* s8 x s8 through the u8 x s8 instruction: |w| times a with w's sign */
-            const __m256i wabs = _mm256_sign_epi8(w, w);
-            const float ws = scale[(n + i) * G + b / per_group];
+        const int8_t *p = tile + b * TILE8_BYTES;
+        for (int l = 0; l < TILE8_BYTES; l += 64)
+            _mm_prefetch((const char *)p + PREFETCH_BYTES + l, _MM_HINT_T0);
+        __m256i sum[X16_MR][2];
+        for (int j = 0; j < mr; j++) sum[j][0] = sum[j][1] = _mm256_setzero_si256();
+        for (int c = 0; c < 8; c++)
+            for (int h = 0; h < 2; h++) {        /* rows 0-7, then 8-15 */
+                const __m256i w = _mm256_loadu_si256((const __m256i *)(p + 64 * c + 32 * h));
+                const __m256i wabs = _mm256_sign_epi8(w, w);
+                for (int j = 0; j < mr; j++) {
+                    const int32_t *a = (const int32_t *)(xq + ((m0 + j) * nb + b) * QK);
+                    const __m256i pairs = _mm256_maddubs_epi16(
+                        wabs, _mm256_sign_epi8(_mm256_set1_epi32(a[c]), w));
+                    sum[j][h] = _mm256_add_epi32(sum[j][h], _mm256_madd_epi16(pairs, ones));
+                }
+            }
+        const int64_t at = (t * G + b / per_group) * TILE;
+        for (int h = 0; h < 2; h++) {
+            const __m256 s = _mm256_loadu_ps(scale + at + 8 * h);
             for (int j = 0; j < mr; j++)
-                acc[i][j] = _mm256_fmadd_ps(_mm256_set1_ps(ws * d[j]),
-                                            dot_u8s8(wabs, _mm256_sign_epi8(a[j], w)), acc[i][j]);
+                acc[j][h] = _mm256_fmadd_ps(
+                    _mm256_cvtepi32_ps(sum[j][h]),
+                    _mm256_mul_ps(s, _mm256_set1_ps(xd[(m0 + j) * nb + b])), acc[j][h]);
         }
     }
-    for (int i = 0; i < NR; i++)
-        for (int j = 0; j < mr; j++) y[(m0 + j) * N + n + i] = hsum8(acc[i][j]);
-}
-
-/* One activation row of int8 (the output head at batch 1): a row at a time, its scales
- * times the activation steps first, as int4_row1_avx2 does. */
-__attribute__((target("avx2,fma")))
-static void int8_row1_avx2(int64_t n0, int64_t n1, const int8_t *q, const float *scale,
-                           int64_t G, int64_t per_group, const int8_t *xq, const float *xd,
-                           int64_t nb, float *y) {
-    float comb[ROW1_MAX_BLOCKS];
-    for (int64_t n = n0; n < n1; n++) {
-        const int8_t *row = q + n * nb * QK;
-        const float *sc = scale + n * G;
-        int64_t b = 0;
-        if (per_group == 1)
-            for (; b + 8 <= nb; b += 8)
-                _mm256_storeu_ps(comb + b, _mm256_mul_ps(_mm256_loadu_ps(sc + b),
-                                                         _mm256_loadu_ps(xd + b)));
-        for (; b < nb; b++) comb[b] = sc[b / per_group] * xd[b];
-        __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(),
-                         _mm256_setzero_ps()};
-        for (b = 0; b < nb; b++) {
-            _mm_prefetch((const char *)row + b * QK + PREFETCH_BYTES, _MM_HINT_T0);
-            const __m256i w = _mm256_loadu_si256((const __m256i *)(row + b * QK));
-            const __m256i a = _mm256_loadu_si256((const __m256i *)(xq + b * QK));
-            /* s8 x s8 through the u8 x s8 instruction: |w| times a with w's sign */
-            acc[b & 3] = _mm256_fmadd_ps(_mm256_broadcast_ss(comb + b),
-                                         dot_u8s8(_mm256_sign_epi8(w, w), _mm256_sign_epi8(a, w)),
-                                         acc[b & 3]);
-        }
-        y[n] = hsum8(_mm256_add_ps(_mm256_add_ps(acc[0], acc[1]),
-                                   _mm256_add_ps(acc[2], acc[3])));
-    }
+    for (int j = 0; j < mr; j++)
+        for (int h = 0; h < 2; h++)
+            _mm256_storeu_ps(y + (m0 + j) * N + t * TILE + 8 * h, acc[j][h]);
 }
 
 __attribute__((target("avx2,fma")))
 void int8_rows_avx2(INT8_BODY_ARGS) {
     const int64_t nb = K / QK, per_group = group / QK, G = K / group;
-    if (M == 1 && nb <= ROW1_MAX_BLOCKS) {
-        int8_row1_avx2(n0, n1, q, scale, G, per_group, xq, xd, nb, y);
-        return;
-    }
-    int64_t n = n0;
-    for (; n + NR <= n1; n += NR) {
+    (void)xs;
+    for (int64_t t = n0 / TILE; t < n1 / TILE; t++) {
         int64_t m0 = 0;
-        for (; m0 + MR <= M; m0 += MR)
-            int8_tile(n, m0, MR, q, scale, G, per_group, xq, xd, nb, K, y, N);
+        for (; m0 + X16_MR <= M; m0 += X16_MR)
+            x16_tile8(X16_MR, t, m0, q, scale, G, per_group, xq, xd, nb, y, N);
         if (m0 < M)
-            int8_tile(n, m0, 1, q, scale, G, per_group, xq, xd, nb, K, y, N);
+            x16_tile8(1, t, m0, q, scale, G, per_group, xq, xd, nb, y, N);
     }
-    if (n < n1)
-        int8_rows_c(n, n1, q, scale, group, xq, xd, M, K, y, N);
 }
 
 /* Float weights (decode_step.c's float linears): as f32_rows_c, four accumulators. */

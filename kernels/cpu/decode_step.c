@@ -29,8 +29,8 @@
 /* Mirrored by ctypes Structures in colocate/worker/cpu_decode.py: change both. */
 typedef struct {
     int64_t bits;                  /* 4, 8, or 32 (float weights, no scales) */
-    const void *q;                 /* int4: (N, K/2) uint8; int8: (N, K) int8; float (N, K) */
-    const void *scale;             /* (N, K / group) float; int4 also float16 (half) */
+    const void *q;                 /* x16 int4: (N, K/2) uint8, int8: (N, K) int8; float (N, K) */
+    const void *scale;             /* (N, K / group) float, x16 order; int4 also float16 */
     const void *mins;              /* int4 only: (N, K / group), as scale */
     int64_t N, K, group, half;
 } QLinear;
@@ -68,7 +68,7 @@ static void linear(const QLinear *w, const float *x, int64_t M, const QuantizedR
                       w->group, q->q, q->d, q->s, M, y, simd, threads);
     else
         int8_block_mm((const int8_t *)w->q, (const float *)w->scale, w->N, w->K, w->group,
-                      q->q, q->d, M, y, simd, threads);
+                      q->q, q->d, q->s, M, y, simd, threads);
 }
 
 /* HF's RMSNorm in float32: weight * (x * rsqrt(mean(x^2) + eps)). */

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from colocate.quant import block_kernels as bk
+from colocate.quant import row_tiles
 from colocate.quant.int4_layouts import pack_blocks, unpack_blocks
 from colocate.quant.rtn import quantize_int4
 
@@ -89,18 +90,20 @@ def test_int4_blocks_match_the_dequantized_product(simd, half, M, N, K, group):
 
 
 @pytest.mark.parametrize("simd", BODIES)
-@pytest.mark.parametrize("M,N,K,group", [(1, 64, 64, 32), (3, 37, 128, 128), (8, 20, 96, 96),
-                                         (2, 4, 32, 32), (1, 21, 576, 32), (1, 5, 320, 64),
-                                         (6, 9, 96, 32), (1, 7, 800, 32)])
+@pytest.mark.parametrize("M,N,K,group", [(1, 64, 64, 32), (3, 48, 128, 128), (8, 32, 96, 96),
+                                         (2, 16, 32, 32), (1, 32, 576, 32), (5, 16, 320, 64),
+                                         (6, 16, 96, 32), (1, 16, 800, 32)])
 def test_int8_blocks_match_the_dequantized_product(simd, M, N, K, group):
     gen = torch.Generator().manual_seed(M + N * K)
     q = torch.randint(-128, 128, (N, K), dtype=torch.int8, generator=gen)  # -128: GGUF Q8_0
     scale = torch.rand(N, K // group, generator=gen) * 0.01
     x = _activations(M, K, seed=N)
-    y = bk.int8_mm(x, q, scale, group, simd=runnable(simd))
+    y = bk.int8_mm(x, row_tiles.pack_int8(q), row_tiles.tiled(scale), group,
+                   simd=runnable(simd))
     w = q.double() * scale.double().repeat_interleave(group, dim=1)           # (N, K)
     ref = _dequantized_activations(x) @ w.T
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(row_tiles.unpack_int8(row_tiles.pack_int8(q)), q)
 
 
 @pytest.mark.parametrize("M", [1, 2, 3, 8])
@@ -121,11 +124,13 @@ def test_the_default_body_follows_torchs_capability():
 
 
 def test_bad_shapes_are_refused_by_name():
-    q = torch.zeros(8, 64, dtype=torch.int8)
+    q = torch.zeros(16, 64, dtype=torch.int8)
     with pytest.raises(ValueError, match=r"x must be \(M, 64\) float32"):
-        bk.int8_mm(torch.zeros(1, 32), q, torch.ones(8, 2), 32)
+        bk.int8_mm(torch.zeros(1, 32), q, torch.ones(16, 2), 32)
     with pytest.raises(ValueError, match="multiples of 32"):
-        bk.int8_mm(torch.zeros(1, 64), q, torch.ones(8, 3), 48)
+        bk.int8_mm(torch.zeros(1, 64), q, torch.ones(16, 3), 48)
+    with pytest.raises(ValueError, match="out_features divisible by 16, got 8"):
+        bk.int8_mm(torch.zeros(1, 64), q[:8], torch.ones(8, 2), 32)
 
 
 def test_the_x16_layout_puts_each_code_where_block_dot_c_says():
@@ -165,9 +170,9 @@ def test_dequantization_is_exact():
     assert torch.equal(bk.int4_dequantize(b["qweight"], b["scale"], b["min"], 64),
                        w.q.float() * scale.repeat_interleave(64, 1)
                        + mins.repeat_interleave(64, 1))
-    q = torch.randint(-128, 128, (12, 96), dtype=torch.int8)
-    scale = torch.rand(12, 3)
-    assert torch.equal(bk.int8_dequantize(q, scale, 32),
+    q = torch.randint(-128, 128, (16, 96), dtype=torch.int8)
+    scale = torch.rand(16, 3)
+    assert torch.equal(bk.int8_dequantize(row_tiles.pack_int8(q), row_tiles.tiled(scale), 32),
                        q.float() * scale.repeat_interleave(32, 1))
 
 
@@ -184,8 +189,8 @@ def test_bf16_dequantization_is_the_exact_weight_rounded_to_nearest(half, group)
     exact = bk.int4_dequantize(b["qweight"], b["scale"], b["min"], group)
     assert torch.equal(bk.int4_dequantize(b["qweight"], b["scale"], b["min"], group,
                                           torch.bfloat16), exact.bfloat16())
-    q = torch.randint(-128, 128, (12, 96), dtype=torch.int8)
-    scale = torch.rand(12, 3)
+    q = torch.randint(-128, 128, (16, 96), dtype=torch.int8)
+    scale = torch.rand(16, 3)
     assert torch.equal(bk.int8_dequantize(q, scale, 32, torch.bfloat16),
                        bk.int8_dequantize(q, scale, 32).bfloat16())
     with pytest.raises(ValueError, match="dequantized weight is one of"):

@@ -27,6 +27,14 @@
  * 7.5 / 6.5 / 6.2 ms a step (loaded machine: minima of 40). */
 #define PREFETCH_BYTES 4096
 
+#if HAVE_X86
+/* Asks for the cache lines PREFETCH_BYTES ahead of a weight block of `bytes` at p. */
+static inline void prefetch_ahead(const void *p, int64_t bytes) {
+    for (int64_t l = 0; l < bytes; l += 64)
+        _mm_prefetch((const char *)p + PREFETCH_BYTES + l, _MM_HINT_T0);
+}
+#endif
+
 /* Which body a call runs (`simd`), chosen by the caller from the CPU at run time. */
 enum { BODY_C = 0, BODY_AVX2 = 1, BODY_AVX512 = 2 };
 

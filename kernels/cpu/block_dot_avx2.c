@@ -40,8 +40,7 @@ static inline void x16_tile(const int mr, int64_t t, int64_t m0, const uint8_t *
     const uint8_t *tile = qs + t * nb * TILE_BYTES;
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = tile + b * TILE_BYTES;
-        for (int l = 0; l < TILE_BYTES; l += 64)
-            _mm_prefetch((const char *)p + PREFETCH_BYTES + l, _MM_HINT_T0);
+        prefetch_ahead(p, TILE_BYTES);
         __m256i sum[X16_MR][2];
         for (int j = 0; j < mr; j++) sum[j][0] = sum[j][1] = _mm256_setzero_si256();
         for (int c = 0; c < 4; c++)
@@ -101,8 +100,7 @@ static inline void x16_tile8(const int mr, int64_t t, int64_t m0, const int8_t *
     const int8_t *tile = q + t * nb * TILE8_BYTES;
     for (int64_t b = 0; b < nb; b++) {
         const int8_t *p = tile + b * TILE8_BYTES;
-        for (int l = 0; l < TILE8_BYTES; l += 64)
-            _mm_prefetch((const char *)p + PREFETCH_BYTES + l, _MM_HINT_T0);
+        prefetch_ahead(p, TILE8_BYTES);
         __m256i sum[X16_MR][2];
         for (int j = 0; j < mr; j++) sum[j][0] = sum[j][1] = _mm256_setzero_si256();
         for (int c = 0; c < 8; c++)
@@ -155,8 +153,7 @@ void f32_rows_avx2(F32_BODY_ARGS) {
             int64_t k = 0;
             for (; k + 32 <= K; k += 32) {
                 if (m == 0)            /* the row's first pass reads it from memory */
-                    for (int l = 0; l < 32 * 4; l += 64)
-                        _mm_prefetch((const char *)(row + k) + PREFETCH_BYTES + l, _MM_HINT_T0);
+                    prefetch_ahead(row + k, 32 * sizeof(float));
                 for (int u = 0; u < 4; u++)
                     acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(row + k + 8 * u),
                                              _mm256_loadu_ps(a + k + 8 * u), acc[u]);

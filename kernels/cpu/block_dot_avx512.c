@@ -40,8 +40,7 @@ ALWAYS void x16_tile(const int mr, int64_t t, int64_t m0, const uint8_t *qs,
     const uint8_t *tile = qs + t * nb * TILE_BYTES;
     for (int64_t b = 0; b < nb; b++) {
         const uint8_t *p = tile + b * TILE_BYTES;
-        for (int l = 0; l < TILE_BYTES; l += 64)
-            _mm_prefetch((const char *)p + PREFETCH_BYTES + l, _MM_HINT_T0);
+        prefetch_ahead(p, TILE_BYTES);
         __m512i lo[4], hi[4];
         for (int c = 0; c < 4; c++) {
             const __m512i v = _mm512_loadu_si512(p + 64 * c);
@@ -66,20 +65,25 @@ ALWAYS void x16_tile(const int mr, int64_t t, int64_t m0, const uint8_t *qs,
     for (int j = 0; j < mr; j++) _mm512_storeu_ps(y + (m0 + j) * N + t * TILE, acc[j]);
 }
 
+/* Runs tile(mr, t, m0, ...) over the tiles of rows [n0, n1) and the activation rows in
+ * steps of X16_MR, mr a constant at every call so the accumulators stay in registers. */
+#define OVER_TILES(tile, ...) do {                                                     \
+    for (int64_t t = n0 / TILE; t < n1 / TILE; t++) {                                  \
+        int64_t m0 = 0;                                                                \
+        for (; m0 + X16_MR <= M; m0 += X16_MR) tile(X16_MR, t, m0, __VA_ARGS__);       \
+        switch (M - m0) {                                                              \
+        case 3: tile(3, t, m0, __VA_ARGS__); break;                                    \
+        case 2: tile(2, t, m0, __VA_ARGS__); break;                                    \
+        case 1: tile(1, t, m0, __VA_ARGS__); break;                                    \
+        default: break;                                                                \
+        }                                                                              \
+    }                                                                                  \
+} while (0)
+
 __attribute__((target(AVX512)))
 void int4_rows_avx512(INT4_BODY_ARGS) {
     const int64_t nb = K / QK, per_group = group / QK, G = K / group;
-    for (int64_t t = n0 / TILE; t < n1 / TILE; t++) {
-        int64_t m0 = 0;
-        for (; m0 + X16_MR <= M; m0 += X16_MR)
-            x16_tile(X16_MR, t, m0, qs, scale, mins, half, G, per_group, xq, xd, xs, nb, K, y, N);
-        switch (M - m0) {
-        case 3: x16_tile(3, t, m0, qs, scale, mins, half, G, per_group, xq, xd, xs, nb, K, y, N); break;
-        case 2: x16_tile(2, t, m0, qs, scale, mins, half, G, per_group, xq, xd, xs, nb, K, y, N); break;
-        case 1: x16_tile(1, t, m0, qs, scale, mins, half, G, per_group, xq, xd, xs, nb, K, y, N); break;
-        default: break;
-        }
-    }
+    OVER_TILES(x16_tile, qs, scale, mins, half, G, per_group, xq, xd, xs, nb, K, y, N);
 }
 
 /* ---- int8, x16 layout ---------------------------------------------------------------
@@ -96,8 +100,7 @@ ALWAYS void x16_tile8(const int mr, int64_t t, int64_t m0, const int8_t *q,
     const int8_t *tile = q + t * nb * TILE8_BYTES;
     for (int64_t b = 0; b < nb; b++) {
         const int8_t *p = tile + b * TILE8_BYTES;
-        for (int l = 0; l < TILE8_BYTES; l += 64)
-            _mm_prefetch((const char *)p + PREFETCH_BYTES + l, _MM_HINT_T0);
+        prefetch_ahead(p, TILE8_BYTES);
         __m512i u[8];
         for (int c = 0; c < 8; c++) u[c] = _mm512_xor_si512(_mm512_loadu_si512(p + 64 * c), flip);
         const __m512 s = _mm512_loadu_ps(scale + (t * G + b / per_group) * TILE);
@@ -119,17 +122,7 @@ ALWAYS void x16_tile8(const int mr, int64_t t, int64_t m0, const int8_t *q,
 __attribute__((target(AVX512)))
 void int8_rows_avx512(INT8_BODY_ARGS) {
     const int64_t nb = K / QK, per_group = group / QK, G = K / group;
-    for (int64_t t = n0 / TILE; t < n1 / TILE; t++) {
-        int64_t m0 = 0;
-        for (; m0 + X16_MR <= M; m0 += X16_MR)
-            x16_tile8(X16_MR, t, m0, q, scale, G, per_group, xq, xd, xs, nb, y, N);
-        switch (M - m0) {
-        case 3: x16_tile8(3, t, m0, q, scale, G, per_group, xq, xd, xs, nb, y, N); break;
-        case 2: x16_tile8(2, t, m0, q, scale, G, per_group, xq, xd, xs, nb, y, N); break;
-        case 1: x16_tile8(1, t, m0, q, scale, G, per_group, xq, xd, xs, nb, y, N); break;
-        default: break;
-        }
-    }
+    OVER_TILES(x16_tile8, q, scale, G, per_group, xq, xd, xs, nb, y, N);
 }
 
 /* One row of an int4 weight dequantized to bfloat16 (a bf16 prefill's weights): per
@@ -167,8 +160,7 @@ void f32_rows_avx512(F32_BODY_ARGS) {
             int64_t k = 0;
             for (; k + 64 <= K; k += 64) {
                 if (m == 0)            /* the row's first pass reads it from memory */
-                    for (int l = 0; l < 64 * 4; l += 64)
-                        _mm_prefetch((const char *)(row + k) + PREFETCH_BYTES + l, _MM_HINT_T0);
+                    prefetch_ahead(row + k, 64 * sizeof(float));
                 for (int u = 0; u < 4; u++)
                     acc[u] = _mm512_fmadd_ps(_mm512_loadu_ps(row + k + 16 * u),
                                              _mm512_loadu_ps(a + k + 16 * u), acc[u]);

@@ -29,7 +29,7 @@
 
 #if HAVE_X86
 /* Asks for the cache lines PREFETCH_BYTES ahead of a weight block of `bytes` at p. */
-static inline void prefetch_ahead(const void *p, int64_t bytes) {
+__attribute__((always_inline)) static inline void prefetch_ahead(const void *p, int64_t bytes) {
     for (int64_t l = 0; l < bytes; l += 64)
         _mm_prefetch((const char *)p + PREFETCH_BYTES + l, _MM_HINT_T0);
 }

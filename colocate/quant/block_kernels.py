@@ -42,7 +42,8 @@ CFLAGS = ("-O3", "-shared", "-fPIC", "-fopenmp", "-std=c11")
 
 # One library from every C file of kernels/cpu (decode_step.c calls block_dot.c's
 # kernels); the header is hashed with them, so a change to it rebuilds too.
-SOURCES = ("block_dot.c", "block_dot_avx2.c", "block_dot_avx512.c", "decode_step.c")
+SOURCES = ("block_dot.c", "block_dot_avx2.c", "block_dot_avx512.c", "decode_ops.c",
+           "decode_step.c")
 
 # The bodies, as block_dot.h numbers them.
 BODY_C, BODY_AVX2, BODY_AVX512 = 0, 1, 2

@@ -89,4 +89,15 @@ void int4_row_to_bf16_avx512(const uint8_t *row, const void *scale, const void *
                              uint16_t *out);
 #endif
 
+/* decode_ops.c: the `heads` query heads q (heads, hd) that share kv head `kv_head` of a
+ * decode step attending to the first `len` tokens of their sequence's paged cache
+ * (keys, values (blocks, bs, nkv, hd) float; table the sequence's block ids), into out
+ * (heads, hd); scores (heads rows `stride` >= len apart) is scratch. And SiLU(gate) * up
+ * for S rows of gu (S, 2I) = gate | up, into act (S, I). */
+#define ATTEND_ARGS const float *q, const float *keys, const float *values, \
+    const int64_t *table, int64_t len, int64_t kv_head, int64_t nkv, int64_t hd, int64_t bs, \
+    float scale, int64_t heads, int64_t stride, float *scores, float *out
+void attend_group(int simd, ATTEND_ARGS);
+void silu_mul(int simd, const float *gu, int64_t S, int64_t I, float *act);
+
 #endif

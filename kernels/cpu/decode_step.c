@@ -95,36 +95,6 @@ static void rope(float *x, int64_t heads, int64_t hd, const float *cs, float *tm
     }
 }
 
-/* Softmax attention of one query head over the first `len` tokens of a sequence's
- * paged cache: two passes over the keys (scores, then weighted values). */
-static void attend_head(const float *q, const DecodeModel *m, const DecoderLayer *layer,
-                        const int64_t *table, int64_t len, int64_t kv_head, float *scores,
-                        float *out) {
-    const int64_t hd = m->head_dim, nkv = m->kv_heads, bs = m->block_size;
-    const float scale = (float)m->scale;
-    float top = -INFINITY;
-    for (int64_t t = 0; t < len; t++) {
-        const float *k = layer->key_cache + ((table[t / bs] * bs + t % bs) * nkv + kv_head) * hd;
-        float dot = 0.0f;
-#pragma omp simd reduction(+:dot)
-        for (int64_t i = 0; i < hd; i++) dot += q[i] * k[i];
-        scores[t] = dot * scale;
-        top = scores[t] > top ? scores[t] : top;
-    }
-    float total = 0.0f;
-    for (int64_t t = 0; t < len; t++) {
-        scores[t] = expf(scores[t] - top);
-        total += scores[t];
-    }
-    memset(out, 0, (size_t)hd * sizeof(float));
-    for (int64_t t = 0; t < len; t++) {
-        const float *v = layer->value_cache + ((table[t / bs] * bs + t % bs) * nkv + kv_head) * hd;
-        const float p = scores[t] / total;
-#pragma omp simd
-        for (int64_t i = 0; i < hd; i++) out[i] += p * v[i];
-    }
-}
-
 static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
 
 /* The step's scratch, carved from one caller-owned buffer (no allocation per step): the
@@ -189,12 +159,15 @@ int decode_step(const DecodeModel *m, int64_t S, const int64_t *positions, const
             memcpy(L->key_cache + at, row + nh * hd, sizeof(float) * nkv * hd);
             memcpy(L->value_cache + at, row + (nh + nkv) * hd, sizeof(float) * nkv * hd);
         }
+        /* One task per sequence and kv head: its `group` query heads read each cached
+         * key and value once. */
 #pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t task = 0; task < S * nh; task++) {
-            const int64_t s = task / nh, head = task % nh;
-            attend_head(qkv + s * qkv_w + head * hd, m, L, tables + s * max_blocks,
-                        positions[s] + 1, head / group, scores + task * longest,
-                        attn + task * hd);
+        for (int64_t task = 0; task < S * nkv; task++) {
+            const int64_t s = task / nkv, first = (task % nkv) * group;
+            attend_group(simd, qkv + s * qkv_w + first * hd, L->key_cache, L->value_cache,
+                         tables + s * max_blocks, positions[s] + 1, task % nkv, nkv, hd,
+                         m->block_size, (float)m->scale, group, longest,
+                         scores + (s * nh + first) * longest, attn + (s * nh + first) * hd);
         }
         linear(&L->o, attn, S, &x, tmp, simd, threads);  /* (S, H) */
         for (int64_t i = 0; i < S * H; i++) h[i] += tmp[i];
@@ -202,11 +175,7 @@ int decode_step(const DecodeModel *m, int64_t S, const int64_t *positions, const
         rms_norm(h, L->mlp_norm, S, H, m->eps, xn);
         /* (S, 2I): gate | up */
         linear(&L->gate_up, xn, S, &x, gu, simd, threads);
-        for (int64_t s = 0; s < S; s++)
-            for (int64_t i = 0; i < I; i++) {
-                const float g = gu[s * 2 * I + i];
-                act[s * I + i] = g / (1.0f + expf(-g)) * gu[s * 2 * I + I + i];
-            }
+        silu_mul(simd, gu, S, I, act);
         linear(&L->down, act, S, &x, tmp, simd, threads);  /* (S, H) */
         for (int64_t i = 0; i < S * H; i++) h[i] += tmp[i];
     }

@@ -93,18 +93,22 @@ class AsyncEngine:
     that loop steps (the group's owner starts and shuts down the loop)."""
 
     def __init__(self, engine: LLMEngine, max_queued_requests: int | None = None,
-                 loop: EngineLoop | None = None, sleep_after_idle: float | None = None) -> None:
+                 loop: EngineLoop | None = None, sleep_after_idle: float | None = None,
+                 intra_op_threads: int | None = None) -> None:
         """sleep_after_idle: seconds idle after which the engine gives its KV pool
-        back until the next request (see engine_loop.py); only with a loop of its own."""
+        back until the next request, intra_op_threads: torch's threads in the loop's
+        thread (see engine_loop.py); both only with a loop of its own."""
         if max_queued_requests is not None and max_queued_requests < 1:
             raise ValueError(f"max_queued_requests must be >= 1, got {max_queued_requests}")
-        if loop is not None and sleep_after_idle is not None:
-            raise ValueError("sleep_after_idle is set on the loop a group's fronts share")
+        if loop is not None and (sleep_after_idle, intra_op_threads) != (None, None):
+            raise ValueError("sleep_after_idle and intra_op_threads are set on the loop a "
+                             "group's fronts share")
         self.engine = engine
         self.max_queued_requests = max_queued_requests
         self._owns_loop = loop is None
         self._loop = (loop if loop is not None
-                      else EngineLoop(SingleEngine(engine), sleep_after_idle))
+                      else EngineLoop(SingleEngine(engine), sleep_after_idle,
+                                      intra_op_threads))
         self._cond = self._loop.cond
         # Everything below is guarded by _cond.
         self._streams: dict[str, AsyncRequestStream] = {}    # live: submitted, not ended

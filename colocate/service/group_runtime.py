@@ -31,7 +31,8 @@ from colocate.model.model_config import LlamaConfig
 from colocate.model.tokenizer import load_tokenizer
 from colocate.service.engine_loop import EngineLoop, FusedEngines
 from colocate.service import test_hooks
-from colocate.service.runtime import ServiceDoor, ServiceLaunch, ServiceStats
+from colocate.service.runtime import (ServiceDoor, ServiceLaunch, ServiceStats,
+                                      keep_to_one_thread)
 from colocate.worker.engine_factory import GroupMember, build_engine_group
 
 
@@ -44,7 +45,7 @@ class GroupRuntime:
         if len(models) != 1:
             raise ValueError(f"a fused group serves one model, got {sorted(models)}")
         self.launches = {launch.spec.name: launch for launch in launches}
-        torch.set_num_threads(max(1, first.torch_threads))
+        keep_to_one_thread()        # the loop's thread computes on torch_threads
         # The group's engine thread hands the GIL to the gRPC threads of every member
         # during each C step; at Python's default 5 ms interval, taking it back could
         # cost a step its length again. Measured once (3 fused SmolLM2 services, Zen 4):
@@ -71,7 +72,8 @@ class GroupRuntime:
         # Each member sleeps after its own idle time (alone on CPU; on CUDA, where the
         # config gives a group one sleep_after_idle, only with the others).
         self.loop = EngineLoop(FusedEngines(self.group),
-                               {self.group.members[s.name]: s.sleep_after_idle for s in specs})
+                               {self.group.members[s.name]: s.sleep_after_idle for s in specs},
+                               intra_op_threads=max(1, first.torch_threads))
         self.doors: dict[str, ServiceDoor] = {}
         try:
             for name, launch in self.launches.items():

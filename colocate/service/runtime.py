@@ -92,9 +92,10 @@ class ServiceDoor:
     def __init__(self, launch: ServiceLaunch, llm_engine, loop: EngineLoop | None = None) -> None:
         spec = launch.spec
         self.launch, self.name, self.llm_engine = launch, spec.name, llm_engine
-        self.engine = AsyncEngine(llm_engine, max_queued_requests=spec.max_queued_requests,
-                                  loop=loop,
-                                  sleep_after_idle=None if loop else spec.sleep_after_idle)
+        self.engine = AsyncEngine(
+            llm_engine, max_queued_requests=spec.max_queued_requests, loop=loop,
+            sleep_after_idle=None if loop else spec.sleep_after_idle,
+            intra_op_threads=None if loop else max(1, launch.torch_threads))
         quant = launch.weights.quantization or {}
         info = model_info_from_engine(
             llm_engine, model_name=spec.model, dtype=launch.weights.dtype,
@@ -175,6 +176,12 @@ class ServiceDoor:
         return drained
 
 
+def keep_to_one_thread() -> None:
+    """For the thread that builds a service's engine: torch's work here stays on this
+    thread, so that the engine loop's thread is the process's only OpenMP team."""
+    torch.set_num_threads(1)
+
+
 class ServiceRuntime:
     """The service itself, without Ray: tests and ServiceActor both use it."""
 
@@ -183,8 +190,10 @@ class ServiceRuntime:
         self.launch = launch
         self.name = spec.name
         # Several services share the cores; one intra-op pool each, sized by the
-        # supervisor, keeps them from oversubscribing the machine.
-        torch.set_num_threads(max(1, launch.torch_threads))
+        # supervisor (launch.torch_threads), keeps them from oversubscribing the
+        # machine. That pool is the engine loop thread's (engine_loop.py: why this
+        # thread, which builds the engine, computes on one).
+        keep_to_one_thread()
         device = torch.device(launch.device)
         model = attach(launch.weights)
         dtype = getattr(torch, launch.weights.dtype)

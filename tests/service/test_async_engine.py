@@ -5,13 +5,15 @@ import threading
 import time
 
 import pytest
+import torch
 
 from colocate.sampling_params import SamplingParams
 from colocate.service.async_engine import (MAX_CONSECUTIVE_STEP_FAILURES, AsyncEngine,
                                             RequestFailedError)
 from colocate.service.engine_protocol import EngineDeadError, EngineProtocol, QueueFullError
-from tests.service.helpers import (FailingRunner, GatedRunner, SlowRunner, expected_tokens,
-                                   make_llm_engine, prompts_of_lengths, run_direct,
+from tests.engine.fake_runner import FakeRunner
+from tests.service.helpers import (BLOCK_SIZE, VOCAB, FailingRunner, GatedRunner, SlowRunner,
+                                   expected_tokens, make_llm_engine, prompts_of_lengths, run_direct,
                                    wait_for_thread_count, wait_until)
 
 
@@ -46,6 +48,34 @@ def test_stream_matches_direct_engine(baseline_threads):
     assert outs[-1].token_ids == expected_tokens(prompt, 12)
     assert outs[-1].finish_reason == "length"
     wait_for_thread_count(baseline_threads)
+
+
+class ThreadCountRunner(FakeRunner):
+    """Records torch's intra-op threads in the thread that steps it."""
+
+    def __init__(self) -> None:
+        super().__init__(BLOCK_SIZE, VOCAB)
+        self.seen: set[int] = set()
+
+    def execute(self, sched):
+        self.seen.add(torch.get_num_threads())
+        return super().execute(sched)
+
+
+def test_the_loop_thread_computes_on_its_own_intra_op_threads():
+    """The service runtimes keep the building thread at one torch thread and give the
+    loop's thread the service's (engine_loop.py says why); the caller's own count is
+    left as it was."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        runner = ThreadCountRunner()
+        with AsyncEngine(make_llm_engine(runner), intra_op_threads=3) as engine:
+            collect(engine.submit([5, 6, 7], SamplingParams(max_tokens=4)))
+        assert runner.seen == {3}
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_concurrent_submits_match_sequential_run():

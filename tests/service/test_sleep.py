@@ -78,8 +78,12 @@ def test_bad_settings_are_refused():
         EngineLoop(SingleEngine(make_llm_engine()), 0)
     group, _ = make_group({"a": 8, "b": 8})
     loop = EngineLoop(FusedEngines(group))
-    with pytest.raises(ValueError, match="sleep_after_idle is set on the loop"):
+    with pytest.raises(ValueError, match="sleep_after_idle and intra_op_threads are set on"):
         AsyncEngine(group.members["a"], loop=loop, sleep_after_idle=1.0)
+    with pytest.raises(ValueError, match="sleep_after_idle and intra_op_threads are set on"):
+        AsyncEngine(group.members["a"], loop=loop, intra_op_threads=2)
+    with pytest.raises(ValueError, match="intra_op_threads must be >= 1, got 0"):
+        EngineLoop(FusedEngines(group), intra_op_threads=0)
 
 
 def test_each_fused_member_sleeps_after_its_own_idle_time_while_the_others_step():

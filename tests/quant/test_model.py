@@ -82,6 +82,7 @@ def test_quantized_model_computes_its_dequantized_weights(tiny_model_dir, cpu_ma
     # The block kernels' own products, whatever the rows (a 48-token prefill would
     # otherwise take the exact dequantize-then-BLAS path, tested below).
     monkeypatch.setattr(cpu_ops, "PREFILL_ROWS", 1 << 30)
+    monkeypatch.setattr(cpu_ops, "PREFILL_ROWS_VNNI", 1 << 30)
     model = load_model(tiny_model_dir, quantization=method, quant_group_size=group)
     want = _logits(_dequantized_twin(model, tiny_model_dir), IDS)
     got = _logits(model, IDS)
@@ -97,6 +98,7 @@ def test_a_block_kernel_prefill_is_its_dequantized_weights_exactly(tiny_model_di
     multiply in float32: the twin's own computation, to float summation order."""
     monkeypatch.setenv(cpu_ops.BACKEND_ENV, "blocks")
     monkeypatch.setenv(cpu_features.PREFILL_ENV, "float32")
+    monkeypatch.setattr(cpu_ops, "PREFILL_ROWS_VNNI", cpu_ops.PREFILL_ROWS)   # 48 rows past it
     model = load_model(tiny_model_dir, quantization=method, quant_group_size=group)
     want = _logits(_dequantized_twin(model, tiny_model_dir), IDS)
     got = _logits(model, IDS)                                 # 48 rows > PREFILL_ROWS
@@ -112,6 +114,7 @@ def test_a_bf16_prefill_is_its_dequantized_weights_within_bf16_rounding(tiny_mod
                                                                           monkeypatch):
     monkeypatch.setenv(cpu_ops.BACKEND_ENV, "blocks")
     monkeypatch.setenv(cpu_features.PREFILL_ENV, "bfloat16")
+    monkeypatch.setattr(cpu_ops, "PREFILL_ROWS_VNNI", cpu_ops.PREFILL_ROWS)   # 48 rows past it
     model = load_model(tiny_model_dir, quantization=method, quant_group_size=group)
     want = _logits(_dequantized_twin(model, tiny_model_dir), IDS)
     got = _logits(model, IDS)                                 # 48 rows > PREFILL_ROWS

@@ -97,7 +97,7 @@ def _library() -> ctypes.CDLL | None:
                     str(detail).strip()[:500])
         return None
     lib.block_dot_best_body.restype = _INT
-    lib.quantize_rows.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR]
+    lib.quantize_rows.argtypes = [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _INT]
     lib.int4_block_mm.argtypes = [_PTR, _PTR, _PTR, _INT, _I64, _I64, _I64, _PTR, _PTR, _PTR,
                                   _I64, _PTR, _INT, _INT]
     lib.int4_block_mm.restype = None
@@ -153,7 +153,8 @@ def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     xq = torch.empty(M, K, dtype=torch.int8)
     xd = torch.empty(M, K // BLOCK, dtype=torch.float32)
     xs = torch.empty(M, K // BLOCK, dtype=torch.int32)
-    _library().quantize_rows(_ptr(x), M, K, _ptr(xq), _ptr(xd), _ptr(xs))
+    _library().quantize_rows(_ptr(x), M, K, _ptr(xq), _ptr(xd), _ptr(xs),
+                             torch.get_num_threads())
     return xq, xd, xs
 
 

@@ -65,12 +65,15 @@ BACKEND_ENV = "COLOCATE_CPU_MATMUL"     # "blocks" (the default where it builds)
 # larger than DEQUANTIZE_MAX_WEIGHTS (the output head: 28 M weights would be a 113 MB
 # temporary per call), which stays on the kernel.
 PREFILL_ROWS = 16
-# With AVX-512 VNNI the kernels stay ahead of dequantization + bf16 BLAS up to 64 rows.
-# Measured on a Zen 4 (2 threads, ms, kernel against dequantize + matmul): 3072x576 at
-# M = 32 / 64 / 128: 0.29 / 0.55 / 1.08 against 0.60 / 0.85 / 1.33; 576x1536: 0.25 /
-# 0.48 / 0.96 against 0.32 / 0.50 / 0.75; 1536x576: 0.17 / 0.33 / 0.65 against 0.32 /
-# 0.45 / 0.71. A prefill chunk of a mixed step (64 tokens or fewer) so skips the
-# per-call dequantization. The AVX2 body is not re-measured for this: it keeps 16.
+# With AVX-512 VNNI the kernels stay ahead of dequantization + bf16 BLAS further.
+# Measured on a Zen 4 (2 threads, activation quantization split among them, ms, kernel
+# against dequantize + matmul; one run): 3072x576 at M = 64 / 128 / 256 / 512: 0.26 /
+# 0.52 / 1.01 / 2.02 against 0.59 / 0.89 / 1.37 / 3.09; 576x1536 at 64 / 128 / 512:
+# 0.26 / 0.40 / 1.56 against 0.31 / 0.51 / 1.38. But whole prefills (bench/decode.py,
+# SmolLM2 as stored) with the kernels at every length: TTFT 88.7 / 378 ms at 128 / 512
+# tokens, against 90.9 / 344 with dequantization past 64 rows, so 64 it is: a mixed
+# step's chunk or a short prompt skips the per-call dequantization, a long one does
+# not. The AVX2 body is not re-measured for this: it keeps 16.
 PREFILL_ROWS_VNNI = 64
 DEQUANTIZE_MAX_WEIGHTS = 8 * 2**20
 

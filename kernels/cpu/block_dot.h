@@ -51,7 +51,8 @@ static inline int64_t tiled_at(int64_t n, int64_t g, int64_t G) {
 }
 
 /* entry points (ctypes, and decode_step.c) */
-void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *xd, int32_t *xs);
+void quantize_rows(const float *x, int64_t M, int64_t K, int8_t *xq, float *xd, int32_t *xs,
+                   int threads);
 void int4_block_mm(const uint8_t *qs, const void *scale, const void *mins, int half, int64_t N,
                    int64_t K, int64_t group, const int8_t *xq, const float *xd,
                    const int32_t *xs, int64_t M, float *y, int simd, int threads);

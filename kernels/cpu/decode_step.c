@@ -62,7 +62,7 @@ static void linear(const QLinear *w, const float *x, int64_t M, const QuantizedR
         f32_mm((const float *)w->q, w->N, w->K, x, M, y, simd, threads);
         return;
     }
-    quantize_rows(x, M, w->K, q->q, q->d, q->s);
+    quantize_rows(x, M, w->K, q->q, q->d, q->s, threads);
     if (w->bits == 4)
         int4_block_mm((const uint8_t *)w->q, w->scale, w->mins, (int)w->half, w->N, w->K,
                       w->group, q->q, q->d, q->s, M, y, simd, threads);

@@ -41,14 +41,19 @@ def _dequantized_activations(x: torch.Tensor) -> torch.Tensor:
     return (xq.double().view(M, -1, 32) * xd.double()[..., None]).view(M, K)
 
 
-def test_activation_codes_are_round_to_nearest_of_each_blocks_step():
-    x = _activations(3, 96, 0)
-    xq, xd, _ = bk.quantize_activations(x)
-    blocks = x.view(3, 3, 32)
+@pytest.mark.parametrize("rows,threads", [(3, 1), (40, 1), (40, 2), (40, 3)])
+def test_activation_codes_are_round_to_nearest_of_each_blocks_step(rows, threads,
+                                                                    monkeypatch):
+    """A decode's few rows on one thread, a prefill's many split among the threads."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    x = _activations(rows, 96, 0)
+    xq, xd, xs = bk.quantize_activations(x)
+    assert torch.equal(xs, xq.view(rows, -1, 32).sum(-1, dtype=torch.int32))
+    blocks = x.view(rows, 3, 32)
     step = blocks.abs().amax(-1) / 127                                      # (M, B)
     torch.testing.assert_close(xd, step, rtol=0, atol=0)
     safe = torch.where(step > 0, step, torch.ones_like(step))
-    codes = torch.round(blocks / safe[..., None]).to(torch.int8).view(3, 96)
+    codes = torch.round(blocks / safe[..., None]).to(torch.int8).view(rows, 96)
     assert torch.equal(xq, codes)
     assert xq.abs().max() <= 127 and torch.all(xq[0, :32] == 0)
 

@@ -26,6 +26,7 @@ import torch
 from colocate.client import Client
 from colocate.sampling_params import SamplingParams
 from tests.deployment.helpers import stream_tokens, token_of
+from tests.service.helpers import wait_until
 from tests.reliability.conftest import SERVICES
 from tests.reliability.reliability_helpers import (p99, record, reliability_deployment,
                                                    service_rows, timed_stream)
@@ -55,28 +56,37 @@ def test_request_beyond_the_whole_kv_budget_is_refused_at_once(targets):
 
 
 def test_a_full_queue_is_resource_exhausted(targets):
-    """svc-c runs one request and queues two: of six at once, three are refused
-    by the queue bound and the others complete."""
+    """svc-c runs one request and queues two: of six, the three that arrive with the
+    queue full are refused by its bound and the others complete. Each arrives once the
+    service's own stats show the one before it admitted, so the outcome does not hang
+    on how fast the first request decodes."""
     codes, details = [], []
 
     def call():
         try:
             stream_tokens(targets["svc-c"], token_of("svc-c"), [1, 5, 9, 13],
-                          max_tokens=120, ignore_eos=True)
+                          max_tokens=400, ignore_eos=True)
             codes.append(grpc.StatusCode.OK)
         except grpc.RpcError as err:
             codes.append(err.code())
             details.append(err.details())
 
     workers = [threading.Thread(target=call) for _ in range(6)]
-    for w in workers:
-        w.start()
-        time.sleep(0.05)               # in order, so the queue fills before the rest
-    for w in workers:
-        w.join(60)
-    assert codes.count(grpc.StatusCode.OK) >= 3
+    with Client(targets["svc-c"], token_of("svc-c")) as client:
+        def held() -> int:
+            stats = client.stats()
+            return stats.num_running + stats.num_waiting
+
+        for i, w in enumerate(workers[:3]):
+            w.start()
+            wait_until(lambda: held() == i + 1, timeout=30, what=f"request {i + 1} admitted")
+        for w in workers[3:]:
+            w.start()
+        for w in workers:
+            w.join(60)
+    assert codes.count(grpc.StatusCode.OK) == 3
     refused = [c for c in codes if c != grpc.StatusCode.OK]
-    assert refused and set(refused) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert refused == [grpc.StatusCode.RESOURCE_EXHAUSTED] * 3
     assert any("max_queued_requests=2" in d for d in details)
 
 

@@ -161,7 +161,7 @@ AVX512 __m512 exp16(__m512 x) {
  * is loaded once for all the heads of its group. */
 __attribute__((target("avx512f"))) static void attend_group_avx512(ATTEND_ARGS) {
     const int64_t nv = hd / 16;
-    float tops[heads];
+    float tops[heads], inv_sums[heads];
     for (int64_t j = 0; j < heads; j++) tops[j] = -INFINITY;
     for (int64_t t = 0; t < len; t++) {
         const float *k = cached(keys, table, t, bs, nkv, kv_head, hd);
@@ -188,7 +188,7 @@ __attribute__((target("avx512f"))) static void attend_group_avx512(ATTEND_ARGS) 
             _mm512_mask_storeu_ps(sj + t, m, e);
             sum = _mm512_mask_add_ps(sum, m, sum, e);
         }
-        tops[j] = 1.0f / _mm512_reduce_add_ps(sum);   /* from here: 1 / the softmax's sum */
+        inv_sums[j] = 1.0f / _mm512_reduce_add_ps(sum);
     }
     memset(out, 0, (size_t)(heads * hd) * sizeof(float));
     for (int64_t t = 0; t < len; t++) {
@@ -196,7 +196,7 @@ __attribute__((target("avx512f"))) static void attend_group_avx512(ATTEND_ARGS) 
         __m512 vv[16];
         for (int64_t i = 0; i < nv; i++) vv[i] = _mm512_loadu_ps(v + 16 * i);
         for (int64_t j = 0; j < heads; j++) {
-            const __m512 p = _mm512_set1_ps(scores[j * stride + t] * tops[j]);
+            const __m512 p = _mm512_set1_ps(scores[j * stride + t] * inv_sums[j]);
             float *oj = out + j * hd;
             for (int64_t i = 0; i < nv; i++)
                 _mm512_storeu_ps(oj + 16 * i, _mm512_fmadd_ps(p, vv[i], _mm512_loadu_ps(oj + 16 * i)));

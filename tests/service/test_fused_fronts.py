@@ -83,8 +83,37 @@ def test_each_front_keeps_its_own_queue_limit():
     loop.shutdown()
 
 
+class HeldAfterFirstStep(FakeRunner):
+    """Steps once, then holds every step until `may_go_on()` is true, so a stream is
+    still decoding when the test acts, however fast the machine."""
+
+    def __init__(self) -> None:
+        super().__init__(BLOCK_SIZE, VOCAB)
+        self.may_go_on = lambda: True
+        self.steps_run = 0
+
+    def execute(self, sched):
+        if self.steps_run:
+            for _ in range(10_000):
+                if self.may_go_on():
+                    break
+                threading.Event().wait(0.001)
+        self.steps_run += 1
+        return super().execute(sched)
+
+
+def _shut_down(front) -> bool:
+    try:
+        front.check_health()
+    except EngineDeadError:
+        return True
+    return False
+
+
 def test_shutting_one_front_down_leaves_the_others_serving():
-    loop, fronts, _ = fused()
+    runner = HeldAfterFirstStep()
+    loop, fronts, _ = fused(runner=runner)
+    runner.may_go_on = lambda: _shut_down(fronts["a"])   # a's stream outlives step 1
     loop.start()
     long_a = fronts["a"].submit([1, 2, 3], SamplingParams(max_tokens=150))
     next(long_a)

@@ -42,3 +42,23 @@ class AttentionMetadata:
     def context_len(self, i: int) -> int:
         """Tokens of sequence i already cached before this step."""
         return self.seq_lens[i] - self.query_len(i)
+
+
+def select_sequences(meta: AttentionMetadata, seqs: list[int]) -> tuple[AttentionMetadata, list[int]]:
+    """The metadata of sequences `seqs` (indices into meta, in order) as a batch of their
+    own, and the flat rows of meta's batch that their tokens are."""
+    rows: list[int] = []
+    query_start_loc = [0]
+    for i in seqs:
+        rows.extend(range(meta.query_start_loc[i], meta.query_start_loc[i + 1]))
+        query_start_loc.append(len(rows))
+    index = torch.tensor(rows, dtype=torch.long, device=meta.slot_mapping.device)
+    picked = torch.tensor(seqs, dtype=torch.long, device=meta.block_tables.device)
+    sub = AttentionMetadata(
+        slot_mapping=meta.slot_mapping.index_select(0, index),
+        query_start_loc=query_start_loc,
+        seq_lens=[meta.seq_lens[i] for i in seqs],
+        block_tables=meta.block_tables.index_select(0, picked),
+        block_size=meta.block_size,
+        all_decode=len(rows) == len(seqs))
+    return sub, rows

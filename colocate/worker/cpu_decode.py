@@ -125,9 +125,10 @@ class CpuDecodePlan:
         return cls(model, layers, held)
 
     @staticmethod
-    def covers(kv_caches: list[LayerKVCache], meta: AttentionMetadata) -> bool:
+    def covers_cache(kv_caches: list[LayerKVCache]) -> bool:
+        """Whether the C step reads and writes this cache (float32, on the CPU)."""
         first = kv_caches[0]
-        return (meta.all_decode and not first.quantized and first.key.dtype == torch.float32
+        return (not first.quantized and first.key.dtype == torch.float32
                 and first.key.device.type == "cpu")
 
     def _bind(self, kv_caches: list[LayerKVCache], block_size: int) -> None:

@@ -11,12 +11,26 @@ from dataclasses import dataclass
 import torch
 
 from colocate.engine.scheduler import SchedulerOutput
-from colocate.model.attention_metadata import AttentionMetadata
+from colocate.model.attention_metadata import AttentionMetadata, select_sequences
 from colocate.model.kv_memory import KVCacheMemory
 from colocate.model.model_config import LlamaConfig
 from colocate.worker.cpu_decode import CpuDecodePlan
 from colocate.worker.sampler import (SampleResult, Sampler, SamplingRow, make_generator,
                                      prompt_logprobs)
+
+
+MixedStep = tuple[tuple[AttentionMetadata, list[int]], tuple[AttentionMetadata, list[int]]]
+
+
+def split_mixed_step(meta: AttentionMetadata) -> MixedStep | None:
+    """(decodes, chunks) of a batch with both: each the metadata of its sequences as a
+    batch of their own and their rows in the whole batch; None unless the batch has
+    both. A one-token prompt chunk counts as a decode: it is one, shaped so."""
+    one = [i for i in range(meta.num_seqs) if meta.query_len(i) == 1]
+    more = [i for i in range(meta.num_seqs) if meta.query_len(i) > 1]
+    if not one or not more:
+        return None
+    return select_sequences(meta, one), select_sequences(meta, more)
 
 
 @dataclass
@@ -133,13 +147,37 @@ class ModelRunner:
 
     def _forward(self, ids: torch.Tensor, positions: torch.Tensor,
                  meta: AttentionMetadata) -> torch.Tensor:
-        if meta.all_decode and self.device.type == "cpu":
-            if self._decode_plan is False:
-                self._decode_plan = CpuDecodePlan.build(self.model)
-            plan = self._decode_plan
-            if plan is not None and plan.covers(self.kv_caches, meta):
+        plan = self._cpu_decode_plan()
+        if plan is not None and plan.covers_cache(self.kv_caches):
+            if meta.all_decode:
                 return plan.forward(ids, positions, self.kv_caches, meta)
+            mixed = split_mixed_step(meta)
+            if mixed is not None:
+                return self._mixed_forward(plan, ids, positions, meta, mixed)
         return self.model(ids, positions, self.kv_caches, meta)
+
+    def _cpu_decode_plan(self) -> CpuDecodePlan | None:
+        """Planned at the first forward that could use it (the weights are final by then)."""
+        if self.device.type != "cpu":
+            return None
+        if self._decode_plan is False:
+            self._decode_plan = CpuDecodePlan.build(self.model)
+        return self._decode_plan
+
+    def _mixed_forward(self, plan: CpuDecodePlan, ids: torch.Tensor, positions: torch.Tensor,
+                       meta: AttentionMetadata, mixed: "MixedStep") -> torch.Tensor:
+        """A step of decodes and prompt chunks: the decodes through the C decode step,
+        the chunks through the model, each sequence's rows where the batch has them.
+        One forward over all of them would send the decodes through the chunks' torch
+        attention, a gather and an SDPA call per sequence and layer."""
+        (dmeta, drows), (pmeta, prows) = mixed
+        d = torch.tensor(drows, dtype=torch.long, device=self.device)           # (Sd,)
+        p = torch.tensor(prows, dtype=torch.long, device=self.device)           # (Tp,)
+        hidden = torch.empty(ids.shape[0], self.config.hidden_size, dtype=torch.float32,
+                             device=self.device)                                 # (T, H)
+        hidden.index_copy_(0, d, plan.forward(ids[d], positions[d], self.kv_caches, dmeta))
+        out = self.model(ids[p], positions[p], self.kv_caches, pmeta)            # (Tp, H)
+        return hidden.to(out.dtype).index_copy_(0, p, out)
 
     def _sample(self, sched, hidden, sample_rows, results) -> None:
         sampling = [s for s in sched.scheduled if s.samples]

@@ -15,6 +15,7 @@ from colocate.quant import block_kernels, cpu_ops
 from colocate.quant.loading import load_model
 from colocate.worker import cpu_decode
 from colocate.worker.cpu_decode import CpuDecodePlan
+from colocate.worker.model_runner import ModelRunner, split_mixed_step
 
 pytestmark = pytest.mark.skipif(not block_kernels.available(),
                                 reason="no C compiler: the block kernels did not build")
@@ -78,7 +79,7 @@ def test_decode_steps_match_the_torch_path(tiny_gqa_model_dir, method, group, si
         ids = torch.randint(3, model.config.vocab_size, (len(lens),), generator=gen)
         pos = torch.tensor(lens)
         meta = _meta(tables, [[n] for n in lens])
-        assert plan.covers(c_caches, meta)
+        assert plan.covers_cache(c_caches)
         want = model(ids, pos, torch_caches, meta)                            # (S, H)
         got = plan.forward(ids, pos, c_caches, meta)
         errors += ((got - want).norm(dim=1) / want.norm(dim=1)).tolist()
@@ -107,8 +108,8 @@ def test_plan_refuses_what_it_does_not_cover(tiny_gqa_model_dir, monkeypatch):
     plan = CpuDecodePlan.build(quantized)
     int8_caches = allocate_kv_caches(quantized.config, 4, BS, dtype=torch.int8)
     float_caches = allocate_kv_caches(quantized.config, 4, BS)
-    assert not plan.covers(int8_caches, _meta([[1]], [[0]]))
-    assert not plan.covers(float_caches, _meta([[1]], [[0, 1]]))          # a prefill
+    assert not plan.covers_cache(int8_caches)
+    assert plan.covers_cache(float_caches)
     monkeypatch.setenv(cpu_ops.BACKEND_ENV, "torch")        # torch's int8/int4 ops asked for
     assert CpuDecodePlan.build(quantized) is None
     assert CpuDecodePlan.build(load_model(tiny_gqa_model_dir)) is not None   # float linears
@@ -117,3 +118,48 @@ def test_plan_refuses_what_it_does_not_cover(tiny_gqa_model_dir, monkeypatch):
     monkeypatch.setenv(cpu_decode.DECODE_ENV, "fast")
     with pytest.raises(ValueError, match="COLOCATE_CPU_DECODE='fast'"):
         CpuDecodePlan.build(quantized)
+
+
+@pytest.mark.parametrize("method,group", [(None, None), ("int4", 32)])
+def test_a_mixed_step_sends_its_decodes_through_the_c_step(tiny_gqa_model_dir, method,
+                                                            group, monkeypatch):
+    """Decodes beside a prompt chunk: the runner gives the decodes to the C step and the
+    chunk to the model, and every row (and the cache) is what one torch forward gives."""
+    model = _model(tiny_gqa_model_dir, method, group)
+    gen = torch.Generator().manual_seed(2)
+    torch_caches, tables = _prefilled(model, gen)
+    runner = ModelRunner(model, model.config, 1 + 3 * 8, BS, torch.float32,
+                         torch.device("cpu"))
+    for mine, ref in zip(runner.kv_caches, torch_caches):
+        mine.key.copy_(ref.key)
+        mine.value.copy_(ref.value)
+    calls = []
+    forward = CpuDecodePlan.forward
+    monkeypatch.setattr(CpuDecodePlan, "forward",
+                        lambda self, ids, *a: calls.append(ids.numel()) or forward(self, ids, *a))
+    # Sequences 0 and 2 decode one token; 1 computes a 5-token chunk after its prompt.
+    positions = [[PROMPT_LENS[0]], list(range(PROMPT_LENS[1], PROMPT_LENS[1] + 5)),
+                 [PROMPT_LENS[2]]]
+    meta = _meta(tables, positions)
+    ids = torch.randint(3, model.config.vocab_size, (7,), generator=gen)
+    pos = torch.tensor([p for ps in positions for p in ps])
+    want = model(ids, pos, torch_caches, meta)                                # (7, H)
+    got = runner._forward(ids, pos, meta)
+    assert calls == [2]                        # one C call, for the two decodes
+    errors = ((got - want).norm(dim=1) / want.norm(dim=1)).tolist()
+    assert max(errors) < (1e-5 if method is None else 3e-2), errors
+    for mine, ref in zip(runner.kv_caches, torch_caches):
+        new = ref.key.flatten(0, 1)[meta.slot_mapping]                         # (7, nkv, hd)
+        assert (mine.key.flatten(0, 1)[meta.slot_mapping] - new).norm() / new.norm() < 3e-2
+
+
+def test_split_mixed_step_keeps_each_sequence_whole():
+    meta = _meta([[1, 2], [3, 4, 5], [6]], [[5], [2, 3, 4, 5], [0]])
+    (decodes, drows), (chunks, crows) = split_mixed_step(meta)
+    assert drows == [0, 5] and crows == [1, 2, 3, 4]
+    assert decodes.all_decode and decodes.seq_lens == [6, 1]
+    assert decodes.block_tables.tolist() == [[1, 2, 0], [6, 0, 0]]
+    assert chunks.query_start_loc == [0, 4] and chunks.seq_lens == [6]
+    assert chunks.slot_mapping.tolist() == meta.slot_mapping[1:5].tolist()
+    assert split_mixed_step(_meta([[1]], [[0, 1]])) is None                  # no decode
+    assert split_mixed_step(_meta([[1], [2]], [[3], [2]])) is None           # no chunk

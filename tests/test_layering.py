@@ -18,7 +18,7 @@ LAYERS = [
      "config_topology", "config_batching", "prompt_inputs", "kernels", "progress"},
     {"engine", "model"},
     {"quant", "presets"},
-    {"worker", "config"},
+    {"worker", "config", "config_service"},
     {"memory"},
     {"metrics", "llm"},
     {"service"},

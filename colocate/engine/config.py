@@ -49,4 +49,5 @@ class EngineConfig:
         return cls(max_model_len=spec.max_model_len, kv_cache_tokens=kv_tokens,
                    max_num_seqs=spec.max_num_seqs,
                    max_num_batched_tokens=spec.max_num_batched_tokens,
-                   kv_cache_dtype=spec.kv_cache.dtype)
+                   kv_cache_dtype=spec.kv_cache.dtype,
+                   max_prefill_tokens_per_mixed_step=spec.max_prefill_tokens_per_mixed_step)

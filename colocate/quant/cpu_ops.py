@@ -71,10 +71,17 @@ PREFILL_ROWS = 16
 # 0.52 / 1.01 / 2.02 against 0.59 / 0.89 / 1.37 / 3.09; 576x1536 at 64 / 128 / 512:
 # 0.26 / 0.40 / 1.56 against 0.31 / 0.51 / 1.38. But whole prefills (bench/decode.py,
 # SmolLM2 as stored) with the kernels at every length: TTFT 88.7 / 378 ms at 128 / 512
-# tokens, against 90.9 / 344 with dequantization past 64 rows, so 64 it is: a mixed
-# step's chunk or a short prompt skips the per-call dequantization, a long one does
-# not. The AVX2 body is not re-measured for this: it keeps 16.
-PREFILL_ROWS_VNNI = 64
+# tokens, against 90.9 / 344 with dequantization past 64 rows. Measured again
+# (2026-12-03, another Zen 4 of this kind, whole prefills, minima of 3, three rounds,
+# ms): 128 tokens 236 / 163 / 280 dequantized past 64 rows against 150 / 124 / 199
+# past 256; 256 tokens 437 / 388 / 454 against 317 / 316 / 353; 512 tokens on the
+# kernels 552 / 742 / 675 against 841 / 782 / 834 (the first run found the opposite
+# at 512, so 512 waits for a third). Per layer at M = 128 / 256 the kernels took 3.18
+# / 6.39 ms against 3.04 / 5.50 for the bf16 products plus 0.67 to dequantize, and a
+# served fused group spent 8.6% of its engine thread dequantizing for its 256-token
+# chunks. So 256: a mixed step's chunk and a prompt of up to 256 tokens stay on the
+# kernels. The AVX2 body is not re-measured for this: it keeps 16.
+PREFILL_ROWS_VNNI = 256
 DEQUANTIZE_MAX_WEIGHTS = 8 * 2**20
 
 # The prefill product's precision follows cpu_features.prefill_dtype(): float32 (exact),

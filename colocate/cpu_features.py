@@ -93,6 +93,12 @@ def prefill_dtype():
 
 
 @functools.lru_cache(maxsize=1)
+def amx_bf16_here() -> bool:
+    """Whether this CPU has AMX bf16 tiles (read once: it is fixed for the process)."""
+    return read().has("amx_bf16")
+
+
+@functools.lru_cache(maxsize=1)
 def _native_bf16_here() -> bool:
     """native_bf16_matmul() of this process, read once (the CPU and torch's level are
     fixed for its life)."""

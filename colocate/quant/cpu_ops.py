@@ -72,16 +72,21 @@ PREFILL_ROWS = 16
 # 0.26 / 0.40 / 1.56 against 0.31 / 0.51 / 1.38. But whole prefills (bench/decode.py,
 # SmolLM2 as stored) with the kernels at every length: TTFT 88.7 / 378 ms at 128 / 512
 # tokens, against 90.9 / 344 with dequantization past 64 rows. Measured again
-# (2026-12-03, another Zen 4 of this kind, whole prefills, minima of 3, three rounds,
-# ms): 128 tokens 236 / 163 / 280 dequantized past 64 rows against 150 / 124 / 199
-# past 256; 256 tokens 437 / 388 / 454 against 317 / 316 / 353; 512 tokens on the
-# kernels 552 / 742 / 675 against 841 / 782 / 834 (the first run found the opposite
-# at 512, so 512 waits for a third). Per layer at M = 128 / 256 the kernels took 3.18
-# / 6.39 ms against 3.04 / 5.50 for the bf16 products plus 0.67 to dequantize, and a
-# served fused group spent 8.6% of its engine thread dequantizing for its 256-token
-# chunks. So 256: a mixed step's chunk and a prompt of up to 256 tokens stay on the
-# kernels. The AVX2 body is not re-measured for this: it keeps 16.
-PREFILL_ROWS_VNNI = 256
+# (2026-12-03, another Zen 4 of this kind, whole prefills, minima of 3 per round, ms,
+# dequantized past 64 or 256 rows against the kernels at every length): 128 tokens
+# 236 / 163 / 280 (past 64) against 150 / 124 / 199; 256 tokens 437 / 388 / 454
+# against 317 / 316 / 353; 512 tokens 714 / 680 / 565 (past 256) against 638 / 545 /
+# 443; 1,024 tokens 1,476 / 1,308 / 1,163 against 1,200 / 1,085 / 1,245. And
+# bench/decode.py against HF bf16 at 512 tokens, two runs each: 564 / 718 ms against
+# 520 / 639 dequantized past 256, 555 / 568 against 552 / 602 with the kernels. Per
+# layer at M = 512 the kernels took 8.2 ms against 9.1 for the bf16 products plus 0.5
+# to dequantize. So on this body the kernels take every product (the first run's 512
+# stands alone against seven); the AVX2 body is not re-measured and keeps 16. With AMX
+# bf16 tiles the BLAS is another machine (512 x 576 -> 3072 in 0.79 ms on an AMX Xeon,
+# against the kernel's 2.02 on the Zen 4): there the threshold stays 64, as it was
+# (not re-measured on AMX).
+PREFILL_ROWS_VNNI = 1 << 30
+PREFILL_ROWS_AMX = 64
 DEQUANTIZE_MAX_WEIGHTS = 8 * 2**20
 
 # The prefill product's precision follows cpu_features.prefill_dtype(): float32 (exact),
@@ -95,8 +100,9 @@ def _prefill(M: int, N: int, K: int) -> bool:
 
 
 def _prefill_rows() -> int:
-    return PREFILL_ROWS_VNNI if block_kernels.default_simd() == block_kernels.BODY_AVX512 \
-        else PREFILL_ROWS
+    if block_kernels.default_simd() != block_kernels.BODY_AVX512:
+        return PREFILL_ROWS
+    return PREFILL_ROWS_AMX if cpu_features.amx_bf16_here() else PREFILL_ROWS_VNNI
 
 
 def _dequantized_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ from colocate.memory.weight_store import WeightStore, attach, detach
 from colocate.model.attention_metadata import AttentionMetadata
 from colocate.model.llama import allocate_kv_caches
 from colocate.quant.loading import load_model
-from colocate.quant import cpu_ops, linear_bytes, weight_bytes
+from colocate.quant import block_kernels, cpu_ops, linear_bytes, weight_bytes
 from colocate.quant.linear import Int4Linear, Int8Linear
 
 
@@ -81,8 +81,7 @@ def test_quantized_model_computes_its_dequantized_weights(tiny_model_dir, cpu_ma
                                                           group, monkeypatch):
     # The block kernels' own products, whatever the rows (a 48-token prefill would
     # otherwise take the exact dequantize-then-BLAS path, tested below).
-    monkeypatch.setattr(cpu_ops, "PREFILL_ROWS", 1 << 30)
-    monkeypatch.setattr(cpu_ops, "PREFILL_ROWS_VNNI", 1 << 30)
+    monkeypatch.setattr(cpu_ops, "_prefill_rows", lambda: 1 << 30)
     model = load_model(tiny_model_dir, quantization=method, quant_group_size=group)
     want = _logits(_dequantized_twin(model, tiny_model_dir), IDS)
     got = _logits(model, IDS)
@@ -98,7 +97,7 @@ def test_a_block_kernel_prefill_is_its_dequantized_weights_exactly(tiny_model_di
     multiply in float32: the twin's own computation, to float summation order."""
     monkeypatch.setenv(cpu_ops.BACKEND_ENV, "blocks")
     monkeypatch.setenv(cpu_features.PREFILL_ENV, "float32")
-    monkeypatch.setattr(cpu_ops, "PREFILL_ROWS_VNNI", cpu_ops.PREFILL_ROWS)   # 48 rows past it
+    monkeypatch.setattr(cpu_ops, "_prefill_rows", lambda: cpu_ops.PREFILL_ROWS)   # 48 past it
     model = load_model(tiny_model_dir, quantization=method, quant_group_size=group)
     want = _logits(_dequantized_twin(model, tiny_model_dir), IDS)
     got = _logits(model, IDS)                                 # 48 rows > PREFILL_ROWS
@@ -114,7 +113,7 @@ def test_a_bf16_prefill_is_its_dequantized_weights_within_bf16_rounding(tiny_mod
                                                                           monkeypatch):
     monkeypatch.setenv(cpu_ops.BACKEND_ENV, "blocks")
     monkeypatch.setenv(cpu_features.PREFILL_ENV, "bfloat16")
-    monkeypatch.setattr(cpu_ops, "PREFILL_ROWS_VNNI", cpu_ops.PREFILL_ROWS)   # 48 rows past it
+    monkeypatch.setattr(cpu_ops, "_prefill_rows", lambda: cpu_ops.PREFILL_ROWS)   # 48 past it
     model = load_model(tiny_model_dir, quantization=method, quant_group_size=group)
     want = _logits(_dequantized_twin(model, tiny_model_dir), IDS)
     got = _logits(model, IDS)                                 # 48 rows > PREFILL_ROWS
@@ -213,3 +212,17 @@ def test_store_publishes_once_and_attach_matches_llm(tiny_model_dir, tmp_path, m
         llm = LLM(str(tiny_model_dir), quantization=method, quant_group_size=64)
         assert torch.equal(_logits(a, IDS), _logits(llm.model, IDS))
         detach(h)
+
+
+@pytest.mark.parametrize("simd,amx,rows", [
+    (block_kernels.BODY_AVX2, False, cpu_ops.PREFILL_ROWS),
+    (block_kernels.BODY_C, False, cpu_ops.PREFILL_ROWS),
+    (block_kernels.BODY_AVX512, False, cpu_ops.PREFILL_ROWS_VNNI),
+    (block_kernels.BODY_AVX512, True, cpu_ops.PREFILL_ROWS_AMX)])
+def test_where_a_product_leaves_the_kernels_follows_the_body_and_amx(simd, amx, rows,
+                                                                     monkeypatch):
+    monkeypatch.setattr(block_kernels, "default_simd", lambda: simd)
+    monkeypatch.setattr(cpu_features, "amx_bf16_here", lambda: amx)
+    assert cpu_ops._prefill_rows() == rows
+    assert not cpu_ops._prefill(rows, 576, 576) and cpu_ops._prefill(rows + 1, 576, 576)
+    assert not cpu_ops._prefill(rows + 1, 49152, 576)         # the head never dequantizes

@@ -44,7 +44,8 @@ class AttentionMetadata:
         return self.seq_lens[i] - self.query_len(i)
 
 
-def select_sequences(meta: AttentionMetadata, seqs: list[int]) -> tuple[AttentionMetadata, list[int]]:
+def select_sequences(meta: AttentionMetadata,
+                     seqs: list[int]) -> tuple[AttentionMetadata, list[int]]:
     """The metadata of sequences `seqs` (indices into meta, in order) as a batch of their
     own, and the flat rows of meta's batch that their tokens are."""
     rows: list[int] = []

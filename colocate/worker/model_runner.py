@@ -53,7 +53,7 @@ class ModelRunner:
                                        kv_dtype or dtype, device)
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator | None] = {}
-        # Planned at the first decode step (the weights are final by then); None after
+        # Planned at the first CPU forward (the weights are final by then); None after
         # that where the C decode step does not cover the model.
         self._decode_plan: CpuDecodePlan | None | bool = False
 
@@ -165,7 +165,7 @@ class ModelRunner:
         return self._decode_plan
 
     def _mixed_forward(self, plan: CpuDecodePlan, ids: torch.Tensor, positions: torch.Tensor,
-                       meta: AttentionMetadata, mixed: "MixedStep") -> torch.Tensor:
+                       meta: AttentionMetadata, mixed: MixedStep) -> torch.Tensor:
         """A step of decodes and prompt chunks: the decodes through the C decode step,
         the chunks through the model, each sequence's rows where the batch has them.
         One forward over all of them would send the decodes through the chunks' torch

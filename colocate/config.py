@@ -21,7 +21,7 @@ from colocate.config_service import (  # noqa: F401  (re-exported: the YAML's na
     DEFAULT_MAX_REQUEST_BYTES, EXTRA_CONCURRENT_RPCS, MAX_REQUEST_BYTES_LIMIT, KVCacheSpec,
     ServiceReader, ServiceSpec, TenantSpec, TLSSpec)
 from colocate.config_topology import Topology
-from colocate.config_values import ConfigError, ValueReader, kind
+from colocate.config_values import ConfigError, kind
 from colocate.model.model_config import MODEL_DTYPES, LlamaConfig
 from colocate.presets import PRESET_PREFIX, preset_config, preset_names, tiny_presets
 
@@ -134,7 +134,7 @@ def load_config(path: str | os.PathLike, env: Mapping[str, str] | None = None,
     return reader.deployment(data)
 
 
-class _Reader(ServiceReader, ValueReader):
+class _Reader(ServiceReader):
     """Walks the parsed YAML, keeping the key path for messages and the ports seen."""
 
     def __init__(self, file: Path, env: Mapping[str, str], check_paths: bool,

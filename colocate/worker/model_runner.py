@@ -173,11 +173,10 @@ class ModelRunner:
         (dmeta, drows), (pmeta, prows) = mixed
         d = torch.tensor(drows, dtype=torch.long, device=self.device)           # (Sd,)
         p = torch.tensor(prows, dtype=torch.long, device=self.device)           # (Tp,)
-        hidden = torch.empty(ids.shape[0], self.config.hidden_size, dtype=torch.float32,
-                             device=self.device)                                 # (T, H)
-        hidden.index_copy_(0, d, plan.forward(ids[d], positions[d], self.kv_caches, dmeta))
+        decoded = plan.forward(ids[d], positions[d], self.kv_caches, dmeta)      # (Sd, H)
         out = self.model(ids[p], positions[p], self.kv_caches, pmeta)            # (Tp, H)
-        return hidden.to(out.dtype).index_copy_(0, p, out)
+        hidden = out.new_empty(ids.shape[0], out.shape[1])                      # (T, H)
+        return hidden.index_copy_(0, d, decoded).index_copy_(0, p, out)
 
     def _sample(self, sched, hidden, sample_rows, results) -> None:
         sampling = [s for s in sched.scheduled if s.samples]

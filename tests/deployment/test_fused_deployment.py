@@ -79,6 +79,12 @@ LENDER_ASKS = ([1] + [(13 * i) % 2000 + 3 for i in range(79)],
                dict(max_tokens=16, temperature=0.0, ignore_eos=True))
 
 
+def whole_loan(borrower, lender) -> bool:
+    """fu-a's GetStats and then fu-c's show every block of both pools with fu-a."""
+    return ((borrower.kv_blocks_used, borrower.kv_blocks_borrowed) == (16, 16)
+            and (lender.kv_blocks_lent, lender.kv_blocks_used) == (16, 16))
+
+
 def test_a_borrower_uses_the_lenders_idle_blocks_and_the_lender_gets_them_back(
         deployment, targets, tiny_model_dir):
     """fu-a's flood fills its own pool and borrows lending fu-c's idle blocks, never
@@ -104,9 +110,14 @@ def test_a_borrower_uses_the_lenders_idle_blocks_and_the_lender_gets_them_back(
     sampler.start()
     for w in workers:
         w.start()
-    with Client(targets["fu-c"], token_of("fu-c")) as lender:
+    # The lender asks only once it has seen the whole loan: fu-a holding its own 16 blocks
+    # and fu-c's 16, every block of fu-c's out on loan (lent blocks count as used). Seen
+    # here, not by the sampler: the loan lasts only until fu-c asks, and a sampler 10 ms
+    # apart can miss a window that short on a fast machine.
+    with Client(targets["fu-a"], token_of("fu-a")) as borrower, \
+            Client(targets["fu-c"], token_of("fu-c")) as lender:
         deadline = time.monotonic() + 60
-        while lender.stats().kv_blocks_lent < 16:        # all of fu-c's pool out on loan
+        while not whole_loan(borrower.stats(), lender.stats()):
             assert time.monotonic() < deadline and any(w.is_alive() for w in workers)
             time.sleep(0.005)
         lent_when_asked = len(samples)
@@ -117,9 +128,6 @@ def test_a_borrower_uses_the_lenders_idle_blocks_and_the_lender_gets_them_back(
     done.set()
     sampler.join(30)
     assert got == want
-    full = [s for s in samples if s["fu-c"].kv_blocks_lent == 16]
-    assert any(s["fu-a"].kv_blocks_used == 16 and s["fu-a"].kv_blocks_borrowed == 16
-               and s["fu-c"].kv_blocks_used == 16 for s in full)    # lent blocks count as used
     # After it asked, the lender ran its request on blocks it took back from fu-a.
     assert any(s["fu-c"].num_running == 1 and s["fu-c"].kv_blocks_lent <= 16 - 6
                for s in samples[lent_when_asked:])

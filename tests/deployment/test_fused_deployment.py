@@ -121,8 +121,13 @@ def test_a_borrower_uses_the_lenders_idle_blocks_and_the_lender_gets_them_back(
             assert time.monotonic() < deadline and any(w.is_alive() for w in workers)
             time.sleep(0.005)
         lent_when_asked = len(samples)
-    got["lender"] = stream_tokens(targets["fu-c"], token_of("fu-c"), LENDER_ASKS[0],
-                                  **LENDER_ASKS[1])
+        # Its own stats at its first token, beside the sampler's: the request is running
+        # then, on blocks taken back (a short request the sampler alone might miss).
+        got["lender"], probes = [], []
+        for delta in lender.generate(LENDER_ASKS[0], **LENDER_ASKS[1]):
+            if not probes:
+                probes.append({"fu-c": lender.stats()})
+            got["lender"] += delta.token_ids
     for w in workers:
         w.join(120)
     done.set()
@@ -130,7 +135,7 @@ def test_a_borrower_uses_the_lenders_idle_blocks_and_the_lender_gets_them_back(
     assert got == want
     # After it asked, the lender ran its request on blocks it took back from fu-a.
     assert any(s["fu-c"].num_running == 1 and s["fu-c"].kv_blocks_lent <= 16 - 6
-               for s in samples[lent_when_asked:])
+               for s in samples[lent_when_asked:] + probes)
     assert all(s["fu-a"].kv_blocks_lent == 0 and s["fu-c"].kv_blocks_borrowed == 0
                for s in samples)                     # a borrower lends none, a lender borrows none
     assert all((s["fu-b"].kv_blocks_used, s["fu-b"].kv_blocks_lent,

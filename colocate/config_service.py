@@ -12,6 +12,7 @@ from typing import Any, Mapping
 from colocate.config_values import ValueReader, kind
 from colocate.model.model_config import KV_CACHE_DTYPES
 from colocate.engine.scheduler import DEFAULT_MAX_PREFILL_TOKENS_PER_MIXED_STEP
+from colocate.engine.time_shares import DEFAULT_TIME_SLICE_S
 
 # gRPC's own default receive limit; 4 MiB of prompt (~1M tokens) is a mistake or an attack.
 DEFAULT_MAX_REQUEST_BYTES = 4 * 1024 * 1024
@@ -69,6 +70,9 @@ class ServiceSpec:
     # Prefill tokens a step that also decodes may take (a fused group: the strictest of
     # its members'): smaller, the others' next token waits less; larger, prompts cost less.
     max_prefill_tokens_per_mixed_step: int = DEFAULT_MAX_PREFILL_TOKENS_PER_MIXED_STEP
+    # Seconds of engine time a fused group's member may lead the least served before
+    # it sits out steps (the group: the strictest of its members'; engine/time_shares.py).
+    time_slice: float = DEFAULT_TIME_SLICE_S
 
     @property
     def model_names(self) -> tuple[str, ...]:
@@ -104,7 +108,7 @@ class ServiceReader(ValueReader):
                                    "max_queued_requests", "tls", "max_request_bytes",
                                    "max_concurrent_rpcs", "weight", "http_port",
                                    "served_model_name", "sleep_after_idle",
-                                   "max_prefill_tokens_per_mixed_step"))
+                                   "max_prefill_tokens_per_mixed_step", "time_slice"))
         name = self.string(s["name"], f"{key}.name")
         model = self.string(s["model"], f"{key}.model")
         if model not in models:
@@ -145,6 +149,8 @@ class ServiceReader(ValueReader):
                 s.get("max_prefill_tokens_per_mixed_step",
                       DEFAULT_MAX_PREFILL_TOKENS_PER_MIXED_STEP),
                 f"{key}.max_prefill_tokens_per_mixed_step"),
+            time_slice=self.duration(s.get("time_slice", DEFAULT_TIME_SLICE_S),
+                                     f"{key}.time_slice"),
         )
         # Checked once whole: a replica must equal its first copy but for the port.
         self.topology.claim_service(spec, key)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 
 from colocate.engine.block_pool import KV_BLOCK_SIZE, pool_blocks
 from colocate.engine.scheduler import DEFAULT_MAX_PREFILL_TOKENS_PER_MIXED_STEP
+from colocate.engine.time_shares import DEFAULT_TIME_SLICE_S
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,9 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     # Prefill tokens a step that holds a decode may take (engine/scheduler.py).
     max_prefill_tokens_per_mixed_step: int = DEFAULT_MAX_PREFILL_TOKENS_PER_MIXED_STEP
+    # Engine time a fused group's member may lead by before it sits out steps
+    # (engine/time_shares.py); an engine alone has no one to lead.
+    time_slice_s: float = DEFAULT_TIME_SLICE_S
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -34,6 +38,8 @@ class EngineConfig:
             if f.type == "int" and (isinstance(value, bool) or not isinstance(value, int)
                                     or value < 1):
                 raise ValueError(f"{f.name} must be an integer >= 1, got {value!r}")
+        if not self.time_slice_s > 0:
+            raise ValueError(f"time_slice_s must be > 0 seconds, got {self.time_slice_s!r}")
         if self.kv_cache_tokens < self.block_size:
             raise ValueError(f"kv_cache_tokens must be >= block_size ({self.block_size}), "
                              f"got {self.kv_cache_tokens}")
@@ -50,4 +56,5 @@ class EngineConfig:
                    max_num_seqs=spec.max_num_seqs,
                    max_num_batched_tokens=spec.max_num_batched_tokens,
                    kv_cache_dtype=spec.kv_cache.dtype,
-                   max_prefill_tokens_per_mixed_step=spec.max_prefill_tokens_per_mixed_step)
+                   max_prefill_tokens_per_mixed_step=spec.max_prefill_tokens_per_mixed_step,
+                   time_slice_s=spec.time_slice)

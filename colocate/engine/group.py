@@ -21,6 +21,12 @@ them back within one step (colocate/engine/kv_lending.py). Lenders schedule firs
 every step, so a reclaim (which preempts borrowers' requests) never touches work a
 borrower has already scheduled in that step.
 
+Time. Tokens are not a step's cost (a decode row on a CPU costs about what the
+weights' read does), so the group also keeps each member's engine time and a member
+that leads the least served by more than `time_slice_s` sits out steps until the
+others catch up (colocate/engine/time_shares.py): a light service beside a
+neighbour's flood gets at least half the engine's time, not just its tokens.
+
 Mixed steps. When any member has a decode in the step, the step's prefill tokens,
 all members together, are capped at `max_prefill_tokens_per_mixed_step`, that cap
 split among the members with prompts to compute by the same fair rule: one
@@ -38,6 +44,7 @@ from colocate.engine.kv_lending import KVLending
 from colocate.sampling_params import SamplingParams
 from colocate.engine.outputs import RequestOutput
 from colocate.engine.scheduler import DEFAULT_MAX_PREFILL_TOKENS_PER_MIXED_STEP, SchedulerOutput
+from colocate.engine.time_shares import DEFAULT_TIME_SLICE_S, TimeShares
 
 
 class GroupStepFailedError(RuntimeError):
@@ -88,7 +95,9 @@ class EngineGroup:
                  weights: Mapping[str, float] | None = None,
                  lenders: Collection[str] = (),
                  max_prefill_tokens_per_mixed_step: int | None =
-                 DEFAULT_MAX_PREFILL_TOKENS_PER_MIXED_STEP) -> None:
+                 DEFAULT_MAX_PREFILL_TOKENS_PER_MIXED_STEP,
+                 time_slice_s: float | None = DEFAULT_TIME_SLICE_S,
+                 clock=None) -> None:
         if not members:
             raise ValueError("an engine group needs at least one member")
         for name, engine in members.items():
@@ -118,6 +127,8 @@ class EngineGroup:
         self.lending = self._lend(lenders)
         # Lenders first (see the module note); otherwise the members' own order.
         self.order = sorted(self.members, key=lambda m: m not in lenders)
+        self.time_shares = TimeShares(self.weights, time_slice_s, always_admitted=lenders,
+                                      **({} if clock is None else {"clock": clock}))
 
     def _lend(self, lenders: set[str]) -> KVLending | None:
         unknown = sorted(lenders - set(self.members))
@@ -165,31 +176,44 @@ class EngineGroup:
         changing nothing, unless sleepable(members) names them all."""
         self.cache_sleep.sleep(self.runner, members)
 
-    def prefill_caps(self, served: Mapping[str, float]) -> dict[str, int] | None:
-        """Each member's prefill tokens this step when some member decodes in it (the
-        cap split fairly by weight), or None when the step is not capped."""
+    def prefill_caps(self, served: Mapping[str, float],
+                     joining: Collection[str]) -> dict[str, int] | None:
+        """Each joining member's prefill tokens this step when one of them decodes in
+        it (the cap split fairly by weight), or None when the step is not capped."""
         cap = self.max_prefill_tokens_per_mixed_step
-        if cap is None or not any(e.scheduler.has_decode() for e in self.members.values()):
+        if cap is None or not any(self.members[m].scheduler.has_decode() for m in joining):
             return None
-        wants = {m: e.scheduler.pending_split()[1] for m, e in self.members.items()}
+        wants = {m: self.members[m].scheduler.pending_split()[1] for m in joining}
         return fair_shares(wants, self.weights, cap, served)
+
+    def _schedule(self, joining: Collection[str], served: Mapping[str, float]
+                  ) -> list[GroupStep]:
+        """Each joining member's part of this step, by token shares and prefill caps."""
+        prefill = self.prefill_caps(served, joining)
+        demands = {m: self.members[m].scheduler.pending_tokens(prefill and prefill[m])
+                   for m in joining}
+        shares = fair_shares(demands, self.weights, self.max_num_batched_tokens, served)
+        parts = [GroupStep(m, self.members[m].scheduler.schedule(
+                     shares[m], shares[m] if prefill is None else prefill[m]))
+                 for m in self.order if shares.get(m, 0) > 0]
+        return [p for p in parts if not p.sched.empty]
 
     def step(self) -> dict[str, list[RequestOutput]]:
         """One forward for every member's scheduled work; outputs per member."""
         served = {m: self.scheduled_tokens[m] / self.weights[m] for m in self.members}
-        prefill = self.prefill_caps(served)
-        demands = {m: e.scheduler.pending_tokens(prefill and prefill[m])
-                   for m, e in self.members.items()}
-        shares = fair_shares(demands, self.weights, self.max_num_batched_tokens, served)
-        parts = [GroupStep(m, self.members[m].scheduler.schedule(
-                     shares[m], shares[m] if prefill is None else prefill[m]))
-                 for m in self.order if shares[m] > 0]
-        parts = [p for p in parts if not p.sched.empty]
+        with_work = [m for m, e in self.members.items() if e.scheduler.pending_tokens()]
+        joining = self.time_shares.admit(with_work)
+        parts = self._schedule(joining, served)
+        if not parts and len(joining) < len(with_work):
+            # Those that may join can schedule nothing (a prompt waiting for blocks):
+            # the step goes to everyone, so no member ever waits on one sitting out.
+            parts = self._schedule(with_work, served)
         if not parts:
             return {}
         batch = SchedulerOutput(
             scheduled=[s for p in parts for s in p.sched.scheduled],
             preempted=[r for p in parts for r in p.sched.preempted])
+        start = self.time_shares.clock()
         try:
             results = self.runner.execute(batch)
         except Exception as exc:
@@ -197,6 +221,8 @@ class EngineGroup:
                 {p.member: [s.request.request_id for s in p.sched.scheduled] for p in parts}
             ) from exc
         self.num_steps += 1
+        self.time_shares.charge({p.member: p.sched.num_batched_tokens for p in parts},
+                                self.time_shares.clock() - start)
         outputs = {}
         for p in parts:
             self.scheduled_tokens[p.member] += p.sched.num_batched_tokens

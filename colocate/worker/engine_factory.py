@@ -76,9 +76,10 @@ def build_engine_group(model: torch.nn.Module, config: LlamaConfig, tokenizer,
                                          tokenizer, _eos(config, tokenizer),
                                          request_id_prefix=f"{member.name}-")
         first += blocks
-    # One cap for the group's steps: the strictest a member asked for.
+    # One cap and one time slice for the group's steps: the strictest a member asked for.
     return EngineGroup(runner, engines, max_num_batched_tokens,
                        {m.name: m.weight for m in members},
                        lenders=[m.name for m in members if m.lend],
                        max_prefill_tokens_per_mixed_step=min(
-                           m.engine.max_prefill_tokens_per_mixed_step for m in members))
+                           m.engine.max_prefill_tokens_per_mixed_step for m in members),
+                       time_slice_s=min(m.engine.time_slice_s for m in members))

@@ -17,7 +17,8 @@ BLOCK = 4
 
 
 def make_group(usable: dict[str, int], budget: int = 32, max_num_seqs: int = 8,
-               weights=None, runner=None, lenders=(), prefill_cap: int | None = 256):
+               weights=None, runner=None, lenders=(), prefill_cap: int | None = 256,
+               **group_options):
     runner = runner or FakeRunner(BLOCK, VOCAB)
     members, first = {}, 1
     for name, blocks in usable.items():
@@ -26,7 +27,8 @@ def make_group(usable: dict[str, int], budget: int = 32, max_num_seqs: int = 8,
                               max_num_batched_tokens=budget, first_block_id=first)
         members[name] = LLMEngine(runner, limits, request_id_prefix=f"{name}-")
         first += blocks
-    return EngineGroup(runner, members, budget, weights, lenders, prefill_cap), runner
+    return EngineGroup(runner, members, budget, weights, lenders, prefill_cap,
+                       **group_options), runner
 
 
 def run(group, limit=10_000):

@@ -45,3 +45,30 @@ def test_this_machine_report_names_the_native_capability():
 def test_missing_cpuinfo_gives_no_flags(tmp_path):
     features = cpu_features.read(tmp_path / "absent")
     assert features.runnable() == ["default"]
+
+
+def test_bf16_products_follow_the_units_and_attention_torchs_level_too(tmp_path,
+                                                                        monkeypatch):
+    """Products go to oneDNN, which reads the CPU itself; torch's bf16 flash attention
+    with AMX tiles needs torch at its AVX512 level."""
+    zen3, zen4, amx = (cpu_features.read(_cpuinfo(tmp_path, flags)) for flags in (
+        ZEN3_FLAGS, ZEN4_FLAGS, ZEN4_FLAGS + " amx_tile amx_bf16 amx_int8"))
+    for level in ("AVX512", "AVX2", "DEFAULT"):
+        monkeypatch.setattr(cpu_features, "torch_capability", lambda level=level: level)
+        assert [cpu_features.native_bf16_matmul(f) for f in (zen3, zen4, amx)] == [
+            False, True, True]
+        assert [cpu_features.native_bf16_attention(f) for f in (zen3, zen4, amx)] == [
+            False, True, level == "AVX512"]
+
+
+def test_prefill_attention_stays_float32_where_bf16_attention_cannot_run(monkeypatch):
+    import torch
+
+    monkeypatch.setenv(cpu_features.PREFILL_ENV, "bfloat16")
+    monkeypatch.setattr(cpu_features, "_native_bf16_attention_here", lambda: False)
+    assert cpu_features.prefill_dtype() == torch.bfloat16
+    assert cpu_features.prefill_attention_dtype() == torch.float32
+    monkeypatch.setattr(cpu_features, "_native_bf16_attention_here", lambda: True)
+    assert cpu_features.prefill_attention_dtype() == torch.bfloat16
+    monkeypatch.setenv(cpu_features.PREFILL_ENV, "float32")
+    assert cpu_features.prefill_attention_dtype() == torch.float32

@@ -96,8 +96,9 @@ def _match_prefill_attention(model: LlamaForCausalLM, device, dtype: torch.dtype
     """A CPU model whose linears prefill through the block kernels' dequantized products
     (cpu_ops) computes its prefill attention in their dtype too: bfloat16 where the CPU
     has bf16 units, so a prefill there is HF's bf16 computation throughout (attention was
-    40% of a 512-token SmolLM2 prefill in float32 on an AMX Xeon)."""
-    prefill = cpu_features.prefill_dtype()
+    40% of a 512-token SmolLM2 prefill in float32 on an AMX Xeon), unless torch's bf16
+    attention cannot run here (cpu_features.native_bf16_attention)."""
+    prefill = cpu_features.prefill_attention_dtype()
     first = model.model.layers[0].self_attn.qkv_proj
     if (torch.device(device).type != "cpu" or prefill == dtype
             or not cpu_ops.block_kernels_on() or not isinstance(first, (Int4Linear, Int8Linear))):

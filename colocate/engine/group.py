@@ -35,7 +35,8 @@ token waits for one chunk, not for the whole prompt (scheduler.py).
 """
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+import time
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 from colocate.engine.cache_sleep import CacheSleep
@@ -97,7 +98,7 @@ class EngineGroup:
                  max_prefill_tokens_per_mixed_step: int | None =
                  DEFAULT_MAX_PREFILL_TOKENS_PER_MIXED_STEP,
                  time_slice_s: float | None = DEFAULT_TIME_SLICE_S,
-                 clock=None) -> None:
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         if not members:
             raise ValueError("an engine group needs at least one member")
         for name, engine in members.items():
@@ -127,8 +128,9 @@ class EngineGroup:
         self.lending = self._lend(lenders)
         # Lenders first (see the module note); otherwise the members' own order.
         self.order = sorted(self.members, key=lambda m: m not in lenders)
+        # clock: what times each step for the time shares (tests pass a fake one).
         self.time_shares = TimeShares(self.weights, time_slice_s, always_admitted=lenders,
-                                      **({} if clock is None else {"clock": clock}))
+                                      clock=clock)
 
     def _lend(self, lenders: set[str]) -> KVLending | None:
         unknown = sorted(lenders - set(self.members))

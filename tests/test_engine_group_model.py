@@ -42,6 +42,32 @@ def test_fused_members_decode_what_the_offline_engine_does(tiny_model_dir):
     assert ranges == [list(range(1, 17)), list(range(17, 33)), list(range(33, 49))]
 
 
+def test_members_that_sit_out_steps_still_decode_what_the_offline_engine_does(
+        tiny_model_dir):
+    """A slice of a microsecond: nearly every step, whoever leads in engine time sits
+    out, its requests keeping their blocks and the runner's state; every greedy answer
+    is still the offline engine's."""
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    offline = LLM(str(tiny_model_dir), kv_cache_tokens=1024)
+    want = {m: [o.token_ids for o in offline.generate(ps, params)] for m, ps in PROMPTS.items()}
+    model = load_model(tiny_model_dir)
+    group = build_engine_group(
+        model, model.config, None,
+        [GroupMember(m, EngineConfig(max_model_len=256, kv_cache_tokens=256, max_num_seqs=4,
+                                     time_slice_s=1e-6)) for m in PROMPTS],
+        dtype=torch.float32, device=torch.device("cpu"), max_num_batched_tokens=96)
+    ids = {m: [group.add_request(m, p, params) for p in ps] for m, ps in PROMPTS.items()}
+    final, sat_out = {}, 0
+    while group.has_unfinished_requests():
+        busy = {m for m, e in group.members.items() if e.has_unfinished_requests()}
+        outputs = group.step()
+        sat_out += len(busy - set(outputs))
+        for outs in outputs.values():
+            final.update({o.request_id: o.token_ids for o in outs if o.finished})
+    assert {m: [final[i] for i in ids[m]] for m in PROMPTS} == want
+    assert sat_out > 0
+
+
 def test_borrowers_preempted_by_a_lender_finish_with_the_tokens_they_get_without(
         tiny_model_dir):
     """"a" (4 blocks) overflows into lending "b" (8); b's prompt takes its blocks back

@@ -16,26 +16,36 @@ PROMPTS = {
 }
 
 
-def test_fused_members_decode_what_the_offline_engine_does(tiny_model_dir):
-    params = SamplingParams(max_tokens=12, temperature=0.0)
-    offline = LLM(str(tiny_model_dir), kv_cache_tokens=1024)
-    want = {m: [o.token_ids for o in offline.generate(ps, params)] for m, ps in PROMPTS.items()}
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0)
 
+
+def serve_fused(tiny_model_dir, **engine_options):
+    """PROMPTS through a three-member group of the tiny model, against the offline
+    engine: (the group's answers, the offline ones, per step the members that had work
+    and those that ran, the group)."""
+    offline = LLM(str(tiny_model_dir), kv_cache_tokens=1024)
+    want = {m: [o.token_ids for o in offline.generate(ps, GREEDY)] for m, ps in PROMPTS.items()}
     model = load_model(tiny_model_dir)
     group = build_engine_group(
         model, model.config, None,
-        [GroupMember(m, EngineConfig(max_model_len=256, kv_cache_tokens=256, max_num_seqs=4))
-         for m in PROMPTS],
+        [GroupMember(m, EngineConfig(max_model_len=256, kv_cache_tokens=256, max_num_seqs=4,
+                                     **engine_options)) for m in PROMPTS],
         dtype=torch.float32, device=torch.device("cpu"), max_num_batched_tokens=96)
-    ids = {m: [group.add_request(m, p, params) for p in ps] for m, ps in PROMPTS.items()}
-    final, batched = {}, 0
+    ids = {m: [group.add_request(m, p, GREEDY) for p in ps] for m, ps in PROMPTS.items()}
+    final, steps = {}, []
     while group.has_unfinished_requests():
+        busy = {m for m, e in group.members.items() if e.has_unfinished_requests()}
         outputs = group.step()
-        batched = max(batched, len(outputs))
+        steps.append((busy, set(outputs)))
         for outs in outputs.values():
             final.update({o.request_id: o.token_ids for o in outs if o.finished})
-    assert {m: [final[i] for i in ids[m]] for m in PROMPTS} == want
-    assert batched == 3                     # some steps ran all three services together
+    return {m: [final[i] for i in ids[m]] for m in PROMPTS}, want, steps, group
+
+
+def test_fused_members_decode_what_the_offline_engine_does(tiny_model_dir):
+    got, want, steps, group = serve_fused(tiny_model_dir)
+    assert got == want
+    assert max(len(ran) for _, ran in steps) == 3   # some steps ran all three together
     # One cache, three disjoint ranges of 16 blocks after the null block.
     assert group.runner.kv_caches[0].key.shape[0] == 1 + 3 * 16
     ranges = [sorted(b.block_id for b in e.kv.pool.blocks[1:]) for e in group.members.values()]
@@ -47,25 +57,9 @@ def test_members_that_sit_out_steps_still_decode_what_the_offline_engine_does(
     """A slice of a microsecond: nearly every step, whoever leads in engine time sits
     out, its requests keeping their blocks and the runner's state; every greedy answer
     is still the offline engine's."""
-    params = SamplingParams(max_tokens=12, temperature=0.0)
-    offline = LLM(str(tiny_model_dir), kv_cache_tokens=1024)
-    want = {m: [o.token_ids for o in offline.generate(ps, params)] for m, ps in PROMPTS.items()}
-    model = load_model(tiny_model_dir)
-    group = build_engine_group(
-        model, model.config, None,
-        [GroupMember(m, EngineConfig(max_model_len=256, kv_cache_tokens=256, max_num_seqs=4,
-                                     time_slice_s=1e-6)) for m in PROMPTS],
-        dtype=torch.float32, device=torch.device("cpu"), max_num_batched_tokens=96)
-    ids = {m: [group.add_request(m, p, params) for p in ps] for m, ps in PROMPTS.items()}
-    final, sat_out = {}, 0
-    while group.has_unfinished_requests():
-        busy = {m for m, e in group.members.items() if e.has_unfinished_requests()}
-        outputs = group.step()
-        sat_out += len(busy - set(outputs))
-        for outs in outputs.values():
-            final.update({o.request_id: o.token_ids for o in outs if o.finished})
-    assert {m: [final[i] for i in ids[m]] for m in PROMPTS} == want
-    assert sat_out > 0
+    got, want, steps, _ = serve_fused(tiny_model_dir, time_slice_s=1e-6)
+    assert got == want
+    assert sum(len(busy - ran) for busy, ran in steps) > 0
 
 
 def test_borrowers_preempted_by_a_lender_finish_with_the_tokens_they_get_without(

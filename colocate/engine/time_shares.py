@@ -68,6 +68,7 @@ class TimeShares:
     def charge(self, tokens: Mapping[str, int], seconds: float) -> None:
         """A step of `seconds` ran these members' tokens: each pays its part."""
         total = sum(tokens.values())
+        if not total:
+            return
         for m, n in tokens.items():
-            if total:
-                self.used[m] += seconds * n / total / self.weights[m]
+            self.used[m] += seconds * n / total / self.weights[m]

@@ -39,15 +39,14 @@ def light_finish(with_flood: bool, **options) -> tuple[float, dict, dict]:
     runner = CostedRunner()
     group, _ = make_group({"a": 200, "b": 200}, budget=64, runner=runner,
                           clock=runner.clock, **options)
-    want, ids = {}, {}
+    ids = {}
     if with_flood:
         for p in prompts_of([60] * 8, seed=9):
             ids[group.add_request("a", p, SamplingParams(max_tokens=40))] = p
     light = [1, 2, 3, 4, 5]
     rid = group.add_request("b", light, SamplingParams(max_tokens=20))
     ids[rid] = light
-    done_at = None
-    final = {}
+    done_at, final = None, {}
     while group.has_unfinished_requests():
         for outs in group.step().values():
             final.update({o.request_id: o for o in outs if o.finished})

@@ -11,11 +11,12 @@ in one of them, and the reasons are the memory layouts:
   allocation, which CUDA frees only whole (freeing part of it needs virtual memory
   mapping of its pages), so the group sleeps whole. On CPU each member sleeps after
   its own: the pages of its range are given back alone (colocate/engine/cache_sleep.py).
-- `kv_cache.lend` needs `fused`: lending moves blocks between pools, which is free
-  when every pool is a range of one tensor in one process, but isolated processes
-  each map their own pool, and no block can move between them until the pools are
-  one shared mapping (CPU: one pool file mapped by every process, with per-service
-  block ranges; CUDA: virtual memory mapping of physical pages, as kvcached does).
+- `kv_cache.lend` with `isolated` needs a CPU device: lending moves blocks between
+  pools, which is free when every pool is a range of one tensor in one process
+  (fused), and on CPU isolated processes can share one pool file with per-service
+  block ranges (colocate/engine/shared_lending.py). On CUDA each isolated process
+  has an allocation of its own, and moving memory between them needs virtual memory
+  mapping of physical pages (as kvcached does), which is not built.
 """
 from __future__ import annotations
 
@@ -41,11 +42,11 @@ def check_batching(error: Callable[[str, str], ConfigError], key: str, batching:
                         f"allocation in batching: fused, which {device} frees only whole, "
                         f"so they sleep together: give each the same sleep_after_idle as "
                         f"services[{first}] ({_seconds(idle)})")
-        if batching == "isolated" and service.kv_cache.lend:
-            raise error(f"{key}.services[{i}].kv_cache.lend", "needs batching: fused; "
-                        "isolated services each map a pool of their own, so their blocks "
-                        "cannot move between processes yet (that needs one shared pool "
-                        "file on CPU or CUDA virtual memory mapping)")
+        if batching == "isolated" and service.kv_cache.lend and not device.startswith("cpu"):
+            raise error(f"{key}.services[{i}].kv_cache.lend", f"needs batching: fused on "
+                        f"{device}: isolated services there each have an allocation of "
+                        "their own, and moving blocks between processes needs CUDA virtual "
+                        "memory mapping, which is not built (on CPU they share one pool file)")
 
 
 def _seconds(value: float | None) -> str:

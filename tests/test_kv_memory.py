@@ -97,3 +97,48 @@ def test_a_map_that_is_not_resident_takes_memory_only_where_it_is_zeroed():
     grew = resident() - mapped
     assert 0.45 * mem.nbytes < grew < 0.55 * mem.nbytes, grew / MiB
     mem.release()
+
+
+def file_bytes(path) -> int:
+    """Bytes the file really holds (tmpfs or disk), not its length."""
+    import os
+    return os.stat(path).st_blocks * 512
+
+
+def test_a_shared_pool_file_is_one_cache_and_each_mapper_gives_back_only_its_range(tmp_path):
+    """Isolated lending's pool file (engine/shared_lending.py): two processes' mappings
+    of one file, each owning a range of 1024 blocks; a block written through one is
+    read through the other, and a release punches only the releaser's pages."""
+    path = str(tmp_path / "kv.pool")
+    a = KVCacheMemory(4, 1 + 2 * 1024, 16, 4, 32, torch.float32, shared_file=path,
+                      own_blocks=(1, 1024))
+    b = KVCacheMemory(4, 1 + 2 * 1024, 16, 4, 32, torch.float32, shared_file=path,
+                      own_blocks=(1025, 1024))
+    range_bytes = sum(end - start for start, end in a.block_spans(1, 1024))
+    resident = file_bytes(path)                 # both ranges made resident
+    assert resident > 1.9 * range_bytes, (resident / MiB, range_bytes / MiB)
+    b.caches[2].value[1030].fill_(7.0)          # a block of b's range, lent to a
+    a.caches[2].value[1031].fill_(5.0)          # a's write into b's range
+    assert bool((a.caches[2].value[1030] == 7.0).all())
+    assert bool((b.caches[2].value[1031] == 5.0).all())
+    a.caches[0].key[3].fill_(2.0)
+    a.release()
+    assert resident - file_bytes(path) > 0.98 * range_bytes
+    assert bool((b.caches[2].value[1030] == 7.0).all())     # b's range untouched
+    assert bool((b.caches[2].value[1031] == 5.0).all())
+    a.allocate()
+    assert bool((a.caches[0].key[3] == 0).all())             # its punched pages read zero
+    assert file_bytes(path) > 0.98 * resident
+    assert b.drop_blocks(1025, 1024) > 0.98 * range_bytes    # a member sleeping alone
+    assert resident - file_bytes(path) > 0.98 * range_bytes
+    a.release()
+    b.release()
+
+
+def test_a_pool_file_of_another_layout_is_refused(tmp_path):
+    path = str(tmp_path / "kv.pool")
+    KVCacheMemory(2, 9, 16, 4, 32, torch.float32, shared_file=path, own_blocks=(1, 8)).release()
+    with pytest.raises(ValueError, match="another deployment's file"):
+        KVCacheMemory(2, 17, 16, 4, 32, torch.float32, shared_file=path, own_blocks=(1, 8))
+    with pytest.raises(ValueError, match="needs own_blocks"):
+        KVCacheMemory(2, 9, 16, 4, 32, torch.float32, shared_file=path)

@@ -7,13 +7,17 @@ Ray, so the decisions are testable without it.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import shutil
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 
 from colocate import progress
 from colocate.config import DeploymentConfig, DeviceSpec, ModelSpec
+from colocate.engine.shared_lending import LendingCircle
 from colocate.memory.cuda_devices import ORDER_ENV, PCI_ORDER
 from colocate.memory.sizing import ServiceDemand
 from colocate.memory.weight_store import WeightStore
@@ -111,6 +115,37 @@ def prepare_launches(gpu: DeviceSpec, config: DeploymentConfig, store: WeightSto
             kv_budget_bytes=demand.kv_bytes, test_hooks=test_hooks,
             tenants=dict(tenants.get(service.name, {}))))
     return launches
+
+
+def join_lending_circles(gpu: DeviceSpec, launches: list[ServiceLaunch], pool_dir: Path,
+                         tag: str) -> list[ServiceLaunch]:
+    """Isolated CPU services of one model and KV dtype, one of which lends, share one
+    KV pool file (colocate/engine/shared_lending.py): each launch learns its circle,
+    in YAML order. `tag` makes the files this supervisor's; it removes them at the end."""
+    if gpu.batching != "isolated" or gpu.is_cuda:
+        return launches
+    circles: dict[tuple[str, str], list[ServiceLaunch]] = {}
+    for launch in launches:
+        circles.setdefault((launch.spec.model, launch.spec.kv_cache.dtype), []).append(launch)
+    joined = {}
+    for (model, dtype), members in circles.items():
+        if not any(m.spec.kv_cache.lend for m in members):
+            continue
+        circle = LendingCircle(
+            str(pool_dir / f"colocate-kv-{tag}-{_file_safe(model)}-{dtype}.pool"),
+            tuple((m.spec.name, m.num_blocks - 1, m.spec.kv_cache.lend) for m in members))
+        joined.update({m.spec.name: replace(m, kv_circle=circle) for m in members})
+    return [joined.get(launch.spec.name, launch) for launch in launches]
+
+
+def remove_pool_files(circle: LendingCircle) -> None:
+    for path in (circle.pool_path, circle.exchange_path):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+
+
+def _file_safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
 def service_cuda_env(visible: str) -> dict[str, str]:

@@ -15,8 +15,10 @@ budget released; a changed or new one is admitted, published and started.
 
 Refused, naming what, because it needs a restart of the deployment instead: a changed
 device key (memory, batching, share_weights, ...), a changed model that services of
-the entry keep using (its published copy would be stale), and any change to a fused
-entry (its services share one process: restarting one restarts them all).
+the entry keep using (its published copy would be stale), any change to a fused
+entry (its services share one process: restarting one restarts them all), and any
+change to the services of an isolated lending circle (their block ranges of one pool
+file are fixed when it starts: colocate/engine/shared_lending.py).
 """
 from __future__ import annotations
 
@@ -81,7 +83,19 @@ def diff_device(old: DeviceSpec, old_config: DeploymentConfig, new: DeviceSpec,
     if old.batching == "fused" and not change.empty:
         raise ChangeRefused(f"{entry}: batching: fused runs its services in one process; "
                             f"changing them ({change.summary()}) needs a restart")
+    circles = {_circle(s) for s in (*old.services, *new.services) if s.kv_cache.lend}
+    touched = sorted(n for n in (*change.add, *change.remove, *change.restart)
+                     if _circle(after.get(n) or before[n]) in circles)
+    if touched:
+        raise ChangeRefused(f"{entry}: {', '.join(touched)} share(s) a lending circle's one KV "
+                            "pool file (kv_cache.lend: every block range is fixed when the "
+                            f"circle starts); changing them ({change.summary()}) needs a restart")
     return change
+
+
+def _circle(service: ServiceSpec) -> tuple[str, str]:
+    """Which isolated lending circle a service would be in (launch.join_lending_circles)."""
+    return service.model, service.kv_cache.dtype
 
 
 def check_fits(new: DeviceSpec, config: DeploymentConfig, capacity: int,

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
+import secrets
 import threading
 import time
 from dataclasses import replace
@@ -37,7 +39,7 @@ from colocate import progress
 from colocate.config import DeploymentConfig, DeviceSpec
 from colocate.memory.arbiter import AdmissionRefused, MemoryArbiter
 from colocate.memory.cuda_devices import gpu_uuid
-from colocate.memory.shared_ledger import SharedLedger
+from colocate.memory.shared_ledger import SharedLedger, default_dir
 from colocate.memory.weight_store import WeightStore
 from colocate.metrics.device import device_sample
 from colocate.metrics.endpoint import MetricsEndpoint
@@ -47,6 +49,7 @@ from colocate.cluster.health_monitor import HealthMonitor, ServiceSlot, summary
 from colocate.cluster.live_change import LiveChanges
 # Re-exported: the driver and tests know these by the supervisor's name.
 from colocate.cluster.launch import (DeploymentError, checkpoint_dir,  # noqa: F401
+                                     join_lending_circles, remove_pool_files,
                                      default_torch_threads, preset_checkpoint,
                                      prepare_launches, process_groups, service_cuda_env)
 from colocate.service.group_runtime import GroupRuntime, MemberHandle
@@ -166,6 +169,8 @@ class Supervisor(LiveChanges):
                     self.gpu, self.config, self.store, demands, device=self.device,
                     host=self.host, torch_threads=self.torch_threads, tenants=self._tenants,
                     preset_dir=self.preset_dir, test_hooks=self.test_hooks)
+            launches = join_lending_circles(self.gpu, launches, default_dir(),
+                                            f"{os.getpid()}-{secrets.token_hex(3)}")
         except AdmissionRefused as exc:
             self.admission.release_all()
             raise DeploymentError(f"service {exc.demand.service} refused: {exc}") from None
@@ -374,6 +379,8 @@ class Supervisor(LiveChanges):
                 ray.kill(ray_actor(slot.actor), no_restart=True)
                 self.store.end_share(slot.launch.weights)
                 slot.state = "stopped"
+            for circle in {s.launch.kv_circle for s in self._slots.values()} - {None}:
+                remove_pool_files(circle)
             self.admission.close()
             self.store.close()
 

@@ -5,15 +5,17 @@ tokens ("can this request grow by n tokens?") and gets blocks or a refusal; the
 engine reads the block counts it reports. `pool` is kept for the manager's own
 tests, which check the pool's invariants directly.
 
-In an engine group with lending (colocate/engine/kv_lending.py) the manager is also
-where blocks cross pools: a request's blocks are its own pool's first, then, when
-that is short, a lender's (borrowed), and a lender short of blocks takes its lent
-ones back before taking anything else; freeing sends each block to its owner.
+In an engine group with lending (colocate/engine/kv_lending.py), or an isolated
+lending circle across processes (shared_lending.py), the manager is also where blocks
+cross pools: a request's blocks are its own pool's first, then, when that is short, a
+lender's (borrowed), and a lender short of blocks takes its lent ones back before
+taking anything else; freeing sends each block to its owner.
 """
 from __future__ import annotations
 
 from colocate.engine.block_pool import BlockPool, KVCacheBlock, hash_block
 from colocate.engine.kv_lending import Holders, KVLending
+from colocate.engine.shared_lending import SharedKVLending
 from colocate.engine.request import Request
 from colocate.sizes import cdiv
 
@@ -32,12 +34,15 @@ class KVCacheManager:
         self.prefix_queries = 0
         self.prefix_hits = 0
         # Set by join_lending when the manager's group lends blocks between members.
-        self.lending: KVLending | None = None
+        self.lending: KVLending | SharedKVLending | None = None
         self.member = ""
+        # The last refusal was a lender's whose lent blocks are on their way back.
+        self.awaiting_loans = False
 
-    def join_lending(self, lending: KVLending, member: str, lends: bool,
+    def join_lending(self, lending: KVLending | SharedKVLending, member: str, lends: bool,
                      holders: Holders) -> None:
-        """Take part in a group's lending as `member`; holders is its scheduler."""
+        """Take part in a group's lending (or an isolated circle's, across processes)
+        as `member`; holders is its scheduler."""
         lending.join(member, self.pool, lends, holders)
         self.lending, self.member = lending, member
 
@@ -54,12 +59,12 @@ class KVCacheManager:
     @property
     def num_lent_blocks(self) -> int:
         """Blocks of the pool's range that other members' requests hold now."""
-        return self.lending.lent[self.member] if self.lending else 0
+        return self.lending.num_lent(self.member) if self.lending else 0
 
     @property
     def num_borrowed_blocks(self) -> int:
         """Blocks of other members' ranges that this pool's requests hold now."""
-        return self.lending.borrowed[self.member] if self.lending else 0
+        return self.lending.num_borrowed(self.member) if self.lending else 0
 
     @property
     def num_usable_blocks(self) -> int:
@@ -114,22 +119,27 @@ class KVCacheManager:
         # so it no longer counts as free for the new blocks.
         revived = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
         room = self.pool.num_free_blocks - revived
+        self.awaiting_loans = False
         if self.lending is not None and need > room:
-            # Its own lent blocks first (taken back now), then other members' free ones.
-            room += self.num_lent_blocks + self.lending.lendable(self.member)
+            room += self.lending.room(self.member)
+            if need > room:
+                # Across processes a lender's lent blocks come back at its borrowers'
+                # next step (shared_lending.py): the request waits for them.
+                self.awaiting_loans = self.lending.short(self.member, need - room)
         if need > room:
             return None
         return need
 
-    def _take_blocks(self, need: int) -> list[KVCacheBlock]:
-        """need new blocks: own free ones, then own lent ones taken back, then borrowed."""
-        if need > self.pool.num_free_blocks and self.lending is not None:
-            self.lending.reclaim(self.member, need)
-        own = min(need, self.pool.num_free_blocks)
-        blocks = self.pool.get_new_blocks(own)
-        if need > own:
-            blocks += self.lending.borrow(self.member, need - own)
-        return blocks
+    def _borrow_for(self, need: int, revived: int) -> list[KVCacheBlock] | None:
+        """The blocks of `need` that own free ones (less `revived` prefix hits), and
+        own lent ones taken back, cannot give: borrowed now, or None if another
+        process took the offers first."""
+        if self.lending is None:
+            return []
+        if need > self.pool.num_free_blocks - revived:
+            self.lending.reclaim(self.member, need + revived)
+        short = need - (self.pool.num_free_blocks - revived)
+        return self.lending.borrow(self.member, short) if short > 0 else []
 
     def allocate_slots(self, request: Request, num_new_tokens: int,
                        new_computed_blocks: list[KVCacheBlock] = ()) -> list[KVCacheBlock] | None:
@@ -139,12 +149,17 @@ class KVCacheManager:
         need = self._blocks_needed(request, num_new_tokens, new_computed_blocks)
         if need is None:
             return None
+        # Borrowed first: it is the one part that can still fail, before anything changed.
+        revived = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
+        borrowed = self._borrow_for(need, revived)
+        if borrowed is None:
+            return None
         blocks = self.req_to_blocks.setdefault(request.request_id, [])
         if new_computed_blocks:
             self.pool.touch(new_computed_blocks)
             blocks.extend(new_computed_blocks)
             self.num_cached_blocks[request.request_id] = len(blocks)
-        new_blocks = self._take_blocks(need)
+        new_blocks = self.pool.get_new_blocks(need - len(borrowed)) + borrowed
         blocks.extend(new_blocks)
         return new_blocks
 
@@ -169,9 +184,9 @@ class KVCacheManager:
     def sleep(self) -> None:
         """The pool's memory is given back: forget every cached prefix (no request may
         hold a block), and lend nothing until wake()."""
-        self.pool.forget_contents()
-        if self.lending is not None:
+        if self.lending is not None:      # first: an isolated lender takes its offers back
             self.lending.set_asleep(self.member, True)
+        self.pool.forget_contents()
 
     def wake(self) -> None:
         if self.lending is not None:

@@ -75,6 +75,12 @@ class KVLending:
     def lends(self, name: str) -> bool:
         return self.parties[name].lends
 
+    def num_lent(self, name: str) -> int:
+        return self.lent[name]
+
+    def num_borrowed(self, name: str) -> int:
+        return self.borrowed[name]
+
     def set_asleep(self, name: str, asleep: bool) -> None:
         """A party's pool sleeps or wakes; asleep, it must have nothing out on loan."""
         if asleep and self.lent[name]:
@@ -90,6 +96,22 @@ class KVLending:
     def lendable(self, borrower: str) -> int:
         """Blocks the borrower could borrow now."""
         return sum(p.pool.num_free_blocks for p in self._lenders_to(borrower))
+
+    def room(self, name: str) -> int:
+        """Blocks beyond its own free queue the member can have in this step: its own
+        lent ones taken back (reclaim), then other members' free ones."""
+        return self.lent[name] + self.lendable(name)
+
+    # In one process a reclaim is immediate, and a free block is lendable where it
+    # lies, so these have nothing to do (shared_lending.py, across processes, does).
+    def short(self, name: str, missing: int) -> bool:
+        return False
+
+    def idle(self, name: str) -> None:
+        pass
+
+    def serve_demands(self, name: str) -> None:
+        pass
 
     def borrow(self, borrower: str, n: int) -> list[KVCacheBlock]:
         """n blocks from the lenders, most free first: spreading the loans makes it

@@ -98,6 +98,8 @@ class Scheduler:
             self.waiting.remove(request)
         self.kv.free(request)
         self.requests.pop(request.request_id, None)
+        if self.kv.lending is not None and not self.has_unfinished():
+            self.kv.lending.idle(self.kv.member)     # an isolated lender offers its blocks
 
     # ---- the step ----------------------------------------------------------
     def pending_split(self) -> tuple[int, int]:
@@ -129,6 +131,8 @@ class Scheduler:
         which at most `prefill_budget` are prefill. prefill_budget None: this
         scheduler's own cap if this step holds a decode, else none (an engine group
         passes it, as the decodes that matter may be another member's)."""
+        if self.kv.lending is not None:
+            self.kv.lending.serve_demands(self.kv.member)    # into self.reclaimed
         out = SchedulerOutput(preempted=self.reclaimed)
         self.reclaimed = []
         num_reclaimed = len(out.preempted)
@@ -150,7 +154,7 @@ class Scheduler:
                 continue
             scheduled = self._grow_or_preempt(request, num_new, out)
             if not scheduled:
-                break               # the request itself was preempted: it was the newest
+                break               # it preempted itself (the newest), or waits for loans
             out.scheduled.append(ScheduledRequest(
                 request, num_new, self.kv.get_block_ids(request.request_id)))
             budget -= num_new
@@ -186,8 +190,10 @@ class Scheduler:
     def _grow_or_preempt(self, request: Request, num_new: int, out: SchedulerOutput) -> bool:
         """Find blocks for num_new more tokens of a running request, preempting
         the newest running requests until they fit. False if the request had to
-        preempt itself."""
+        preempt itself, or waits this step for blocks its pool lent (shared_lending.py)."""
         while self.kv.allocate_slots(request, num_new) is None:
+            if self.kv.awaiting_loans:
+                return False        # its lent blocks come back at the borrowers' next step
             victim = self.running.pop()
             self._preempt(victim)
             out.preempted.append(victim)

@@ -24,12 +24,25 @@ end that it shares with a neighbour's blocks stay. zero_blocks() then makes the 
 resident and zero again, fringes included, before its blocks are used. CUDA memory
 cannot be freed in part without virtual memory mapping (cuMemMap), which this does
 not do: there a range sleeps only with the whole region (can_drop_blocks is False).
+
+Shared (CPU, `shared_file`): isolated services of one model that lend blocks to each
+other (colocate/engine/shared_lending.py) each map ONE pool file under /dev/shm,
+MAP_SHARED, laid out as one region whose block ranges are theirs, so a block id means
+the same memory in every process. A process then gives back only its own range
+(`own_blocks`): release() and drop_blocks() punch its whole pages out of the file
+(MADV_REMOVE: tmpfs frees them at once, and they read as zeros after), and unmapping
+frees nothing that others use. Nothing in the file is zeroed on allocate: the file
+starts as zeros and holds only finite KV values after, which is all attention's
+masking needs, and a restarted process must not clear blocks it had lent that a
+neighbour still writes. Its own range is made resident instead
+(MADV_POPULATE_WRITE, contents untouched; where the kernel lacks it, as pages fill).
 """
 from __future__ import annotations
 
 import gc
 import logging
 import mmap
+import os
 
 import torch
 
@@ -42,6 +55,8 @@ _ALIGN = 256
 _POPULATE = getattr(mmap, "MAP_POPULATE", 0)          # Linux only
 _CPU_MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
 _MADV_DONTNEED = getattr(mmap, "MADV_DONTNEED", None)  # Linux, macOS
+_MADV_REMOVE = getattr(mmap, "MADV_REMOVE", None)      # Linux: frees a shared file's pages
+_MADV_POPULATE_WRITE = 23                             # Linux 5.14+; not in the mmap module
 
 
 def _aligned(n: int) -> int:
@@ -53,12 +68,19 @@ class KVCacheMemory:
     allocate() makes again (zeroed: whatever the pool held is gone)."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
-                 head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+                 head_dim: int, dtype: torch.dtype, device: torch.device | str = "cpu",
+                 shared_file: str | None = None,
+                 own_blocks: tuple[int, int] | None = None) -> None:
+        """shared_file: map this pool file (CPU) instead of private memory; own_blocks:
+        (first, count), the range this process gives back (see the module note)."""
         self.num_layers = num_layers
         self.shape = (num_blocks, block_size, num_kv_heads, head_dim)
         self.dtype = dtype
         self.device = torch.device(device)
         self.quantized = dtype == torch.int8
+        if shared_file is not None and (self.device.type != "cpu" or own_blocks is None):
+            raise ValueError("a shared KV pool file is a CPU mapping and needs own_blocks")
+        self.shared_file, self.own_blocks = shared_file, own_blocks
         self._region: mmap.mmap | None = None
         self._base: torch.Tensor | None = None       # (nbytes,) uint8 over the region
         self._caches: list[LayerKVCache] | None = None
@@ -118,7 +140,12 @@ class KVCacheMemory:
         if self._caches is not None:
             return
         size = self.nbytes
-        if self.device.type == "cpu":
+        if self.shared_file is not None:
+            self._region = self._map_shared_file(size)
+            base = torch.frombuffer(self._region, dtype=torch.uint8)          # (size,)
+            if resident:
+                self._advise_own_pages(_MADV_POPULATE_WRITE, tolerate=True)
+        elif self.device.type == "cpu":
             populate = _POPULATE if resident else 0
             self._region = mmap.mmap(-1, size, flags=_CPU_MAP_FLAGS | populate)
             base = torch.frombuffer(self._region, dtype=torch.uint8)          # (size,)
@@ -133,9 +160,46 @@ class KVCacheMemory:
                         for i in range(0, len(views), per_layer)]
         self._base = base
 
+    def _map_shared_file(self, size: int) -> mmap.mmap:
+        """The pool file, created at `size` by whichever process comes first."""
+        fd = os.open(self.shared_file, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            have = os.fstat(fd).st_size
+            if have == 0:
+                os.ftruncate(fd, size)      # the same size from every member: no race
+            elif have != size:
+                raise ValueError(f"KV pool file {self.shared_file} has {have} bytes; this "
+                                 f"model's layout needs {size}: another deployment's file?")
+            return mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+
+    def _whole_pages(self, first: int, count: int):
+        """(start, length) of the whole pages inside blocks first .. first+count-1, per
+        tensor; the pages at each end shared with a neighbour's blocks are left out."""
+        page = mmap.PAGESIZE
+        for start, end in self.block_spans(first, count):
+            lo, hi = -(-start // page) * page, end // page * page
+            if hi > lo:
+                yield lo, hi - lo
+
+    def _advise_own_pages(self, advice: int, tolerate: bool = False) -> int:
+        dropped = 0
+        for lo, length in self._whole_pages(*self.own_blocks):
+            try:
+                self._region.madvise(advice, lo, length)
+            except OSError:
+                if not tolerate:
+                    raise
+                return dropped       # an older kernel: the pages fill as they are written
+            dropped += length
+        return dropped
+
     # ---- one range of blocks sleeping alone --------------------------------------
     @property
     def can_drop_blocks(self) -> bool:
+        if self.shared_file is not None:
+            return _MADV_REMOVE is not None
         return self.device.type == "cpu" and _MADV_DONTNEED is not None
 
     def drop_blocks(self, first: int, count: int) -> int:
@@ -145,12 +209,11 @@ class KVCacheMemory:
             raise RuntimeError(f"a block range of a {self.device.type} KV cache cannot be "
                                "freed alone; release() the whole cache")
         self._check_allocated()
-        page, dropped = mmap.PAGESIZE, 0
-        for start, end in self.block_spans(first, count):
-            lo, hi = -(-start // page) * page, end // page * page   # whole pages inside
-            if hi > lo:
-                self._region.madvise(_MADV_DONTNEED, lo, hi - lo)
-                dropped += hi - lo
+        advice = _MADV_REMOVE if self.shared_file is not None else _MADV_DONTNEED
+        dropped = 0
+        for lo, length in self._whole_pages(first, count):
+            self._region.madvise(advice, lo, length)
+            dropped += length
         return dropped
 
     def zero_blocks(self, first: int, count: int) -> None:
@@ -166,6 +229,8 @@ class KVCacheMemory:
         dies, which is logged, since then the memory is not yet back."""
         if self._caches is None:
             return
+        if self.shared_file is not None:
+            self._advise_own_pages(_MADV_REMOVE)   # unmapping frees nothing of a shared file
         self._caches = self._base = None
         gc.collect()                 # views caught in a reference cycle must not pin it
         if self.device.type == "cpu":

@@ -30,6 +30,7 @@ import torch
 from colocate.config import ServiceSpec
 from colocate.engine.block_pool import pool_blocks
 from colocate.engine.config import EngineConfig
+from colocate.engine.shared_lending import LendingCircle
 from colocate.memory.weight_store import WeightHandle, attach, detach
 from colocate.metrics.rejections import RejectionCounter
 from colocate.metrics.samples import ServiceReport
@@ -59,6 +60,8 @@ class ServiceLaunch:
     weights_shared: bool = True    # one published copy for every service of the model
     kv_budget_bytes: int = 0       # the arbiter's KV figure for this service
     test_hooks: str | None = None  # tests only: "module:factory" (service/test_hooks.py)
+    # Isolated lending on CPU: the one KV pool file it shares (engine/shared_lending.py).
+    kv_circle: LendingCircle | None = None
     # token -> tenant name. Kept out of repr so a logged launch never leaks a token.
     tenants: dict[str, str] = field(default_factory=dict, repr=False)
 
@@ -81,8 +84,8 @@ class ServiceStats:
     healthy: bool
     message: str = ""
     sleeping: bool = False         # sleep_after_idle: the KV pool is given back for now
-    kv_blocks_lent: int = 0        # fused lending: of this pool, held by other members
-    kv_blocks_borrowed: int = 0    # fused lending: of other pools, held by this service
+    kv_blocks_lent: int = 0        # lending: of this pool, held by other services
+    kv_blocks_borrowed: int = 0    # lending: of other pools, held by this service
 
 
 class ServiceDoor:
@@ -200,7 +203,8 @@ class ServiceRuntime:
         config = LlamaConfig.from_dict(dict(launch.weights.config))
         self.llm_engine = build_engine(
             model, config, load_tokenizer(Path(launch.checkpoint_dir)),
-            EngineConfig.from_service(spec, launch.kv_tokens), dtype=dtype, device=device)
+            EngineConfig.from_service(spec, launch.kv_tokens), dtype=dtype, device=device,
+            circle=launch.kv_circle, name=spec.name)
         self.hooks = test_hooks.load_test_hooks(launch.test_hooks)
         if self.hooks is not None:
             self.llm_engine.runner = self.hooks.wrap_runner(self.llm_engine.runner)

@@ -17,6 +17,7 @@ import torch
 from colocate.engine.config import EngineConfig
 from colocate.engine.engine import EngineLimits, LLMEngine
 from colocate.engine.group import EngineGroup
+from colocate.engine.shared_lending import LendingCircle, SharedKVLending
 from colocate.model.kv_cache import resolve_kv_cache_dtype
 from colocate.model.model_config import LlamaConfig
 from colocate.worker.model_runner import ModelRunner
@@ -36,13 +37,25 @@ def _eos(config: LlamaConfig, tokenizer) -> tuple[int, ...]:
 
 
 def build_engine(model: torch.nn.Module, config: LlamaConfig, tokenizer,
-                 engine: EngineConfig, *, dtype: torch.dtype,
-                 device: torch.device) -> LLMEngine:
-    """One engine, its runner and its KV pool."""
+                 engine: EngineConfig, *, dtype: torch.dtype, device: torch.device,
+                 circle: LendingCircle | None = None, name: str = "") -> LLMEngine:
+    """One engine, its runner and its KV pool: its own, or (circle) the range `name`
+    owns of an isolated lending circle's one pool file, lending through its exchange."""
     kv_dtype = resolve_kv_cache_dtype(engine.kv_cache_dtype, dtype, device)
-    runner = ModelRunner(model, config, engine.num_blocks, engine.block_size, dtype, device,
-                         kv_dtype)
-    return LLMEngine(runner, _limits(config, engine), tokenizer, _eos(config, tokenizer))
+    if circle is None:
+        runner = ModelRunner(model, config, engine.num_blocks, engine.block_size, dtype,
+                             device, kv_dtype)
+        return LLMEngine(runner, _limits(config, engine), tokenizer, _eos(config, tokenizer))
+    first, usable = circle.own_blocks(name)
+    if usable != engine.num_blocks - 1:
+        raise ValueError(f"{name!r} has {engine.num_blocks - 1} blocks; its range of the "
+                         f"lending circle has {usable}")
+    runner = ModelRunner(model, config, circle.num_blocks, engine.block_size, dtype, device,
+                         kv_dtype, kv_shared_file=circle.pool_path, kv_own_blocks=(first, usable))
+    llm = LLMEngine(runner, _limits(config, engine, first), tokenizer, _eos(config, tokenizer))
+    lends = circle.members[circle.index(name)][2]
+    llm.kv.join_lending(SharedKVLending(circle), name, lends, llm.scheduler)
+    return llm
 
 
 @dataclass(frozen=True)

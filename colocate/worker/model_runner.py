@@ -42,7 +42,8 @@ class StepResult:
 class ModelRunner:
     def __init__(self, model: torch.nn.Module, config: LlamaConfig, num_blocks: int,
                  block_size: int, dtype: torch.dtype, device: torch.device,
-                 kv_dtype: torch.dtype | None = None) -> None:
+                 kv_dtype: torch.dtype | None = None, *, kv_shared_file: str | None = None,
+                 kv_own_blocks: tuple[int, int] | None = None) -> None:
         self.model = model
         self.config = config
         self.block_size = block_size
@@ -50,7 +51,9 @@ class ModelRunner:
         # kv_dtype: the cache's storage dtype, torch.int8 for a quantized cache; None: `dtype`.
         self.kv_memory = KVCacheMemory(config.num_hidden_layers, num_blocks, block_size,
                                        config.num_key_value_heads, config.head_dim,
-                                       kv_dtype or dtype, device)
+                                       kv_dtype or dtype, device,
+                                       # An isolated lending circle's one pool file.
+                                       shared_file=kv_shared_file, own_blocks=kv_own_blocks)
         self.sampler = Sampler()
         self.generators: dict[str, torch.Generator | None] = {}
         # Planned at the first CPU forward (the weights are final by then); None after

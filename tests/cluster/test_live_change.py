@@ -50,6 +50,29 @@ def test_device_keys_models_in_use_and_fused_entries_are_refused(tmp_path, tiny_
         diff_device(fused, old, fewer, old)
 
 
+def test_services_of_an_isolated_lending_circle_are_refused(tmp_path, tiny_model_dir, old):
+    """Their block ranges of one pool file are fixed when the circle starts."""
+    gpu = old.gpus[0]
+    lending = dataclasses.replace(gpu, services=tuple(
+        dataclasses.replace(s, kv_cache=dataclasses.replace(s.kv_cache, lend=s.name == "a"))
+        for s in gpu.services))
+    fewer = dataclasses.replace(lending, services=lending.services[:2])
+    with pytest.raises(ChangeRefused, match=r"cpu: c share\(s\) a lending circle's one KV "
+                                            r"pool file .*remove c"):
+        diff_device(lending, old, fewer, old)
+    # Turning lending on is a change to the circle too.
+    with pytest.raises(ChangeRefused, match="lending circle"):
+        diff_device(gpu, old, lending, old)
+    # A service of another KV dtype is in no circle: it changes alone.
+    int8 = dataclasses.replace(lending.services[2], kv_cache=dataclasses.replace(
+        lending.services[2].kv_cache, dtype="int8"))
+    apart = dataclasses.replace(lending, services=(*lending.services[:2], int8))
+    smaller = dataclasses.replace(int8, max_num_seqs=int8.max_num_seqs + 1)
+    change = diff_device(apart, old, dataclasses.replace(
+        apart, services=(*lending.services[:2], smaller)), old)
+    assert change.restart == ("c",)
+
+
 def test_a_plan_that_does_not_fit_is_refused_with_the_plans_message(tmp_path, tiny_model_dir,
                                                                     old):
     check_fits(old.gpus[0], old, old.gpus[0].memory)

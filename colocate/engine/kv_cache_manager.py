@@ -53,8 +53,10 @@ class KVCacheManager:
 
     @property
     def num_used_blocks(self) -> int:
-        """Blocks of the pool's range taken: held by its requests or lent out."""
-        return self.pool.num_used_blocks
+        """Blocks of the pool's range taken: held by its requests or lent out (an
+        isolated lender's offered blocks are out of its pool but nobody's)."""
+        offered = self.lending.num_offered(self.member) if self.lending else 0
+        return self.pool.num_used_blocks - offered
 
     @property
     def num_lent_blocks(self) -> int:

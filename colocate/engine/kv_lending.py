@@ -60,6 +60,8 @@ class _Party:
 
 
 class KVLending:
+    crosses_processes = False        # every party is in this process (shared_lending.py: not)
+
     def __init__(self) -> None:
         self.parties: dict[str, _Party] = {}
         self.loans: dict[int, tuple[str, str]] = {}      # block id -> (owner, borrower)
@@ -80,6 +82,9 @@ class KVLending:
 
     def num_borrowed(self, name: str) -> int:
         return self.borrowed[name]
+
+    def num_offered(self, name: str) -> int:
+        return 0            # a free block is lendable where it lies, in its owner's queue
 
     def set_asleep(self, name: str, asleep: bool) -> None:
         """A party's pool sleeps or wakes; asleep, it must have nothing out on loan."""

@@ -153,6 +153,8 @@ class SharedKVLending:
     """This process's member of a lending circle, with the interface KVCacheManager
     uses for a group's KVLending (join, room, short, reclaim, borrow, give_back, ...)."""
 
+    crosses_processes = True         # loans change while this process's loop is idle
+
     def __init__(self, circle: LendingCircle) -> None:
         self.circle = circle
         self.ex = _Exchange(circle)
@@ -235,6 +237,10 @@ class SharedKVLending:
 
     def num_borrowed(self, name: str) -> int:
         return self.ex.get(self.circle.index(name), "borrowed")
+
+    def num_offered(self, name: str) -> int:
+        """Blocks of the member's range out of its pool but held by nobody."""
+        return self._takeable(self.circle.index(name))
 
     def _takeable(self, party: int) -> int:
         return self.ex.get(party, "offered") + self.ex.get(party, "returned")

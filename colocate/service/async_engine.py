@@ -18,6 +18,7 @@ run to the end.
 """
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import queue
@@ -176,7 +177,15 @@ class AsyncEngine:
 
     def stats(self) -> EngineStats:
         with self._cond:
-            return self._stats
+            stats = self._stats
+        kv = self.engine.kv
+        if kv.lending is not None and kv.lending.crosses_processes:
+            # Neighbours in other processes borrow and give back while this loop may be
+            # idle: the loan figures are read from the exchange now, not at the last step.
+            stats = dataclasses.replace(stats, kv_blocks_used=kv.num_used_blocks,
+                                        kv_blocks_lent=kv.num_lent_blocks,
+                                        kv_blocks_borrowed=kv.num_borrowed_blocks)
+        return stats
 
     # ---- requests ------------------------------------------------------------
     def submit(self, prompt: str | Sequence[int], params: SamplingParams,

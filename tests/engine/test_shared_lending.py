@@ -116,6 +116,7 @@ def test_a_borrower_uses_an_idle_lenders_blocks(tmp_path):
     engines, runner = make_circle(tmp_path, POOLS)
     a, b = engines["a"], engines["b"]
     assert b.kv.lending.lendable("a") == 16              # an idle lender offers all at once
+    assert b.statistics().kv_blocks_used == 0            # offered blocks are nobody's
     prompts = prompts_of([12, 12, 12], seed=1)           # 3 x 5 blocks at the end: > 8 own
     ids = [a.add_request(p, SamplingParams(max_tokens=8)) for p in prompts]
     a.step()

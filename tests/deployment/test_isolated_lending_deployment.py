@@ -1,0 +1,132 @@
+"""Lending between `isolated` services on CPU: three services of the tiny checkpoint,
+each in its own process, through the real supervisor, Ray and gRPC, sharing one KV
+pool file (colocate/engine/shared_lending.py). il-c lends its idle blocks; il-a floods
+and borrows them; il-c's own request gets them back at il-a's next step."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from colocate.client import Client
+from tests.deployment.helpers import (offline_tokens, service_rows, stream_tokens, token_of,
+                                      wait_service_pools_empty)
+from tests.deployment.service_contract import KV_TOKENS, ServiceContract, three_services
+from tests.deployment.test_fused_deployment import FLOOD, LENDER_ASKS, whole_loan
+
+pytestmark = pytest.mark.slow
+NAMES = ["il-a", "il-b", "il-c"]
+
+
+@pytest.fixture(scope="module")
+def deployment(ray_session, tiny_model_dir, tmp_path_factory):
+    lend = {"il-c": {"kv_cache": {"dtype": "auto", "tokens": KV_TOKENS, "lend": True}}}
+    with three_services(tmp_path_factory.mktemp("isolated-lending"), tiny_model_dir, NAMES,
+                        per_service=lend) as dep:
+        yield dep
+
+
+class TestServiceContract(ServiceContract):
+    NAMES = NAMES
+
+
+def test_each_service_has_its_own_process_and_all_map_one_pool_file(deployment):
+    rows = service_rows(deployment)
+    assert len({r["stats"].pid for r in rows.values()}) == len(NAMES)
+    pool_files = sorted(Path(os.environ["COLOCATE_LEDGER_DIR"]).glob("colocate-kv-*.pool"))
+    assert len(pool_files) == 1
+    for name, row in rows.items():
+        maps = Path(f"/proc/{row['stats'].pid}/maps").read_text()
+        assert str(pool_files[0]) in maps, name
+    # The idle lender offers its blocks: none of them counts as used.
+    assert rows["il-c"]["stats"].kv_blocks_used == 0
+
+
+def test_a_borrower_in_another_process_uses_the_lenders_blocks_and_gives_them_back(
+        deployment, targets, tiny_model_dir):
+    """il-a's flood fills its own pool and borrows il-c's 16 idle blocks; il-c's request,
+    sent once every block of it is lent, gets them back; every greedy answer is the
+    offline one, and GetStats reports the loans."""
+    want = offline_tokens(tiny_model_dir, 4096, {**FLOOD, "lender": LENDER_ASKS})
+    got, samples, done = {}, [], threading.Event()
+
+    def flood(i):
+        prompt, sampling = FLOOD[i]
+        got[i] = stream_tokens(targets["il-a"], token_of("il-a"), prompt, **sampling)
+
+    def sample():
+        clients = {n: Client(targets[n], token_of(n)) for n in NAMES}
+        while not done.is_set():
+            samples.append({n: c.stats() for n, c in clients.items()})
+            time.sleep(0.01)
+        for c in clients.values():
+            c.close()
+
+    workers = [threading.Thread(target=flood, args=(i,)) for i in FLOOD]
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    for w in workers:
+        w.start()
+    with Client(targets["il-a"], token_of("il-a")) as borrower, \
+            Client(targets["il-c"], token_of("il-c")) as lender:
+        deadline = time.monotonic() + 60
+        while not whole_loan(borrower.stats(), lender.stats()):
+            assert time.monotonic() < deadline and any(w.is_alive() for w in workers)
+            time.sleep(0.005)
+        lent_when_asked = len(samples)
+        got["lender"], probes = [], []
+        for delta in lender.generate(LENDER_ASKS[0], **LENDER_ASKS[1]):
+            if not probes:
+                probes.append({"il-c": lender.stats()})
+            got["lender"] += delta.token_ids
+    for w in workers:
+        w.join(120)
+    done.set()
+    sampler.join(30)
+    assert got == want
+    # After it asked, the lender ran its request on blocks it got back from il-a.
+    assert any(s["il-c"].num_running == 1 and s["il-c"].kv_blocks_lent <= 16 - 6
+               for s in samples[lent_when_asked:] + probes)
+    assert all(s["il-a"].kv_blocks_lent == 0 and s["il-c"].kv_blocks_borrowed == 0
+               for s in samples)
+    assert all(s["il-b"].kv_blocks_used == 0 == s["il-b"].kv_blocks_borrowed for s in samples)
+    wait_service_pools_empty(deployment)
+    assert {(n, r["stats"].kv_blocks_lent, r["stats"].kv_blocks_borrowed)
+            for n, r in service_rows(deployment).items()} == {(n, 0, 0) for n in NAMES}
+
+
+def test_a_lender_that_sleeps_punches_its_range_and_the_files_go_with_the_deployment(
+        ray_session, tiny_model_dir, tmp_path):
+    """A lender with sleep_after_idle gives its range's pages back out of the shared
+    file (the neighbour's stay), wakes with the same greedy answer, and the
+    supervisor removes the pool and exchange files when the deployment stops."""
+    from colocate.cluster.deploy import Deployment
+    from tests.deployment.helpers import cpu_deployment
+
+    lender_tokens = 16384                  # tiny: 4 KiB of fp32 K+V per token: 64 MiB
+    config = cpu_deployment(tmp_path, str(tiny_model_dir), ["sl-a", "sl-c"], per_service={
+        "sl-c": {"sleep_after_idle": "1s",
+                 "kv_cache": {"dtype": "auto", "tokens": lender_tokens, "lend": True}}})
+    ledger = Path(os.environ["COLOCATE_LEDGER_DIR"])
+    before = set(ledger.glob("colocate-kv-*"))
+    prompt, greedy = [1, 50, 60, 70], dict(max_tokens=12, temperature=0.0, ignore_eos=True)
+    with Deployment(config, torch_threads=1, health_interval_s=0.5) as dep:
+        dep.wait_ready(timeout=180)
+        targets = {e.service: e.target for e in dep.endpoints()}
+        ours = set(ledger.glob("colocate-kv-*")) - before
+        pool = next(p for p in ours if p.suffix == ".pool")
+        assert len(ours) == 2                                  # the pool and its exchange
+        awake = stream_tokens(targets["sl-c"], token_of("sl-c"), prompt, **greedy)
+        deadline = time.monotonic() + 30
+        while not service_rows(dep)["sl-c"]["stats"].sleeping:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        asleep_bytes = pool.stat().st_blocks * 512
+        assert asleep_bytes < 8 * 2**20, asleep_bytes          # sl-a's 1 MiB range and fringes
+        again = stream_tokens(targets["sl-c"], token_of("sl-c"), prompt, **greedy)
+        assert again == awake
+        assert pool.stat().st_blocks * 512 > asleep_bytes + 60 * 2**20   # resident again
+    assert not (set(ledger.glob("colocate-kv-*")) - before)

@@ -14,6 +14,10 @@ deployment of `--bursty-scenarios`:
           burst takes them back. A lender does not borrow (colocate/engine/
           kv_lending.py), so only the first service's bursts can gain; and the
           scenario differs from `static` in batching too (one process, one batch).
+  lend-isolated  the same lending between isolated processes (one pool file shared
+          by all, colocate/engine/shared_lending.py): lending alone against `static`,
+          with batching unchanged; a lender takes its blocks back at the borrower's
+          next step rather than in its own.
 
 Reported per scenario: TTFT p50/p99 of every request, of each burst's first request
 (the one that pays for a wake) and per service, memory sampled every `--sample`
@@ -33,21 +37,23 @@ import psutil
 
 from colocation_load import LoadSpec, RequestRecord, planned_request, send
 
-SCENARIOS = ("static", "sleep", "lend")
+SCENARIOS = ("static", "sleep", "lend", "lend-isolated")
 WAKE_SERIES = "colocate_service_wake_seconds"
 
 
 def scenario_config(config, name: str, sleep_after_s: float):
     """static: the config's first entry as it is; sleep: every service sleeps when idle;
-    lend: fused, the first service borrowing from all the others."""
+    lend: fused, the first service borrowing from all the others; lend-isolated: the
+    same lending, isolated."""
     gpu = replace(config.gpus[0], metrics_port=None, batching="isolated")
     if name == "sleep":
         gpu = replace(gpu, services=tuple(replace(s, sleep_after_idle=sleep_after_s)
                                           for s in gpu.services))
-    elif name == "lend":
+    elif name in ("lend", "lend-isolated"):
         first, *others = gpu.services
-        gpu = replace(gpu, batching="fused", share_weights=True, services=(first, *(
-            replace(s, kv_cache=replace(s.kv_cache, lend=True)) for s in others)))
+        gpu = replace(gpu, batching="fused" if name == "lend" else "isolated",
+                      share_weights=True, services=(first, *(
+                          replace(s, kv_cache=replace(s.kv_cache, lend=True)) for s in others)))
     return replace(config, gpus=(gpu,))
 
 

@@ -55,11 +55,13 @@ def test_the_sleep_scenario_differs_only_in_sleep_after_idle(tmp_path, tiny_mode
     assert [s.name for s in sleep.services] == [s.name for s in static.services]
 
 
-def test_the_lend_scenario_fuses_the_entry_and_every_service_but_the_first_lends(
-        tmp_path, tiny_model_dir):
+@pytest.mark.parametrize("scenario, batching", [("lend", "fused"),
+                                                ("lend-isolated", "isolated")])
+def test_the_lend_scenarios_have_every_service_but_the_first_lend(
+        tmp_path, tiny_model_dir, scenario, batching):
     config = cpu_deployment(tmp_path, str(tiny_model_dir), ["a", "b", "c"])
-    lend = scenario_config(config, "lend", 2.0).gpus[0]
-    assert (lend.batching, lend.share_weights) == ("fused", True)
+    lend = scenario_config(config, scenario, 2.0).gpus[0]
+    assert (lend.batching, lend.share_weights) == (batching, True)
     assert [(s.name, s.kv_cache.lend, s.sleep_after_idle) for s in lend.services] == \
         [("a", False, None), ("b", True, None), ("c", True, None)]
     assert [s.kv_cache.tokens for s in lend.services] == \

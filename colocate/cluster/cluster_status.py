@@ -107,7 +107,7 @@ def _entry_lines(entry: dict, addresses: dict[str, list[str]]) -> list[str]:
 
 
 def _lending(stats) -> str:
-    """A fused lending's figures for one service's row; nothing when none is out."""
+    """A lending's figures (fused or isolated) for one service's row; nothing when none is out."""
     parts = [f"{n} {what}" for n, what in ((stats.kv_blocks_lent, "lent"),
                                            (stats.kv_blocks_borrowed, "borrowed")) if n]
     return f" ({', '.join(parts)})" if parts else ""

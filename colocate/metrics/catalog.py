@@ -52,10 +52,11 @@ CATALOG: tuple[MetricSpec, ...] = (
     _spec("colocate_kv_cache_blocks_used", "gauge",
           "KV-cache blocks of the pool held by requests (lent ones included)."),
     _spec("colocate_kv_cache_blocks_lent", "gauge",
-          "Blocks of the pool that other services of its fused group hold now "
-          "(kv_cache.lend), taken back within one step when it needs them."),
+          "Blocks of the pool that other services of its fused group or isolated "
+          "lending circle hold now (kv_cache.lend), taken back when it needs them."),
     _spec("colocate_kv_cache_blocks_borrowed", "gauge",
-          "Blocks of lending services of its fused group that its requests hold now."),
+          "Blocks of lending services of its fused group or lending circle that its "
+          "requests hold now."),
     _spec("colocate_kv_cache_blocks_capacity", "gauge", "Usable KV-cache blocks in the pool."),
     _spec("colocate_kv_cache_budget_bytes", "gauge",
           "The service's KV-cache budget as the memory arbiter charges it."),

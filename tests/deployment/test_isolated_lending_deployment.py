@@ -130,3 +130,50 @@ def test_a_lender_that_sleeps_punches_its_range_and_the_files_go_with_the_deploy
         assert again == awake
         assert pool.stat().st_blocks * 512 > asleep_bytes + 60 * 2**20   # resident again
     assert not (set(ledger.glob("colocate-kv-*")) - before)
+
+
+def test_a_borrower_killed_holding_loans_gives_them_back_when_restarted(
+        deployment, targets, tiny_model_dir):
+    """il-a dies holding all 16 of il-c's blocks; the supervisor restarts it, and its
+    new process gives them back as it joins: il-c then answers a request that needs
+    its whole pool, as the offline engine does, and nothing is lent after."""
+    import grpc
+    import ray
+
+    whole_pool = ([1] + [(11 * i) % 2000 + 3 for i in range(199)],
+                  dict(max_tokens=50, temperature=0.0, ignore_eos=True))   # 250 of 256 tokens
+    want = offline_tokens(tiny_model_dir, 4096, {"lender": whole_pool})["lender"]
+    old_pid = service_rows(deployment)["il-a"]["stats"].pid
+
+    def flood(i):
+        prompt, sampling = FLOOD[i]
+        try:
+            stream_tokens(targets["il-a"], token_of("il-a"), prompt, **sampling)
+        except grpc.RpcError:
+            pass                                       # its process is killed under it
+
+    workers = [threading.Thread(target=flood, args=(i,)) for i in FLOOD]
+    for w in workers:
+        w.start()
+    with Client(targets["il-a"], token_of("il-a")) as borrower, \
+            Client(targets["il-c"], token_of("il-c")) as lender:
+        deadline = time.monotonic() + 60
+        while not whole_loan(borrower.stats(), lender.stats()):
+            assert time.monotonic() < deadline and any(w.is_alive() for w in workers)
+            time.sleep(0.005)
+    handle = ray.get(deployment.supervisor("cpu").service_actor.remote("il-a"))
+    ray.kill(handle.actor, no_restart=True)
+    for w in workers:
+        w.join(60)
+    deadline = time.monotonic() + 120
+    while not (service_rows(deployment)["il-a"]["state"] == "running"
+               and service_rows(deployment)["il-a"]["stats"] is not None
+               and service_rows(deployment)["il-a"]["stats"].pid != old_pid):
+        assert time.monotonic() < deadline, service_rows(deployment)["il-a"]
+        time.sleep(0.2)
+    rows = service_rows(deployment)
+    assert rows["il-c"]["stats"].kv_blocks_lent == 0 == rows["il-a"]["stats"].kv_blocks_borrowed
+    assert stream_tokens(targets["il-c"], token_of("il-c"), whole_pool[0], **whole_pool[1]) == want
+    assert len(stream_tokens(targets["il-a"], token_of("il-a"), [1, 2], max_tokens=2,
+                             ignore_eos=True)) == 2
+    wait_service_pools_empty(deployment)

@@ -162,7 +162,7 @@ def test_a_borrower_killed_holding_loans_gives_them_back_when_restarted(
             assert time.monotonic() < deadline and any(w.is_alive() for w in workers)
             time.sleep(0.005)
     handle = ray.get(deployment.supervisor("cpu").service_actor.remote("il-a"))
-    ray.kill(handle.actor, no_restart=True)
+    ray.kill(handle, no_restart=True)             # an isolated service's own actor
     for w in workers:
         w.join(60)
     deadline = time.monotonic() + 120

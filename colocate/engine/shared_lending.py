@@ -174,6 +174,10 @@ class SharedKVLending:
         first, count = self.ranges[party]
         return range(first, first + count)
 
+    def _pool_block(self, block_id: int) -> KVCacheBlock:
+        """This member's own block object for an id of its range (index 0 is the null block)."""
+        return self.pool.blocks[block_id - self.pool.first_block_id + 1]
+
     def _move(self, block_id: int, new: int) -> None:
         """Change one block's state, keeping its owner's and borrower's counts."""
         old, owner = self.ex.state[block_id], self._owner(block_id)
@@ -205,7 +209,7 @@ class SharedKVLending:
             for block_id in self._own_ids(me):
                 state = self.ex.state[block_id]
                 if state >= LENT:           # a live borrower still writes it: kept out
-                    pool.touch([pool.blocks[block_id - pool.first_block_id + 1]])
+                    pool.touch([self._pool_block(block_id)])
                 elif state != HOME:
                     self._move(block_id, HOME)
             proc = psutil.Process()
@@ -271,7 +275,7 @@ class SharedKVLending:
                     break
                 if self.ex.state[block_id] in (OFFERED, RETURNED):
                     self._move(block_id, HOME)
-                    self.pool.free_blocks([self.pool.blocks[block_id - self.pool.first_block_id + 1]])
+                    self.pool.free_blocks([self._pool_block(block_id)])
 
     def short(self, name: str, missing: int) -> bool:
         """The member needs `missing` blocks more than it can have now: as a lender,

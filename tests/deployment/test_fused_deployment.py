@@ -14,9 +14,9 @@ import ray
 
 from tests.faults import HOOKS
 from colocate.client import Client
-from tests.deployment.helpers import (free_ports, offline_tokens, scrape_by_service,
-                                      service_rows, stream_tokens, token_of,
-                                      wait_service_pools_empty)
+from tests.deployment.helpers import (free_ports, scrape_by_service, service_rows,
+                                      stream_tokens, token_of)
+from tests.deployment.lending_flow import check_borrow_and_reclaim
 from tests.deployment.service_contract import KV_TOKENS, ServiceContract, three_services
 
 pytestmark = pytest.mark.slow
@@ -71,78 +71,13 @@ def test_each_member_serves_openai_http_on_its_own_port(deployment, targets):
         stranger.completions.create(model="m", prompt=[1, 2], max_tokens=2)
 
 
-# fu-a floods: 8 x (41 + 60) tokens want 56 blocks, its own 16 and the lender's 16 hold 32.
-FLOOD = {i: ([1] + [10 + 7 * i + j for j in range(40)],
-             dict(max_tokens=60, temperature=0.0, ignore_eos=True)) for i in range(8)}
-# The lender's own request then needs 6 of its blocks back.
-LENDER_ASKS = ([1] + [(13 * i) % 2000 + 3 for i in range(79)],
-               dict(max_tokens=16, temperature=0.0, ignore_eos=True))
-
-
-def whole_loan(borrower, lender) -> bool:
-    """fu-a's GetStats and then fu-c's show every block of both pools with fu-a."""
-    return ((borrower.kv_blocks_used, borrower.kv_blocks_borrowed) == (16, 16)
-            and (lender.kv_blocks_lent, lender.kv_blocks_used) == (16, 16))
-
-
 def test_a_borrower_uses_the_lenders_idle_blocks_and_the_lender_gets_them_back(
         deployment, targets, tiny_model_dir):
     """fu-a's flood fills its own pool and borrows lending fu-c's idle blocks, never
     fu-b's; fu-c's request, sent once every block of it is lent, takes them back;
     every greedy answer is the offline one, and GetStats reports the loans."""
-    want = offline_tokens(tiny_model_dir, 4096, {**FLOOD, "lender": LENDER_ASKS})
-    got, samples, done = {}, [], threading.Event()
-
-    def flood(i):
-        prompt, sampling = FLOOD[i]
-        got[i] = stream_tokens(targets["fu-a"], token_of("fu-a"), prompt, **sampling)
-
-    def sample():                      # GetStats of every member, until the test is done
-        clients = {n: Client(targets[n], token_of(n)) for n in NAMES}
-        while not done.is_set():
-            samples.append({n: c.stats() for n, c in clients.items()})
-            time.sleep(0.01)           # two cores: leave the group most of them
-        for c in clients.values():
-            c.close()
-
-    workers = [threading.Thread(target=flood, args=(i,)) for i in FLOOD]
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    for w in workers:
-        w.start()
-    # The lender asks only once it has seen the whole loan: fu-a holding its own 16 blocks
-    # and fu-c's 16, every block of fu-c's out on loan (lent blocks count as used). Seen
-    # here, not by the sampler: the loan lasts only until fu-c asks, and a sampler 10 ms
-    # apart can miss a window that short on a fast machine.
-    with Client(targets["fu-a"], token_of("fu-a")) as borrower, \
-            Client(targets["fu-c"], token_of("fu-c")) as lender:
-        deadline = time.monotonic() + 60
-        while not whole_loan(borrower.stats(), lender.stats()):
-            assert time.monotonic() < deadline and any(w.is_alive() for w in workers)
-            time.sleep(0.005)
-        lent_when_asked = len(samples)
-        # Its own stats at its first token, beside the sampler's: the request is running
-        # then, on blocks taken back (a short request the sampler alone might miss).
-        got["lender"], probes = [], []
-        for delta in lender.generate(LENDER_ASKS[0], **LENDER_ASKS[1]):
-            if not probes:
-                probes.append({"fu-c": lender.stats()})
-            got["lender"] += delta.token_ids
-    for w in workers:
-        w.join(120)
-    done.set()
-    sampler.join(30)
-    assert got == want
-    # After it asked, the lender ran its request on blocks it took back from fu-a.
-    assert any(s["fu-c"].num_running == 1 and s["fu-c"].kv_blocks_lent <= 16 - 6
-               for s in samples[lent_when_asked:] + probes)
-    assert all(s["fu-a"].kv_blocks_lent == 0 and s["fu-c"].kv_blocks_borrowed == 0
-               for s in samples)                     # a borrower lends none, a lender borrows none
-    assert all((s["fu-b"].kv_blocks_used, s["fu-b"].kv_blocks_lent,
-                s["fu-b"].kv_blocks_borrowed) == (0, 0, 0) for s in samples)
-    wait_service_pools_empty(deployment)
-    assert {(n, r["stats"].kv_blocks_lent, r["stats"].kv_blocks_borrowed)
-            for n, r in service_rows(deployment).items()} == {(n, 0, 0) for n in NAMES}
+    check_borrow_and_reclaim(deployment, targets, tiny_model_dir, NAMES,
+                             borrower="fu-a", lender="fu-c", bystander="fu-b")
 
 
 def test_a_member_sleeps_alone_while_its_neighbour_streams_and_wakes_with_its_answer(

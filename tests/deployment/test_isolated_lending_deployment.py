@@ -5,17 +5,17 @@ and borrows them; il-c's own request gets them back at il-a's next step."""
 from __future__ import annotations
 
 import os
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from colocate.client import Client
+import ray
+
 from tests.deployment.helpers import (offline_tokens, service_rows, stream_tokens, token_of,
                                       wait_service_pools_empty)
+from tests.deployment.lending_flow import check_borrow_and_reclaim, start_flood, wait_whole_loan
 from tests.deployment.service_contract import KV_TOKENS, ServiceContract, three_services
-from tests.deployment.test_fused_deployment import FLOOD, LENDER_ASKS, whole_loan
 
 pytestmark = pytest.mark.slow
 NAMES = ["il-a", "il-b", "il-c"]
@@ -47,55 +47,11 @@ def test_each_service_has_its_own_process_and_all_map_one_pool_file(deployment):
 
 def test_a_borrower_in_another_process_uses_the_lenders_blocks_and_gives_them_back(
         deployment, targets, tiny_model_dir):
-    """il-a's flood fills its own pool and borrows il-c's 16 idle blocks; il-c's request,
-    sent once every block of it is lent, gets them back; every greedy answer is the
-    offline one, and GetStats reports the loans."""
-    want = offline_tokens(tiny_model_dir, 4096, {**FLOOD, "lender": LENDER_ASKS})
-    got, samples, done = {}, [], threading.Event()
-
-    def flood(i):
-        prompt, sampling = FLOOD[i]
-        got[i] = stream_tokens(targets["il-a"], token_of("il-a"), prompt, **sampling)
-
-    def sample():
-        clients = {n: Client(targets[n], token_of(n)) for n in NAMES}
-        while not done.is_set():
-            samples.append({n: c.stats() for n, c in clients.items()})
-            time.sleep(0.01)
-        for c in clients.values():
-            c.close()
-
-    workers = [threading.Thread(target=flood, args=(i,)) for i in FLOOD]
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    for w in workers:
-        w.start()
-    with Client(targets["il-a"], token_of("il-a")) as borrower, \
-            Client(targets["il-c"], token_of("il-c")) as lender:
-        deadline = time.monotonic() + 60
-        while not whole_loan(borrower.stats(), lender.stats()):
-            assert time.monotonic() < deadline and any(w.is_alive() for w in workers)
-            time.sleep(0.005)
-        lent_when_asked = len(samples)
-        got["lender"], probes = [], []
-        for delta in lender.generate(LENDER_ASKS[0], **LENDER_ASKS[1]):
-            if not probes:
-                probes.append({"il-c": lender.stats()})
-            got["lender"] += delta.token_ids
-    for w in workers:
-        w.join(120)
-    done.set()
-    sampler.join(30)
-    assert got == want
-    # After it asked, the lender ran its request on blocks it got back from il-a.
-    assert any(s["il-c"].num_running == 1 and s["il-c"].kv_blocks_lent <= 16 - 6
-               for s in samples[lent_when_asked:] + probes)
-    assert all(s["il-a"].kv_blocks_lent == 0 and s["il-c"].kv_blocks_borrowed == 0
-               for s in samples)
-    assert all(s["il-b"].kv_blocks_used == 0 == s["il-b"].kv_blocks_borrowed for s in samples)
-    wait_service_pools_empty(deployment)
-    assert {(n, r["stats"].kv_blocks_lent, r["stats"].kv_blocks_borrowed)
-            for n, r in service_rows(deployment).items()} == {(n, 0, 0) for n in NAMES}
+    """il-a's flood fills its own pool and borrows il-c's 16 idle blocks, never il-b's;
+    il-c's request, sent once every block of it is lent, gets them back at il-a's next
+    step; every greedy answer is the offline one, and GetStats reports the loans."""
+    check_borrow_and_reclaim(deployment, targets, tiny_model_dir, NAMES,
+                             borrower="il-a", lender="il-c", bystander="il-b")
 
 
 def test_a_lender_that_sleeps_punches_its_range_and_the_files_go_with_the_deployment(
@@ -137,30 +93,13 @@ def test_a_borrower_killed_holding_loans_gives_them_back_when_restarted(
     """il-a dies holding all 16 of il-c's blocks; the supervisor restarts it, and its
     new process gives them back as it joins: il-c then answers a request that needs
     its whole pool, as the offline engine does, and nothing is lent after."""
-    import grpc
-    import ray
-
     whole_pool = ([1] + [(11 * i) % 2000 + 3 for i in range(199)],
                   dict(max_tokens=50, temperature=0.0, ignore_eos=True))   # 250 of 256 tokens
     want = offline_tokens(tiny_model_dir, 4096, {"lender": whole_pool})["lender"]
     old_pid = service_rows(deployment)["il-a"]["stats"].pid
 
-    def flood(i):
-        prompt, sampling = FLOOD[i]
-        try:
-            stream_tokens(targets["il-a"], token_of("il-a"), prompt, **sampling)
-        except grpc.RpcError:
-            pass                                       # its process is killed under it
-
-    workers = [threading.Thread(target=flood, args=(i,)) for i in FLOOD]
-    for w in workers:
-        w.start()
-    with Client(targets["il-a"], token_of("il-a")) as borrower, \
-            Client(targets["il-c"], token_of("il-c")) as lender:
-        deadline = time.monotonic() + 60
-        while not whole_loan(borrower.stats(), lender.stats()):
-            assert time.monotonic() < deadline and any(w.is_alive() for w in workers)
-            time.sleep(0.005)
+    workers = start_flood(targets["il-a"], "il-a", {}, tolerate_errors=True)  # it is killed
+    wait_whole_loan(targets, "il-a", "il-c", workers)
     handle = ray.get(deployment.supervisor("cpu").service_actor.remote("il-a"))
     ray.kill(handle, no_restart=True)             # an isolated service's own actor
     for w in workers:

@@ -112,7 +112,9 @@ class KVCacheManager:
 
     # ---- allocation ------------------------------------------------------------
     def _blocks_needed(self, request: Request, num_new_tokens: int,
-                       new_computed_blocks) -> int | None:
+                       new_computed_blocks) -> tuple[int, int] | None:
+        """(new blocks needed, prefix hits revived from the free queue), or None when the
+        pool (and any lending) cannot supply them now."""
         held = len(self.req_to_blocks.get(request.request_id, ()))
         total_tokens = (request.num_computed_tokens
                         + len(new_computed_blocks) * self.block_size + num_new_tokens)
@@ -130,7 +132,7 @@ class KVCacheManager:
                 self.awaiting_loans = self.lending.short(self.member, need - room)
         if need > room:
             return None
-        return need
+        return need, revived
 
     def _borrow_for(self, need: int, revived: int) -> list[KVCacheBlock] | None:
         """The blocks of `need` that own free ones (less `revived` prefix hits), and
@@ -148,11 +150,11 @@ class KVCacheManager:
         """Give the request room for num_new_tokens more tokens (after any
         prefix-hit blocks). Returns the newly taken blocks, or None, changing
         nothing, when the pool cannot supply them."""
-        need = self._blocks_needed(request, num_new_tokens, new_computed_blocks)
-        if need is None:
+        needed = self._blocks_needed(request, num_new_tokens, new_computed_blocks)
+        if needed is None:
             return None
+        need, revived = needed
         # Borrowed first: it is the one part that can still fail, before anything changed.
-        revived = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
         borrowed = self._borrow_for(need, revived)
         if borrowed is None:
             return None

@@ -144,7 +144,7 @@ class KVCacheMemory:
             self._region = self._map_shared_file(size)
             base = torch.frombuffer(self._region, dtype=torch.uint8)          # (size,)
             if resident:
-                self._advise_own_pages(_MADV_POPULATE_WRITE, tolerate=True)
+                self._advise_pages(*self.own_blocks, _MADV_POPULATE_WRITE, tolerate=True)
         elif self.device.type == "cpu":
             populate = _POPULATE if resident else 0
             self._region = mmap.mmap(-1, size, flags=_CPU_MAP_FLAGS | populate)
@@ -183,17 +183,20 @@ class KVCacheMemory:
             if hi > lo:
                 yield lo, hi - lo
 
-    def _advise_own_pages(self, advice: int, tolerate: bool = False) -> int:
-        dropped = 0
-        for lo, length in self._whole_pages(*self.own_blocks):
+    def _advise_pages(self, first: int, count: int, advice: int,
+                      tolerate: bool = False) -> int:
+        """madvise the whole pages of blocks first .. first+count-1; the bytes advised.
+        tolerate: stop quietly where the kernel lacks `advice`."""
+        advised = 0
+        for lo, length in self._whole_pages(first, count):
             try:
                 self._region.madvise(advice, lo, length)
             except OSError:
                 if not tolerate:
                     raise
-                return dropped       # an older kernel: the pages fill as they are written
-            dropped += length
-        return dropped
+                return advised       # an older kernel: the pages fill as they are written
+            advised += length
+        return advised
 
     # ---- one range of blocks sleeping alone --------------------------------------
     @property
@@ -210,11 +213,7 @@ class KVCacheMemory:
                                "freed alone; release() the whole cache")
         self._check_allocated()
         advice = _MADV_REMOVE if self.shared_file is not None else _MADV_DONTNEED
-        dropped = 0
-        for lo, length in self._whole_pages(first, count):
-            self._region.madvise(advice, lo, length)
-            dropped += length
-        return dropped
+        return self._advise_pages(first, count, advice)
 
     def zero_blocks(self, first: int, count: int) -> None:
         """Zero blocks first .. first+count-1 in every tensor: a dropped range becomes
@@ -230,7 +229,7 @@ class KVCacheMemory:
         if self._caches is None:
             return
         if self.shared_file is not None:
-            self._advise_own_pages(_MADV_REMOVE)   # unmapping frees nothing of a shared file
+            self._advise_pages(*self.own_blocks, _MADV_REMOVE)   # unmapping frees no shared page
         self._caches = self._base = None
         gc.collect()                 # views caught in a reference cycle must not pin it
         if self.device.type == "cpu":

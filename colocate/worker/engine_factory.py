@@ -42,19 +42,20 @@ def build_engine(model: torch.nn.Module, config: LlamaConfig, tokenizer,
     """One engine, its runner and its KV pool: its own, or (circle) the range `name`
     owns of an isolated lending circle's one pool file, lending through its exchange."""
     kv_dtype = resolve_kv_cache_dtype(engine.kv_cache_dtype, dtype, device)
-    if circle is None:
-        runner = ModelRunner(model, config, engine.num_blocks, engine.block_size, dtype,
-                             device, kv_dtype)
-        return LLMEngine(runner, _limits(config, engine), tokenizer, _eos(config, tokenizer))
-    first, usable = circle.own_blocks(name)
-    if usable != engine.num_blocks - 1:
-        raise ValueError(f"{name!r} has {engine.num_blocks - 1} blocks; its range of the "
-                         f"lending circle has {usable}")
-    runner = ModelRunner(model, config, circle.num_blocks, engine.block_size, dtype, device,
-                         kv_dtype, kv_shared_file=circle.pool_path, kv_own_blocks=(first, usable))
+    num_blocks, first, shared = engine.num_blocks, 1, {}
+    if circle is not None:
+        first, usable = circle.own_blocks(name)
+        if usable != engine.num_blocks - 1:
+            raise ValueError(f"{name!r} has {engine.num_blocks - 1} blocks; its range of "
+                             f"the lending circle has {usable}")
+        num_blocks = circle.num_blocks
+        shared = dict(kv_shared_file=circle.pool_path, kv_own_blocks=(first, usable))
+    runner = ModelRunner(model, config, num_blocks, engine.block_size, dtype, device,
+                         kv_dtype, **shared)
     llm = LLMEngine(runner, _limits(config, engine, first), tokenizer, _eos(config, tokenizer))
-    lends = circle.members[circle.index(name)][2]
-    llm.kv.join_lending(SharedKVLending(circle), name, lends, llm.scheduler)
+    if circle is not None:
+        lends = circle.members[circle.index(name)][2]
+        llm.kv.join_lending(SharedKVLending(circle), name, lends, llm.scheduler)
     return llm
 
 
